@@ -1,0 +1,196 @@
+"""The sandbox's network: an underlay namespace joining node namespaces, pods on node bridges.
+
+    [underlay netns]  br0 ── node-1 ══ eth0 [node-1 netns] cbr0 ── vethXXXX ══ eth0 [pod netns]
+                          └─ node-2 ══ eth0 [node-2 netns] cbr0 ── ...
+
+Each node routes the other nodes' pod CIDRs via their underlay address, so
+pod-to-pod traffic crosses nodes without NAT. Namespaces are made with
+`ip netns` (it sets up the shared /run/netns mount); links, addresses and
+routes go through netlink on threads that have entered the namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import subprocess
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from ambient_cni.netns import list_named_netns, netns_path, pids_in_netns, run_in_netns
+
+from .processes import terminate
+from .topology import (
+    NODE_BRIDGE,
+    NODE_UPLINK,
+    POD_INTERFACE,
+    UNDERLAY_BRIDGE,
+    UNDERLAY_NET,
+    NodePlan,
+    Topology,
+)
+
+
+class NetworkError(RuntimeError):
+    """A namespace, link or route could not be made; the message names which."""
+
+
+def create_netns(name: str) -> None:
+    proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise NetworkError(f"ip netns add {name}: {proc.stderr.strip()}")
+
+
+def delete_netns(name: str) -> None:
+    """Kill what still runs inside, then remove the namespace. Absent is fine."""
+    terminate(pids_in_netns(name), grace=2.0)
+    if not netns_path(name).exists():
+        return
+    proc = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 and netns_path(name).exists():
+        raise NetworkError(f"ip netns del {name}: {proc.stderr.strip()}")
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise NetworkError(f"no link {ifname}")
+    return int(found[0])
+
+
+def _delete_link_if_present(ipr: IPRoute, ifname: str) -> None:
+    for index in ipr.link_lookup(ifname=ifname):
+        with contextlib.suppress(NetlinkError):  # gone meanwhile, e.g. with its peer's netns
+            ipr.link("del", index=index)
+
+
+def _loopback_up(ipr: IPRoute) -> None:
+    ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    # /proc/sys/net resolves against the netns of the thread that opens it.
+    Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def create_underlay(topology: Topology) -> None:
+    create_netns(topology.underlay_netns)
+
+    def setup() -> None:
+        with IPRoute() as ipr:
+            _loopback_up(ipr)
+            ipr.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
+            ipr.link("set", index=_index(ipr, UNDERLAY_BRIDGE), state="up")
+
+    run_in_netns(topology.underlay_netns, setup)
+
+
+def create_node(topology: Topology, node: NodePlan) -> None:
+    """The node namespace, its uplink into the underlay, its pod bridge and routes."""
+    create_netns(node.netns)
+    node_fd = os.open(netns_path(node.netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def plug_into_underlay() -> None:
+            with IPRoute() as ipr:
+                ipr.link(
+                    "add",
+                    ifname=node.underlay_link,
+                    kind="veth",
+                    peer={"ifname": NODE_UPLINK, "net_ns_fd": node_fd},
+                )
+                ipr.link(
+                    "set",
+                    index=_index(ipr, node.underlay_link),
+                    master=_index(ipr, UNDERLAY_BRIDGE),
+                    state="up",
+                )
+
+        run_in_netns(topology.underlay_netns, plug_into_underlay)
+    finally:
+        os.close(node_fd)
+
+    def setup_node() -> None:
+        with IPRoute() as ipr:
+            _loopback_up(ipr)
+            uplink = _index(ipr, NODE_UPLINK)
+            ipr.addr("add", index=uplink, address=node.ip, prefixlen=UNDERLAY_NET.prefixlen)
+            ipr.link("set", index=uplink, state="up")
+            ipr.link("add", ifname=NODE_BRIDGE, kind="bridge")
+            bridge = _index(ipr, NODE_BRIDGE)
+            cidr = ipaddress.IPv4Network(node.pod_cidr)
+            ipr.addr("add", index=bridge, address=node.gateway, prefixlen=cidr.prefixlen)
+            ipr.link("set", index=bridge, state="up")
+            for other in topology.nodes:
+                if other.name != node.name:
+                    ipr.route("add", dst=other.pod_cidr, gateway=other.ip)
+        _write_sysctl("net.ipv4.ip_forward", "1")
+
+    run_in_netns(node.netns, setup_node)
+
+
+def attach_pod(node: NodePlan, pod_netns: str, host_veth: str, pod_ip: str) -> None:
+    """Give a pod namespace an eth0 on the node bridge, its address and default route."""
+    pod_fd = os.open(netns_path(pod_netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+
+        def plug_into_bridge() -> None:
+            with IPRoute() as ipr:
+                _delete_link_if_present(ipr, host_veth)  # a half-made earlier attempt
+                ipr.link(
+                    "add",
+                    ifname=host_veth,
+                    kind="veth",
+                    peer={"ifname": POD_INTERFACE, "net_ns_fd": pod_fd},
+                )
+                ipr.link(
+                    "set", index=_index(ipr, host_veth), master=_index(ipr, NODE_BRIDGE), state="up"
+                )
+
+        run_in_netns(node.netns, plug_into_bridge)
+    finally:
+        os.close(pod_fd)
+
+    prefixlen = ipaddress.IPv4Network(node.pod_cidr).prefixlen
+
+    def setup_pod() -> None:
+        with IPRoute() as ipr:
+            _loopback_up(ipr)
+            eth0 = _index(ipr, POD_INTERFACE)
+            ipr.addr("add", index=eth0, address=pod_ip, prefixlen=prefixlen)
+            ipr.link("set", index=eth0, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway)
+
+    run_in_netns(pod_netns, setup_pod)
+
+
+def detach_pod(node: NodePlan, pod_netns: str, host_veth: str) -> None:
+    """Remove the pod's namespace (which takes its veth pair along) and any stray host end."""
+    delete_netns(pod_netns)
+
+    def drop_host_end() -> None:
+        with IPRoute() as ipr:
+            _delete_link_if_present(ipr, host_veth)
+
+    with contextlib.suppress(FileNotFoundError, OSError):
+        run_in_netns(node.netns, drop_host_end)
+
+
+def sandbox_netns(prefix: str) -> list[str]:
+    return list_named_netns(prefix)
+
+
+def delete_all(prefix: str) -> list[str]:
+    """Remove every namespace with this prefix: pods first, then nodes, then the underlay."""
+    names = sandbox_netns(prefix)
+
+    def order(name: str) -> int:
+        rest = name[len(prefix) :]
+        return 0 if rest.startswith("pod-") else 1 if rest.startswith("node-") else 2
+
+    for name in sorted(names, key=order):
+        delete_netns(name)
+    return names
