@@ -1,0 +1,155 @@
+"""Thin helpers over the Kubernetes client for the sandbox's own processes.
+
+Objects stay plain dicts in the API's JSON form, which is what the pure
+modules take. The reflector lists, then watches from the list's
+resourceVersion, and relists after a 410 or any error, so its store always
+converges on the server's state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+from kubernetes.watch.watch import iter_resp_lines
+
+MERGE_PATCH = "application/merge-patch+json"
+
+Obj = dict[str, Any]
+log = logging.getLogger(__name__)
+
+
+def new_api_client(kubeconfig: Path) -> ApiClient:
+    client: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(kubeconfig)
+    )
+    return client
+
+
+def as_body(data: Obj) -> Any:
+    """Pass a JSON-shaped dict as a request body.
+
+    The generated client serialises dicts unchanged; its signatures ask for
+    models, whose round trip would reformat timestamps and drop unknown fields.
+    """
+    return data
+
+
+def raw(response: Any) -> Obj:
+    """Decode a `_preload_content=False` response."""
+    data: Obj = json.loads(response.data)
+    return data
+
+
+def uid_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["uid"])
+
+
+def name_of(obj: Mapping[str, Any]) -> str:
+    return str(obj["metadata"]["name"])
+
+
+class Reflector:
+    """A local, eventually consistent copy of one list, with a callback per changed key."""
+
+    def __init__(
+        self,
+        name: str,
+        list_fn: Callable[..., Any],
+        on_change: Callable[[str], None],
+        *,
+        key: Callable[[Mapping[str, Any]], str] = uid_of,
+        **list_kwargs: Any,
+    ):
+        self.name = name
+        self._list_fn = list_fn
+        self._on_change = on_change
+        self._key = key
+        self._kwargs = list_kwargs
+        self._lock = threading.Lock()
+        self._store: dict[str, Obj] = {}
+        self.synced = threading.Event()
+
+    def get(self, key: str) -> Obj | None:
+        with self._lock:
+            return self._store.get(key)
+
+    def items(self) -> list[Obj]:
+        with self._lock:
+            return list(self._store.values())
+
+    def key_list(self) -> list[str]:
+        with self._lock:
+            return list(self._store)
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                version = self._relist()
+                self.synced.set()
+                self._watch(version, stop)
+                backoff = 0.2
+            except Exception as exc:
+                log.warning(
+                    "%s: list/watch failed, relisting in %.1fs: %s", self.name, backoff, exc
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name=self.name, daemon=True)
+        thread.start()
+        return thread
+
+    def _relist(self) -> str:
+        listing = raw(self._list_fn(_preload_content=False, **self._kwargs))
+        fresh = {self._key(obj): obj for obj in listing.get("items") or []}
+        with self._lock:
+            changed = set(self._store) | set(fresh)
+            self._store = fresh
+        for key in changed:
+            self._on_change(key)
+        return str(listing["metadata"]["resourceVersion"])
+
+    def _watch(self, version: str, stop: threading.Event) -> None:
+        while not stop.is_set():
+            response = self._list_fn(
+                watch=True,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=60,
+                _preload_content=False,
+                _request_timeout=(5, 90),
+                **self._kwargs,
+            )
+            try:
+                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event["type"], event["object"]
+                    if kind == "ERROR":
+                        if obj.get("code") == 410:
+                            return  # history compacted: relist
+                        raise RuntimeError(f"watch error: {obj.get('message')}")
+                    version = obj["metadata"]["resourceVersion"]
+                    if kind == "BOOKMARK":
+                        continue
+                    key = self._key(obj)
+                    with self._lock:
+                        if kind == "DELETED":
+                            self._store.pop(key, None)
+                        else:
+                            self._store[key] = obj
+                    self._on_change(key)
+                    if stop.is_set():
+                        return
+            finally:
+                response.release_conn()

@@ -1,0 +1,553 @@
+"""The simulated kubelet of one sandbox node.
+
+It registers its Node and keeps it Ready (Lease heartbeats), watches the pods
+bound to its node and, level-based, makes each one real: a network namespace
+with a veth on the node bridge and an address from the node's pod CIDR, and
+the first container's process running inside it. It writes the pod's status
+(phase, podIP, conditions, container state) back through `pods/status`.
+Deleting a pod stops its process and removes its namespace.
+
+Each pod has a record file written before anything is made, so a restarted
+kubelet adopts live processes and removes what a crash left half-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import CoordinationV1Api, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+from pydantic import BaseModel
+
+from ambient_cni.netns import run_in_netns
+from ambient_cni.workqueue import WorkQueue
+
+from . import network
+from .binaries import gomod_dir, parse_pins
+from .kube import MERGE_PATCH, Obj, Reflector, as_body, new_api_client, raw
+from .podspec import (
+    PodRuntime,
+    PodSpecError,
+    container_run,
+    grace_seconds,
+    render_status,
+    restart_on_exit,
+    uses_host_network,
+)
+from .processes import TAG_ENV, is_running, start_time, terminate_group
+from .state import SandboxState, load_state, paths_for
+from .topology import host_veth_name, next_free_ip
+
+log = logging.getLogger("kubelet")
+
+LEASE_NAMESPACE = "kube-node-lease"
+LEASE_SECONDS = 40
+HEARTBEAT_INTERVAL = 10.0
+NODE_STATUS_INTERVAL = 60.0
+RESYNC_INTERVAL = 30.0
+WORKERS = 4
+MAX_BACKOFF = 30.0
+SANDBOX_LABEL = "sandbox.ambient-cni.dev/name"
+KUBELET_VERSION_FALLBACK = "v0.0.0"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_micro() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LocalPod(BaseModel):
+    """The kubelet's own record of one pod: what it made, and the status it derives."""
+
+    uid: str
+    namespace: str
+    name: str
+    netns: str  # where the process runs: the pod's own namespace, or the node's
+    own_netns: bool
+    veth: str | None
+    ip: str
+    pid: int | None = None
+    pid_start: int | None = None
+    restart_at: float | None = None  # monotonic time of the next restart after a crash
+    runtime: PodRuntime
+
+
+class Kubelet:
+    def __init__(self, state: SandboxState, node_name: str, kubernetes_version: str):
+        self.state = state
+        self.node = state.topology.node(node_name)
+        self.kubernetes_version = kubernetes_version
+        self.paths = paths_for(state.name)
+        self.records = self.paths.pods_dir(node_name)
+        self.records.mkdir(parents=True, exist_ok=True)
+        api = new_api_client(Path(state.kubeconfig))
+        self.core = CoreV1Api(api)
+        self.coord = CoordinationV1Api(api)
+        self.queue: WorkQueue[str] = WorkQueue()
+        self.pods = Reflector(
+            f"pods@{node_name}",
+            self.core.list_pod_for_all_namespaces,
+            self.queue.add,
+            field_selector=f"spec.nodeName={node_name}",
+        )
+        self.local: dict[str, LocalPod] = {}
+        self.exited: dict[str, tuple[int, int]] = {}  # uid -> (pid, exit code)
+        self.reported: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    # -- main loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        def on_signal(_signum: int, _frame: object) -> None:
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.register_node()
+        self.adopt_records()
+        self.pods.start(self.stop)
+        workers = [
+            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            for i in range(WORKERS)
+        ]
+        for worker in workers:
+            worker.start()
+        self.pods.synced.wait()
+        for uid in list(self.local):  # pods gone from the API while we were down
+            self.queue.add(uid)
+        log.info("kubelet for %s running", self.node.name)
+        self._heartbeat_loop()
+        # Stopping leaves pods running, as a real kubelet restart does.
+        self.queue.close()
+        log.info("kubelet for %s stopped", self.node.name)
+
+    def _work(self) -> None:
+        while (uid := self.queue.get()) is not None:
+            try:
+                self.sync(uid)
+            except Exception:
+                log.exception("sync of pod %s failed; retrying", uid)
+                self.queue.add_after(uid, 1.0)
+            finally:
+                self.queue.done(uid)
+
+    def _heartbeat_loop(self) -> None:
+        last_status = last_resync = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                self.renew_lease()
+                if time.monotonic() - last_status > NODE_STATUS_INTERVAL:
+                    self.patch_node_status()
+                    last_status = time.monotonic()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+            if time.monotonic() - last_resync > RESYNC_INTERVAL:
+                for uid in {*self.pods.key_list(), *self.local}:
+                    self.queue.add(uid)
+                last_resync = time.monotonic()
+            self.stop.wait(HEARTBEAT_INTERVAL)
+
+    # -- the node ------------------------------------------------------------
+
+    def register_node(self) -> None:
+        node = self.node
+        body = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {
+                "name": node.name,
+                "labels": {
+                    "kubernetes.io/hostname": node.name,
+                    "kubernetes.io/os": "linux",
+                    "kubernetes.io/arch": "amd64",
+                    SANDBOX_LABEL: self.state.name,
+                },
+            },
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+        }
+        try:
+            self.core.create_node(body=as_body(body))
+            log.info("registered node %s", node.name)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self.patch_node_status()
+        self.renew_lease()
+
+    def patch_node_status(self) -> None:
+        stamp = now()
+        pressures = {
+            "MemoryPressure": "KubeletHasSufficientMemory",
+            "DiskPressure": "KubeletHasNoDiskPressure",
+            "PIDPressure": "KubeletHasSufficientPID",
+        }
+        conditions = [
+            {
+                "type": kind,
+                "status": "False",
+                "reason": reason,
+                "message": "sandbox node",
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
+            for kind, reason in pressures.items()
+        ]
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "sandbox kubelet is posting ready status",
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
+        )
+        resources = {"cpu": "2", "memory": "8Gi", "pods": "1000"}
+        status = {
+            "conditions": conditions,
+            "addresses": [
+                {"type": "InternalIP", "address": self.node.ip},
+                {"type": "Hostname", "address": self.node.name},
+            ],
+            "capacity": resources,
+            "allocatable": resources,
+            "nodeInfo": {
+                "machineID": self.node.name,
+                "systemUUID": self.node.name,
+                "bootID": "",
+                "kernelVersion": platform.release(),
+                "osImage": "ambient-cni sandbox",
+                "containerRuntimeVersion": "ambient-cni-sandbox://1",
+                "kubeletVersion": self.kubernetes_version,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+            },
+        }
+        # Keep Ready's lastTransitionTime stable across heartbeats.
+        current = self.core.read_node_status(self.node.name, _preload_content=False)
+        previous = {c["type"]: c for c in (raw(current).get("status", {}).get("conditions") or [])}
+        for condition in conditions:
+            old = previous.get(condition["type"])
+            if old and old.get("status") == condition["status"]:
+                condition["lastTransitionTime"] = old.get("lastTransitionTime", stamp)
+        self.core.patch_node_status(
+            self.node.name, body={"status": status}, _content_type=MERGE_PATCH
+        )
+
+    def renew_lease(self) -> None:
+        spec = {
+            "holderIdentity": self.node.name,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": now_micro(),
+        }
+        try:
+            self.coord.patch_namespaced_lease(
+                self.node.name, LEASE_NAMESPACE, body={"spec": spec}, _content_type=MERGE_PATCH
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.coord.create_namespaced_lease(
+                LEASE_NAMESPACE,
+                body=as_body(
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": self.node.name, "namespace": LEASE_NAMESPACE},
+                        "spec": spec,
+                    }
+                ),
+            )
+
+    # -- pods: the reconcile -----------------------------------------------------
+
+    def sync(self, uid: str) -> None:
+        pod = self.pods.get(uid)
+        local = self.local.get(uid)
+        if pod is None:
+            if local:  # deleted (or force-deleted) from the API
+                self.teardown(local, grace=0)
+            self.reported.pop(uid, None)
+            return
+        if pod["metadata"].get("deletionTimestamp"):
+            if local:
+                self.teardown(local, grace=grace_seconds(pod))
+            self._finish_deletion(pod)
+            return
+        phase = pod.get("status", {}).get("phase")
+        if local is None:
+            if phase in ("Succeeded", "Failed"):
+                return  # terminal, and nothing of it left here
+            local = self.start(pod)
+            if local is None:
+                return
+        self._handle_exit(pod, local)
+        if local.restart_at is not None and time.monotonic() >= local.restart_at:
+            local.restart_at = None
+            self.launch(pod, local)
+        self.report(local)
+
+    def _finish_deletion(self, pod: Obj) -> None:
+        meta = pod["metadata"]
+        with contextlib.suppress(ApiException):  # already gone
+            self.core.delete_namespaced_pod(
+                meta["name"],
+                meta["namespace"],
+                grace_period_seconds=0,
+                body=as_body({"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}),
+            )
+
+    def start(self, pod: Obj) -> LocalPod | None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        host_network = uses_host_network(pod)
+        container = (pod["spec"].get("containers") or [{}])[0]
+        runtime = PodRuntime(
+            start_time=now(),
+            host_ip=self.node.ip,
+            container=container.get("name", "main"),
+            image=container.get("image", ""),
+        )
+        with self.lock:
+            if host_network:
+                ip = self.node.ip
+            else:
+                used = [p.ip for p in self.local.values() if p.own_netns]
+                ip = next_free_ip(self.node.pod_cidr, used)
+            local = LocalPod(
+                uid=uid,
+                namespace=meta["namespace"],
+                name=meta["name"],
+                netns=self.node.netns if host_network else self.state.topology.pod_netns(uid),
+                own_netns=not host_network,
+                veth=None if host_network else host_veth_name(uid),
+                ip=ip,
+                runtime=runtime,
+            )
+            self.local[uid] = local
+        self.save(local)  # before making anything, so a crash leaves a record to clean up
+        if local.own_netns:
+            try:
+                network.create_netns(local.netns)
+                network.attach_pod(self.node, local.netns, local.veth or "", ip)
+            except Exception as exc:
+                log.warning("network for %s/%s failed: %s", local.namespace, local.name, exc)
+                self.teardown(local, grace=0)
+                runtime.state_reason = "NetworkSetupError"
+                runtime.state_message = str(exc)
+                self.report(LocalPod(**{**local.model_dump(), "runtime": runtime}))
+                self.queue.add_after(uid, 2.0)
+                return None
+        runtime.pod_ip = ip
+        self.launch(pod, local)
+        return local
+
+    def launch(self, pod: Obj, local: LocalPod) -> None:
+        runtime = local.runtime
+        try:
+            run = container_run(pod, pod_ip=local.ip, host_ip=self.node.ip, python=sys.executable)
+        except PodSpecError as exc:
+            self._fail(local, exc.reason, exc.message)
+            return
+        log_path = self.records / f"{local.namespace}_{local.name}_{local.uid}.log"
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            TAG_ENV: self.state.name,
+            **dict(run.env),
+        }
+
+        def spawn() -> subprocess.Popen[bytes]:
+            with log_path.open("ab") as out:
+                return subprocess.Popen(
+                    list(run.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd="/",
+                    start_new_session=True,
+                )
+
+        try:
+            proc = run_in_netns(local.netns, spawn)
+        except OSError as exc:
+            detail = exc.strerror or str(exc)
+            self._fail(
+                local,
+                "StartError",
+                f"cannot start container {run.container}: exec {run.argv[0]!r}: {detail}",
+            )
+            return
+        local.pid, local.pid_start = proc.pid, start_time(proc.pid)
+        stamp = now()
+        runtime.phase = "Running"
+        runtime.state = "running"
+        runtime.state_reason = runtime.state_message = None
+        runtime.started_at = stamp
+        runtime.ready_since = stamp
+        runtime.exit_code = None
+        self.save(local)
+        log.info(
+            "started %s/%s as pid %d in %s (%s)",
+            local.namespace,
+            local.name,
+            proc.pid,
+            local.netns,
+            local.ip,
+        )
+        threading.Thread(target=self._wait_child, args=(local.uid, proc), daemon=True).start()
+
+    def _wait_child(self, uid: str, proc: subprocess.Popen[bytes]) -> None:
+        code = proc.wait()
+        with self.lock:
+            self.exited[uid] = (proc.pid, code)
+        self.queue.add(uid)
+
+    def _watch_adopted(self, uid: str, pid: int, started: int | None) -> None:
+        # Not our child: poll. Its exit code is lost with the kubelet that started it.
+        while is_running(pid) and start_time(pid) == started and not self.stop.is_set():
+            time.sleep(0.5)
+        if not self.stop.is_set():
+            with self.lock:
+                self.exited[uid] = (pid, -1)
+            self.queue.add(uid)
+
+    def _handle_exit(self, pod: Obj, local: LocalPod) -> None:
+        with self.lock:
+            event = self.exited.pop(local.uid, None)
+        if event is None or event[0] != local.pid:
+            return
+        _, code = event
+        runtime = local.runtime
+        stamp = now()
+        runtime.state = "terminated"
+        runtime.exit_code = code
+        runtime.state_reason = "Completed" if code == 0 else "Error"
+        runtime.state_message = None if code >= 0 else "exit status unknown (adopted process)"
+        runtime.finished_at = stamp
+        runtime.not_ready_since = stamp
+        local.pid = local.pid_start = None
+        log.info("%s/%s exited with %d", local.namespace, local.name, code)
+        if restart_on_exit(pod, code):
+            runtime.restart_count += 1
+            delay = min(2.0 ** (runtime.restart_count - 1), MAX_BACKOFF)
+            local.restart_at = time.monotonic() + delay
+            runtime.state = "waiting"
+            runtime.state_reason = "CrashLoopBackOff"
+            runtime.state_message = f"back-off {delay:.0f}s restarting failed container"
+            self.queue.add_after(local.uid, delay)
+        else:
+            runtime.phase = "Succeeded" if code == 0 else "Failed"
+            self._release_network(local)
+        self.save(local)
+
+    def _fail(self, local: LocalPod, reason: str, message: str) -> None:
+        """The container can never run as specified: the pod fails for good."""
+        log.warning("%s/%s failed: %s: %s", local.namespace, local.name, reason, message)
+        runtime = local.runtime
+        stamp = now()
+        runtime.phase = "Failed"
+        runtime.pod_reason, runtime.pod_message = reason, message
+        runtime.state = "terminated"
+        runtime.state_reason, runtime.state_message = reason, message
+        runtime.exit_code = 128
+        runtime.finished_at = runtime.not_ready_since = stamp
+        self._release_network(local)
+        self.save(local)
+
+    def _release_network(self, local: LocalPod) -> None:
+        if local.own_netns:
+            network.detach_pod(self.node, local.netns, local.veth or "")
+
+    def teardown(self, local: LocalPod, *, grace: int) -> None:
+        """Stop the pod's process, remove its namespace, forget it."""
+        if local.pid and is_running(local.pid) and start_time(local.pid) == local.pid_start:
+            terminate_group(local.pid, grace=float(grace))
+        self._release_network(local)
+        with self.lock:
+            self.local.pop(local.uid, None)
+            self.exited.pop(local.uid, None)
+        self._record_path(local.uid).unlink(missing_ok=True)
+        log.info("removed %s/%s", local.namespace, local.name)
+
+    # -- status ------------------------------------------------------------------
+
+    def report(self, local: LocalPod) -> None:
+        status = render_status(local.runtime)
+        if self.reported.get(local.uid) == status:
+            return
+        try:
+            self.core.patch_namespaced_pod_status(
+                local.name, local.namespace, body={"status": status}, _content_type=MERGE_PATCH
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        self.reported[local.uid] = status
+
+    # -- records ---------------------------------------------------------------
+
+    def _record_path(self, uid: str) -> Path:
+        return self.records / f"{uid}.json"
+
+    def save(self, local: LocalPod) -> None:
+        path = self._record_path(local.uid)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(local.model_dump_json())
+        tmp.replace(path)
+
+    def adopt_records(self) -> None:
+        """After a restart: keep pods whose process still runs; clean up the rest."""
+        for path in sorted(self.records.glob("*.json")):
+            try:
+                local = LocalPod.model_validate_json(path.read_text())
+            except ValueError:
+                path.unlink(missing_ok=True)
+                continue
+            alive = (
+                local.pid is not None
+                and is_running(local.pid)
+                and start_time(local.pid) == local.pid_start
+            )
+            if alive and local.pid is not None:
+                self.local[local.uid] = local
+                threading.Thread(
+                    target=self._watch_adopted,
+                    args=(local.uid, local.pid, local.pid_start),
+                    daemon=True,
+                ).start()
+                log.info("adopted %s/%s (pid %d)", local.namespace, local.name, local.pid)
+            elif local.runtime.phase in ("Succeeded", "Failed"):
+                self.local[local.uid] = local  # keeps reporting its terminal status
+            else:
+                self.teardown(local, grace=0)  # half-made or dead: the next sync starts it anew
+
+
+def main(sandbox: str, node: str) -> None:
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    state = load_state(sandbox)
+    if state is None:
+        raise SystemExit(f"sandbox {sandbox!r} has no state file; is it up?")
+    try:
+        version = parse_pins((gomod_dir() / "go.mod").read_text()).kubernetes
+    except Exception:
+        version = KUBELET_VERSION_FALLBACK
+    Kubelet(state, node, version).run()

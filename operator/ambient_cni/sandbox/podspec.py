@@ -1,0 +1,224 @@
+"""What the simulated kubelet runs for a pod, and the status it reports: pure functions.
+
+Pods are plain dicts in the API's JSON form (camelCase). Only the first
+container runs. With no `command` it runs the sandbox's HTTP echo server (the
+"image" every sandbox pod has); `args` are appended either way, as the
+container runtime would append them to the image's entrypoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+DEFAULT_PORT = 8080
+ECHO_MODULE = "ambient_cni.sandbox.echo"
+
+# fieldRef paths the sandbox can resolve for env vars (the downward API subset that matters here).
+FIELD_REFS = (
+    "metadata.name",
+    "metadata.namespace",
+    "metadata.uid",
+    "spec.nodeName",
+    "spec.serviceAccountName",
+    "status.podIP",
+    "status.hostIP",
+)
+
+Pod = Mapping[str, Any]
+
+
+class PodSpecError(ValueError):
+    """The pod cannot be run as specified; `reason` is a kubelet-style CamelCase reason."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class ContainerRun(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    container: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    port: int
+
+
+def _first_container(pod: Pod) -> Mapping[str, Any]:
+    containers = pod.get("spec", {}).get("containers") or []
+    if not containers:
+        raise PodSpecError("CreateContainerConfigError", "the pod has no containers")
+    first: Mapping[str, Any] = containers[0]
+    return first
+
+
+def container_port(pod: Pod) -> int:
+    for port in _first_container(pod).get("ports") or []:
+        if port.get("protocol", "TCP") == "TCP" and port.get("containerPort"):
+            return int(port["containerPort"])
+    return DEFAULT_PORT
+
+
+def _field(pod: Pod, path: str, pod_ip: str, host_ip: str) -> str:
+    if path == "status.podIP":
+        return pod_ip
+    if path == "status.hostIP":
+        return host_ip
+    section, key = path.split(".", 1)
+    value = pod.get(section, {}).get(key)
+    if path == "spec.serviceAccountName" and not value:
+        value = "default"
+    return "" if value is None else str(value)
+
+
+def container_run(pod: Pod, *, pod_ip: str, host_ip: str, python: str) -> ContainerRun:
+    """The process for the pod's first container: argv, environment, serving port."""
+    container = _first_container(pod)
+    port = container_port(pod)
+    command = [str(c) for c in container.get("command") or []]
+    args = [str(a) for a in container.get("args") or []]
+    # Without a command, the sandbox "image" runs: the echo server.
+    entrypoint = command or [python, "-m", ECHO_MODULE, "--port", str(port)]
+    argv = [*entrypoint, *args]
+
+    env: dict[str, str] = {"HOSTNAME": str(pod.get("metadata", {}).get("name", ""))}
+    for item in container.get("env") or []:
+        name = item.get("name")
+        if not name:
+            continue
+        if "value" in item or "valueFrom" not in item:
+            env[name] = str(item.get("value", ""))
+            continue
+        path = (item["valueFrom"].get("fieldRef") or {}).get("fieldPath")
+        if path not in FIELD_REFS:
+            raise PodSpecError(
+                "CreateContainerConfigError",
+                f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
+            )
+        env[name] = _field(pod, path, pod_ip, host_ip)
+    return ContainerRun(
+        container=str(container.get("name", "main")),
+        argv=tuple(argv),
+        env=tuple(sorted(env.items())),
+        port=port,
+    )
+
+
+def uses_host_network(pod: Pod) -> bool:
+    return bool(pod.get("spec", {}).get("hostNetwork"))
+
+
+def restart_on_exit(pod: Pod, exit_code: int) -> bool:
+    policy = pod.get("spec", {}).get("restartPolicy", "Always")
+    return policy == "Always" or (policy == "OnFailure" and exit_code != 0)
+
+
+def grace_seconds(pod: Pod, default: int = 30) -> int:
+    meta = pod.get("metadata", {})
+    value = meta.get("deletionGracePeriodSeconds")
+    if value is None:
+        value = pod.get("spec", {}).get("terminationGracePeriodSeconds", default)
+    return max(0, int(value))
+
+
+# -- status -------------------------------------------------------------------
+
+ContainerState = Literal["waiting", "running", "terminated"]
+
+
+class PodRuntime(BaseModel):
+    """What the kubelet knows of one pod's sandbox and process; status is rendered from it."""
+
+    phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
+    pod_ip: str | None = None
+    host_ip: str | None = None
+    start_time: str | None = None
+    container: str = "main"
+    image: str = ""
+    state: ContainerState = "waiting"
+    state_reason: str | None = None
+    state_message: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    restart_count: int = 0
+    pid: int | None = None
+    ready_since: str | None = None
+    not_ready_since: str | None = None
+    pod_reason: str | None = None
+    pod_message: str | None = None
+
+
+def _condition(kind: str, ok: bool, since: str | None, reason: str | None = None) -> dict[str, Any]:
+    condition: dict[str, Any] = {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "lastProbeTime": None,
+        "lastTransitionTime": since,
+    }
+    if not ok and reason:
+        condition["reason"] = reason
+    return condition
+
+
+def render_status(runtime: PodRuntime) -> dict[str, Any]:
+    """The pod `status` the kubelet writes for this runtime (a full replacement of its fields)."""
+    ready = runtime.phase == "Running" and runtime.state == "running"
+    since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
+    state: dict[str, Any]
+    if runtime.state == "running":
+        state = {"running": {"startedAt": runtime.started_at}}
+    elif runtime.state == "terminated":
+        state = {
+            "terminated": {
+                "exitCode": runtime.exit_code if runtime.exit_code is not None else 0,
+                "reason": runtime.state_reason,
+                "message": runtime.state_message,
+                "startedAt": runtime.started_at,
+                "finishedAt": runtime.finished_at,
+                "containerID": f"sandbox://{runtime.pid}" if runtime.pid else None,
+            }
+        }
+    else:
+        state = {
+            "waiting": {
+                "reason": runtime.state_reason or "ContainerCreating",
+                "message": runtime.state_message,
+            }
+        }
+    container_status: dict[str, Any] = {
+        "name": runtime.container,
+        "image": runtime.image,
+        "imageID": "",
+        "ready": ready,
+        "started": runtime.state == "running",
+        "restartCount": runtime.restart_count,
+        "state": state,
+    }
+    if runtime.pid and runtime.state == "running":
+        container_status["containerID"] = f"sandbox://{runtime.pid}"
+    status: dict[str, Any] = {
+        "phase": runtime.phase,
+        "reason": runtime.pod_reason,
+        "message": runtime.pod_message,
+        "startTime": runtime.start_time,
+        "conditions": [
+            _condition("PodReadyToStartContainers", runtime.pod_ip is not None, runtime.start_time),
+            _condition("Initialized", True, runtime.start_time),
+            _condition("ContainersReady", ready, since, "ContainersNotReady"),
+            _condition("Ready", ready, since, "ContainersNotReady"),
+            _condition("PodScheduled", True, runtime.start_time),
+        ],
+        "containerStatuses": [container_status],
+    }
+    if runtime.host_ip:
+        status["hostIP"] = runtime.host_ip
+        status["hostIPs"] = [{"ip": runtime.host_ip}]
+    if runtime.pod_ip:
+        status["podIP"] = runtime.pod_ip
+        status["podIPs"] = [{"ip": runtime.pod_ip}]
+    return status
