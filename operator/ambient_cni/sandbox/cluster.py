@@ -1,0 +1,271 @@
+"""A handle on a running sandbox, with the helpers tests, demos and benchmarks share.
+
+Objects are plain dicts in the API's JSON form. Every wait polls with a
+deadline and fails with what it last saw, never a bare timeout.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client.exceptions import ApiException
+
+from ambient_cni.netns import run_in_netns
+
+from .kube import Obj, as_body, new_api_client, raw
+from .lifecycle import require_state
+from .state import SandboxState
+
+
+class WaitTimeout(AssertionError):
+    """A polled condition did not hold in time; the message carries the last state seen."""
+
+
+def wait_for(
+    what: str, probe: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1
+) -> Any:
+    """Poll `probe` until it returns something truthy; return that. No sleeps as sync."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = probe()
+        if last:
+            return last
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    status: int
+    body: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class SandboxCluster:
+    def __init__(self, state: SandboxState):
+        self.state = state
+        self.kubeconfig = Path(state.kubeconfig)
+        self.api: ApiClient = new_api_client(self.kubeconfig)
+        self.core = CoreV1Api(self.api)
+
+    @classmethod
+    def open(cls, name: str) -> SandboxCluster:
+        return cls(require_state(name))
+
+    @property
+    def name(self) -> str:
+        return self.state.name
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.state.topology.nodes]
+
+    # -- kubectl -----------------------------------------------------------------
+
+    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                str(Path(self.state.bin_dir) / "kubectl"),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            check=check,
+        )
+
+    # -- namespaces and pods -----------------------------------------------------------
+
+    def create_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> Obj:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": dict(labels or {})},
+        }
+        return raw(self.core.create_namespace(body=as_body(body), _preload_content=False))
+
+    def namespace(self, name: str) -> Obj | None:
+        try:
+            return raw(self.core.read_namespace(name, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def delete_namespace(self, name: str) -> None:
+        try:
+            self.core.delete_namespace(name, _preload_content=False)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def create_pod(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        node: str | None = None,
+        command: Sequence[str] | None = None,
+        args: Sequence[str] | None = None,
+        port: int | None = None,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+        host_network: bool = False,
+        restart_policy: str = "Always",
+        env: Mapping[str, str] | None = None,
+    ) -> Obj:
+        container: dict[str, Any] = {"name": "main", "image": "sandbox/echo"}
+        if command is not None:
+            container["command"] = list(command)
+        if args is not None:
+            container["args"] = list(args)
+        if port is not None:
+            container["ports"] = [{"containerPort": port}]
+        if env:
+            container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+        spec: dict[str, Any] = {
+            "containers": [container],
+            "restartPolicy": restart_policy,
+            "terminationGracePeriodSeconds": 5,
+        }
+        if node:
+            spec["nodeName"] = node
+        if host_network:
+            spec["hostNetwork"] = True
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": dict(labels or {}),
+                "annotations": dict(annotations or {}),
+            },
+            "spec": spec,
+        }
+        return raw(
+            self.core.create_namespaced_pod(namespace, body=as_body(body), _preload_content=False)
+        )
+
+    def pod(self, namespace: str, name: str) -> Obj | None:
+        try:
+            return raw(self.core.read_namespaced_pod(name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def pods(self, namespace: str | None = None) -> list[Obj]:
+        if namespace is None:
+            listing = raw(self.core.list_pod_for_all_namespaces(_preload_content=False))
+        else:
+            listing = raw(self.core.list_namespaced_pod(namespace, _preload_content=False))
+        items: list[Obj] = listing["items"]
+        return items
+
+    def delete_pod(self, namespace: str, name: str, *, grace: int | None = None) -> None:
+        try:
+            self.core.delete_namespaced_pod(
+                name, namespace, grace_period_seconds=grace, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def wait_pod(
+        self,
+        namespace: str,
+        name: str,
+        condition: Callable[[Obj], bool],
+        what: str,
+        *,
+        timeout: float = 30.0,
+    ) -> Obj:
+        def probe() -> Obj | None:
+            pod = self.pod(namespace, name)
+            return pod if pod is not None and condition(pod) else None
+
+        try:
+            result: Obj = wait_for(f"pod {namespace}/{name} {what}", probe, timeout=timeout)
+        except WaitTimeout as exc:
+            pod = self.pod(namespace, name)
+            status = pod.get("status") if pod else "(pod does not exist)"
+            raise WaitTimeout(f"{exc}; pod status: {json.dumps(status)}") from None
+        return result
+
+    def wait_running(self, namespace: str, name: str, *, timeout: float = 30.0) -> Obj:
+        return self.wait_pod(namespace, name, is_ready, "to be Running and Ready", timeout=timeout)
+
+    def wait_pod_gone(self, namespace: str, name: str, *, timeout: float = 30.0) -> None:
+        wait_for(
+            f"pod {namespace}/{name} to be deleted",
+            lambda: self.pod(namespace, name) is None,
+            timeout=timeout,
+        )
+
+    # -- inside pods -------------------------------------------------------------
+
+    def pod_netns(self, pod: Mapping[str, Any]) -> str:
+        """The network namespace a pod's process runs in (its node's, for hostNetwork)."""
+        if pod["spec"].get("hostNetwork"):
+            return self.state.topology.node(pod["spec"]["nodeName"]).netns
+        return self.state.topology.pod_netns(pod["metadata"]["uid"])
+
+    def http_get(
+        self,
+        from_pod: Mapping[str, Any],
+        url_host: str,
+        port: int = 8080,
+        path: str = "/",
+        *,
+        timeout: float = 5.0,
+    ) -> HttpReply:
+        """An HTTP GET made from inside `from_pod`'s network namespace."""
+
+        def call() -> HttpReply:
+            conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                return HttpReply(response.status, response.read().decode(errors="replace"))
+            finally:
+                conn.close()
+
+        return run_in_netns(self.pod_netns(from_pod), call)
+
+    def exec_in_pod(
+        self, pod: Mapping[str, Any], argv: Sequence[str], *, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.pod_netns(pod), *argv],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=timeout,
+        )
+
+
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    return status.get("phase") == "Running" and ready and bool(status.get("podIP"))
+
+
+def pod_ip(pod: Mapping[str, Any]) -> str:
+    return str(pod["status"]["podIP"])

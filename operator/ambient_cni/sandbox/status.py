@@ -1,0 +1,47 @@
+"""`ambient-cni sandbox status`: processes, then nodes and pods as kubectl shows them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .cluster import SandboxCluster
+from .lifecycle import leftovers
+from .processes import tagged_pids
+from .state import load_state
+
+
+def _component(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if "ambient_cni.cli" in words:
+        rest = words[words.index("ambient_cni.cli") + 1 :]
+        return " ".join(w for w in rest if w != "sandbox")
+    return Path(words[0]).name if words else "?"
+
+
+def show_status(name: str) -> int:
+    state = load_state(name)
+    if state is None:
+        found = leftovers(name)
+        if found.empty:
+            print(f"sandbox {name} is not up")
+        else:
+            print(
+                f"sandbox {name} is not up, but left {found}; "
+                f"remove it with: ambient-cni sandbox down --name {name}"
+            )
+        return 1
+    print(f"sandbox {name}  created {state.created}  kubeconfig {state.kubeconfig}")
+    print(f"api server https://127.0.0.1:{state.apiserver_port}")
+    print("processes:")
+    for pid in tagged_pids(name):
+        print(f"  {pid:>7}  {_component(pid)}")
+    result = SandboxCluster(state).kubectl("get", "nodes,pods", "-A", "-o", "wide", check=False)
+    print(result.stdout, end="")
+    if result.returncode != 0:
+        print(f"kubectl failed: {result.stderr.strip()}")
+        return 1
+    return 0

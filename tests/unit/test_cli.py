@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from ambient_cni.cli import build_parser, main
+
+
+def test_sandbox_defaults() -> None:
+    args = build_parser().parse_args(["sandbox", "up"])
+    assert (args.sandbox_command, args.name, args.nodes) == ("up", "demo", 2)
+
+
+def test_exec_keeps_the_command_after_double_dash() -> None:
+    args = build_parser().parse_args(
+        ["sandbox", "exec", "-n", "demo", "echo-1", "--", "curl", "-s", "x"]
+    )
+    assert (args.namespace, args.pod, args.argv) == ("demo", "echo-1", ["curl", "-s", "x"])
+
+
+def test_invalid_sandbox_name_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sandbox", "env", "--name", "Bad-Name"]) == 1
+    assert "invalid sandbox name" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "sandbox" in out
+    assert "demo" in out
