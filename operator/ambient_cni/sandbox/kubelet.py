@@ -395,6 +395,7 @@ class Kubelet:
             )
             return
         local.pid, local.pid_start = proc.pid, start_time(proc.pid)
+        runtime.pid = proc.pid  # the container ID; kept after exit, as a runtime keeps it
         stamp = now()
         runtime.phase = "Running"
         runtime.state = "running"

@@ -11,6 +11,7 @@ also cleans up after a `sandbox up` that was killed halfway.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import shutil
 import subprocess
@@ -202,6 +203,8 @@ def down(name: str, *, say: Say = _say) -> DownReport:
     network.delete_all(prefix_for(name))
     for path in _owned_paths(name):
         shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the shared root, once no sandbox uses it
+        STATE_ROOT.rmdir()
     remaining = leftovers(name)
     if not remaining.empty or still:
         raise SandboxError(f"sandbox {name}: could not remove everything: {remaining}")

@@ -1,0 +1,249 @@
+"""The sandbox cluster: real control plane, simulated nodes and pods, real traffic."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ambient_cni.netns import netns_inode, process_netns_inode
+from ambient_cni.sandbox import lifecycle
+from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni.sandbox.processes import is_running
+from ambient_cni.sandbox.state import paths_for
+from ambient_cni.sandbox.topology import host_veth_name
+
+
+def container_pid(pod: dict[str, Any]) -> int:
+    container_id = pod["status"]["containerStatuses"][0]["containerID"]
+    assert container_id.startswith("sandbox://"), container_id
+    return int(container_id.removeprefix("sandbox://"))
+
+
+def netns_exists(name: str) -> bool:
+    return Path("/run/netns", name).exists()
+
+
+def node_links(sandbox: SandboxCluster, node: str) -> str:
+    netns = sandbox.state.topology.node(node).netns
+    return subprocess.run(
+        ["ip", "-n", netns, "-o", "link"], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_nodes_are_ready_with_underlay_addresses(sandbox: SandboxCluster) -> None:
+    nodes = json.loads(sandbox.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+    seen = {}
+    for node in nodes:
+        ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
+        assert [c["status"] for c in ready] == ["True"], node["status"]["conditions"]
+        internal = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
+        seen[node["metadata"]["name"]] = (internal, node["spec"]["podCIDR"])
+    assert seen == {
+        "node-1": (["172.18.0.11"], "10.244.0.0/22"),
+        "node-2": (["172.18.0.12"], "10.244.4.0/22"),
+    }
+
+
+def test_kubectl_reports_the_built_release(sandbox: SandboxCluster) -> None:
+    version = json.loads(sandbox.kubectl("version", "-o", "json").stdout)
+    assert version["serverVersion"]["gitVersion"] == version["clientVersion"]["gitVersion"]
+    assert version["serverVersion"]["gitVersion"].startswith("v1.")
+
+
+def test_pod_gets_netns_process_and_ip_then_delete_removes_them(
+    sandbox: SandboxCluster, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "web", node="node-1")
+    pod = sandbox.wait_running(namespace, "web")
+    netns = sandbox.pod_netns(pod)
+    ip = pod_ip(pod)
+    pid = container_pid(pod)
+
+    assert ipaddress.IPv4Address(ip) in ipaddress.IPv4Network("10.244.0.0/22")
+    assert pod["status"]["podIPs"] == [{"ip": ip}]
+    assert pod["status"]["hostIP"] == "172.18.0.11"
+    assert netns_exists(netns)
+    assert process_netns_inode(pid) == netns_inode(netns), "the process runs in the pod's netns"
+    addresses = subprocess.run(
+        ["ip", "-n", netns, "-o", "-4", "addr", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"inet {ip}/22" in addresses
+    veth = host_veth_name(pod["metadata"]["uid"])
+    assert veth in node_links(sandbox, "node-1")
+
+    sandbox.delete_pod(namespace, "web")
+    sandbox.wait_pod_gone(namespace, "web")
+    wait_for("the pod netns to be removed", lambda: not netns_exists(netns))
+    wait_for("the pod process to exit", lambda: not is_running(pid))
+    assert veth not in node_links(sandbox, "node-1")
+
+
+def test_pod_on_node_1_gets_http_answer_from_pod_on_node_2(
+    sandbox: SandboxCluster, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "client", node="node-1")
+    sandbox.create_pod(namespace, "server", node="node-2", port=9090)
+    client = sandbox.wait_running(namespace, "client")
+    server = sandbox.wait_running(namespace, "server")
+
+    reply = wait_for(
+        "an HTTP answer across nodes",
+        lambda: sandbox.http_get(client, pod_ip(server), 9090, "/hello"),
+    )
+    # The body proves the answer came from the server pod, and that its source
+    # address was not rewritten on the way.
+    assert reply.status == 200
+    assert reply.json() == {
+        "pod": "server",
+        "local": f"{pod_ip(server)}:9090",
+        "client": reply.json()["client"],
+        "path": "/hello",
+    }
+    assert reply.json()["client"].split(":")[0] == pod_ip(client)
+
+
+def test_kubectl_wide_and_status_show_nodes_and_pods_with_ips(
+    sandbox: SandboxCluster, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "a", node="node-1")
+    sandbox.create_pod(namespace, "b", node="node-2")
+    a = sandbox.wait_running(namespace, "a")
+    b = sandbox.wait_running(namespace, "b")
+
+    wide = sandbox.kubectl("get", "nodes,pods", "-A", "-o", "wide").stdout
+    rows = {line.split()[0]: line.split() for line in wide.splitlines() if line.strip()}
+    assert "172.18.0.11" in rows["node/node-1"]
+    assert "172.18.0.12" in rows["node/node-2"]
+    pod_rows = {
+        line.split()[1]: line.split() for line in wide.splitlines() if line.startswith(namespace)
+    }
+    assert {"pod/a", "pod/b"} <= set(pod_rows)
+    assert pod_ip(a) in pod_rows["pod/a"]
+    assert "node-1" in pod_rows["pod/a"]
+    assert pod_ip(b) in pod_rows["pod/b"]
+    assert "node-2" in pod_rows["pod/b"]
+
+    status = subprocess.run(
+        [sys.executable, "-m", "ambient_cni.cli", "sandbox", "status", "--name", sandbox.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "kube-apiserver" in status
+    assert pod_ip(a) in status
+    assert pod_ip(b) in status
+
+
+def test_pod_whose_command_cannot_start_fails_and_others_keep_running(
+    sandbox: SandboxCluster, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "healthy", node="node-1")
+    sandbox.create_pod(namespace, "broken", node="node-1", command=["/nonexistent/server"])
+    healthy = sandbox.wait_running(namespace, "healthy")
+
+    broken = sandbox.wait_pod(
+        namespace, "broken", lambda p: p.get("status", {}).get("phase") == "Failed", "to fail"
+    )
+    assert broken["status"]["reason"] == "StartError"
+    assert "/nonexistent/server" in broken["status"]["message"]
+    terminated = broken["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["reason"] == "StartError"
+    assert terminated["exitCode"] == 128
+
+    # The healthy pod on the same node is untouched and still serves.
+    sandbox.create_pod(namespace, "probe", node="node-2")
+    probe = sandbox.wait_running(namespace, "probe")
+    reply = sandbox.http_get(probe, pod_ip(healthy), 8080)
+    assert reply.json()["pod"] == "healthy"
+    still_healthy = sandbox.pod(namespace, "healthy")
+    assert still_healthy is not None
+    assert still_healthy["status"]["containerStatuses"][0]["restartCount"] == 0
+
+
+def test_control_plane_up_and_down_leaves_nothing() -> None:
+    name = "e2ecp"
+    try:
+        state = lifecycle.up(name, nodes=1)
+        up = lifecycle.leftovers(name)
+        assert up.processes
+        assert up.netns
+        assert up.paths
+        assert lifecycle.is_healthy(state)
+        report = lifecycle.down(name)
+        assert set(report.processes) == set(up.processes)
+        assert lifecycle.leftovers(name).empty
+        for pid in up.processes:
+            assert not is_running(pid)
+        assert not any(Path("/run/netns").glob(f"acni-{name}-*"))
+        assert not paths_for(name).state_dir.exists()
+        assert not paths_for(name).etcd_dir.exists()
+    finally:
+        lifecycle.down(name)
+
+
+def test_down_after_a_killed_up_cleans_everything() -> None:
+    name = "e2ekill"
+    first_node = f"acni-{name}-node-1"
+    up = subprocess.Popen(
+        [sys.executable, "-m", "ambient_cni.cli", "sandbox", "up", "--name", name, "--nodes", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Kill it as soon as the control plane runs and the node network is being made.
+        wait_for("the first node netns", lambda: netns_exists(first_node) or up.poll() is not None)
+        up.send_signal(signal.SIGKILL)
+        assert up.wait(timeout=10) == -signal.SIGKILL, "up finished before it could be killed"
+        left = lifecycle.leftovers(name)
+        assert left.processes, "a killed up leaves its control plane running"
+        assert first_node in left.netns
+
+        result = subprocess.run(
+            [sys.executable, "-m", "ambient_cni.cli", "sandbox", "down", "--name", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert lifecycle.leftovers(name).empty
+        assert all(not is_running(pid) for pid in left.processes)
+        assert not netns_exists(first_node)
+    finally:
+        if up.poll() is None:
+            os.kill(up.pid, signal.SIGKILL)
+            up.wait()
+        lifecycle.down(name)
+
+
+@pytest.mark.parametrize("nodes", [0])
+def test_up_refuses_a_bad_size_without_side_effects(nodes: int) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ambient_cni.cli",
+            "sandbox",
+            "up",
+            "--name",
+            "e2ebad",
+            "--nodes",
+            str(nodes),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "1 to 64 nodes" in result.stderr
+    assert lifecycle.leftovers("e2ebad").empty
