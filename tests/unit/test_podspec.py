@@ -11,6 +11,7 @@ from ambient_cni.sandbox.podspec import (
     PodSpecError,
     container_run,
     grace_seconds,
+    readiness_port,
     render_status,
     restart_on_exit,
 )
@@ -116,6 +117,21 @@ def test_restart_policy(policy: str | None, exit_code: int, restart: bool) -> No
     assert restart_on_exit(pod({}, **spec), exit_code) is restart
 
 
+@pytest.mark.parametrize(
+    ("container", "port"),
+    [
+        ({}, 8080),  # the echo image: ready once it serves
+        ({"ports": [{"containerPort": 9090}]}, 9090),
+        ({"command": ["sleep", "1000"]}, None),  # a custom command without a probe: on start
+        ({"command": ["x"], "readinessProbe": {"tcpSocket": {"port": 15021}}}, 15021),
+        ({"command": ["x"], "readinessProbe": {"httpGet": {"path": "/", "port": 80}}}, 80),
+        ({"command": ["x"], "readinessProbe": {"httpGet": {"port": "http"}}}, None),
+    ],
+)
+def test_readiness_port(container: dict[str, Any], port: int | None) -> None:
+    assert readiness_port(pod(container)) == port
+
+
 def test_grace_prefers_the_deletion_grace_period() -> None:
     p = pod({}, terminationGracePeriodSeconds=10)
     assert grace_seconds(p) == 10
@@ -135,6 +151,7 @@ RUNTIMES = {
         state="running",
         started_at="2026-01-01T00:00:01Z",
         pid=4242,
+        ready=True,
         ready_since="2026-01-01T00:00:01Z",
     ),
     "start_failed": PodRuntime(
@@ -149,6 +166,15 @@ RUNTIMES = {
         finished_at="2026-01-01T00:00:01Z",
         pod_reason="StartError",
         pod_message="exec: /nope: no such file or directory",
+    ),
+    "started_not_ready": PodRuntime(
+        phase="Running",
+        pod_ip="10.244.0.4",
+        host_ip="172.18.0.11",
+        start_time="2026-01-01T00:00:00Z",
+        state="running",
+        started_at="2026-01-01T00:00:01Z",
+        pid=4243,
     ),
     "pending": PodRuntime(host_ip="172.18.0.11", start_time="2026-01-01T00:00:00Z"),
 }

@@ -41,11 +41,12 @@ from .podspec import (
     PodSpecError,
     container_run,
     grace_seconds,
+    readiness_port,
     render_status,
     restart_on_exit,
     uses_host_network,
 )
-from .processes import TAG_ENV, is_running, start_time, terminate_group
+from .processes import TAG_ENV, is_running, listens_on, start_time, terminate_group
 from .state import SandboxState, load_state, paths_for
 from .topology import host_veth_name, next_free_ip
 
@@ -58,6 +59,7 @@ NODE_STATUS_INTERVAL = 60.0
 RESYNC_INTERVAL = 30.0
 WORKERS = 4
 MAX_BACKOFF = 30.0
+READINESS_FAST_SECONDS = 10.0
 SANDBOX_LABEL = "sandbox.ambient-cni.dev/name"
 KUBELET_VERSION_FALLBACK = "v0.0.0"
 
@@ -83,6 +85,8 @@ class LocalPod(BaseModel):
     pid: int | None = None
     pid_start: int | None = None
     restart_at: float | None = None  # monotonic time of the next restart after a crash
+    ready_port: int | None = None  # Ready once something listens here (None: Ready on start)
+    launched_at: float = 0.0  # monotonic time of the last start, for readiness polling
     runtime: PodRuntime
 
 
@@ -301,7 +305,21 @@ class Kubelet:
         if local.restart_at is not None and time.monotonic() >= local.restart_at:
             local.restart_at = None
             self.launch(pod, local)
+        self._check_readiness(local)
         self.report(local)
+
+    def _check_readiness(self, local: LocalPod) -> None:
+        runtime = local.runtime
+        if runtime.state != "running" or runtime.ready or local.pid is None:
+            return
+        if local.ready_port is None or listens_on(local.pid, local.ready_port):
+            runtime.ready = True
+            runtime.ready_since = now()
+            self.save(local)
+            return
+        # Poll quickly while the process starts, then at a probe-like period.
+        starting = time.monotonic() - local.launched_at < READINESS_FAST_SECONDS
+        self.queue.add_after(local.uid, 0.05 if starting else 1.0)
 
     def _finish_deletion(self, pod: Obj) -> None:
         meta = pod["metadata"]
@@ -401,7 +419,10 @@ class Kubelet:
         runtime.state = "running"
         runtime.state_reason = runtime.state_message = None
         runtime.started_at = stamp
-        runtime.ready_since = stamp
+        local.ready_port = readiness_port(pod)
+        local.launched_at = time.monotonic()
+        runtime.ready = local.ready_port is None
+        runtime.ready_since = stamp if runtime.ready else None
         runtime.exit_code = None
         self.save(local)
         log.info(
@@ -443,6 +464,7 @@ class Kubelet:
         runtime.state_message = None if code >= 0 else "exit status unknown (adopted process)"
         runtime.finished_at = stamp
         runtime.not_ready_since = stamp
+        runtime.ready = False
         local.pid = local.pid_start = None
         log.info("%s/%s exited with %d", local.namespace, local.name, code)
         if restart_on_exit(pod, code):

@@ -108,6 +108,23 @@ def container_run(pod: Pod, *, pod_ip: str, host_ip: str, python: str) -> Contai
     )
 
 
+def readiness_port(pod: Pod) -> int | None:
+    """The TCP port whose listener makes the pod Ready, or None for Ready on start.
+
+    A tcpSocket or httpGet readiness probe names it; the sandbox's echo "image"
+    carries an implicit one on its serving port, so Ready means it answers.
+    """
+    container = _first_container(pod)
+    probe = container.get("readinessProbe") or {}
+    for kind in ("tcpSocket", "httpGet"):
+        port = (probe.get(kind) or {}).get("port")
+        if isinstance(port, int):
+            return port
+    if not container.get("command"):
+        return container_port(pod)
+    return None
+
+
 def uses_host_network(pod: Pod) -> bool:
     return bool(pod.get("spec", {}).get("hostNetwork"))
 
@@ -147,6 +164,7 @@ class PodRuntime(BaseModel):
     exit_code: int | None = None
     restart_count: int = 0
     pid: int | None = None
+    ready: bool = False  # the container passed its readiness check since it started
     ready_since: str | None = None
     not_ready_since: str | None = None
     pod_reason: str | None = None
@@ -167,7 +185,7 @@ def _condition(kind: str, ok: bool, since: str | None, reason: str | None = None
 
 def render_status(runtime: PodRuntime) -> dict[str, Any]:
     """The pod `status` the kubelet writes for this runtime (a full replacement of its fields)."""
-    ready = runtime.phase == "Running" and runtime.state == "running"
+    ready = runtime.phase == "Running" and runtime.state == "running" and runtime.ready
     since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
     state: dict[str, Any]
     if runtime.state == "running":

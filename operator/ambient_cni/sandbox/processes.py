@@ -151,3 +151,18 @@ def _group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(entry))
     return members
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether a TCP socket in `pid`'s network namespace listens on `port` (any address)."""
+    listen_state = "0A"
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == listen_state and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
