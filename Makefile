@@ -1,0 +1,32 @@
+# The two commands of the quick start are `make demo` and `make test`.
+# Both run scripts/bootstrap.sh first, which installs what is missing.
+
+BIN := .venv/bin
+# The Go toolchain may live outside PATH on a fresh machine.
+export PATH := $(PATH):/usr/local/go/bin
+
+.PHONY: setup demo test lint unit e2e clean-sandboxes
+
+setup:
+	@bash scripts/bootstrap.sh
+
+demo: setup
+	$(BIN)/ambient-cni demo
+
+test: setup lint unit e2e
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python tools/check_layers.py
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+e2e: setup
+	$(BIN)/pytest -q tests/e2e
+
+# Removes every sandbox on this machine, including ones a crash left behind.
+clean-sandboxes: setup
+	$(BIN)/ambient-cni sandbox down --all
