@@ -38,7 +38,7 @@ KUBE_PACKAGES = {
 ALL_BINARIES = ("etcd", *KUBE_PACKAGES)
 
 # Bump when the way binaries are built changes, so caches are rebuilt.
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 
 class BuildError(RuntimeError):

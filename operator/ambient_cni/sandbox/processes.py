@@ -100,27 +100,29 @@ def _reap(pid: int) -> None:
 def terminate(pids: Iterable[int], *, grace: float = 5.0) -> list[int]:
     """SIGTERM, wait up to `grace` seconds, then SIGKILL. Returns the pids still alive."""
     pending = [p for p in pids if is_running(p)]
-    for pid in pending:
+    _signal_all(pending, signal.SIGTERM)
+    pending = _wait_gone(pending, grace)
+    _signal_all(pending, signal.SIGKILL)
+    return _wait_gone(pending, 5.0)
+
+
+def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pending and time.monotonic() < deadline:
-        for pid in pending:
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Reap and poll until the processes are gone or `timeout` passes; the ones left."""
+    deadline = time.monotonic() + timeout
+    while pids:
+        for pid in pids:
             _reap(pid)
-        pending = [p for p in pending if is_running(p)]
-        if pending:
-            time.sleep(0.05)
-    for pid in pending:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while pending and time.monotonic() < deadline:
-        for pid in pending:
-            _reap(pid)
-        pending = [p for p in pending if is_running(p)]
-        if pending:
-            time.sleep(0.05)
-    return pending
+        pids = [p for p in pids if is_running(p)]
+        if not pids or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return pids
 
 
 def terminate_group(pgid: int, *, grace: float) -> None:
