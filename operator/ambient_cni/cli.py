@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _sandbox_commands(sub)
+    sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
     demo = sub.add_parser("demo", help="run the demo on a local sandbox cluster")
     demo.add_argument("--name", default=DEFAULT_SANDBOX)
     demo.add_argument("--keep", action="store_true", help="leave the sandbox running afterwards")
@@ -124,6 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
+        if args.command == "crds":
+            from .api.crd import crd_yaml
+
+            print(crd_yaml(), end="")
+            return 0
         if args.command == "demo":
             from .sandbox.demo import run_demo
 

@@ -1,0 +1,1 @@
+"""The AmbientNodeConfig API: models (the single source of truth), names and the CRD."""

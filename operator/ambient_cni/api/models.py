@@ -1,0 +1,166 @@
+"""Pydantic models of AmbientNodeConfig: the single source of truth for the CRD schema.
+
+Field names are snake_case in Python and camelCase on the wire (aliases).
+Serialise with `to_wire()`; it omits unset optional fields, so a spec
+compares equal to what the API server returns for it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+
+def _check_ip(value: str) -> str:
+    ipaddress.ip_address(value)
+    return value
+
+
+# An IPv4 or IPv6 address in its text form; the API server checks it with CEL.
+IP = Annotated[
+    str,
+    AfterValidator(_check_ip),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 45,
+            "x-kubernetes-validations": [
+                {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"}
+            ],
+        }
+    ),
+]
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+Time = Annotated[datetime.datetime, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+# Far above any node's pod capacity; the bound lets the API server cost its CEL rules.
+MAX_WORKLOADS = 1024
+
+RedirectMode = Literal["inpod", "node"]
+Backend = Literal["iptables-nft", "iptables-legacy", "nftables", "vxlan", "geneve"]
+WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+ConditionType = Literal["Ready", "ZtunnelConnected", "HostRulesReady", "InSync"]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return data
+
+
+# -- spec: written by the controller ------------------------------------------------
+
+
+class ZtunnelRef(Wire):
+    """The ztunnel pod that serves the node."""
+
+    name: Name
+    namespace: Name
+    uid: Name
+    ip: IP | None = None
+    ready: bool = False
+
+
+class Workload(Wire):
+    """An enrolled pod on the node and its per-pod knobs."""
+
+    uid: Name
+    name: Name
+    namespace: Name
+    service_account: Name = "default"
+    ips: list[IP] = Field(min_length=1, max_length=2)
+    dns_capture: bool | None = Field(
+        default=None, description="Overrides spec.dnsCapture for this pod (annotation)."
+    )
+    bypass_inbound_capture: bool | None = Field(
+        default=None, description="Leaves inbound traffic unredirected (ingress mode)."
+    )
+    reroute_virtual_interfaces: list[Name] = Field(default_factory=list, max_length=16)
+
+    def to_wire(self) -> dict[str, Any]:
+        data = super().to_wire()
+        if not data["rerouteVirtualInterfaces"]:
+            del data["rerouteVirtualInterfaces"]
+        return data
+
+
+class AmbientNodeConfigSpec(Wire):
+    node_name: Name
+    redirect_mode: RedirectMode = "inpod"
+    dns_capture: bool = True
+    ztunnel: ZtunnelRef | None = None
+    workloads: list[Workload] = Field(
+        default_factory=list,
+        max_length=MAX_WORKLOADS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uid"]},
+    )
+
+    def to_wire(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "nodeName": self.node_name,
+            "redirectMode": self.redirect_mode,
+            "dnsCapture": self.dns_capture,
+            "workloads": [w.to_wire() for w in self.workloads],
+        }
+        if self.ztunnel is not None:
+            data["ztunnel"] = self.ztunnel.to_wire()
+        return data
+
+
+# -- status: written by the node agent --------------------------------------------
+
+
+class ZtunnelStatus(Wire):
+    connected: bool = False
+    pod: str | None = None
+    since: Time | None = None
+
+
+class WorkloadStatus(Wire):
+    uid: Name
+    name: Name
+    namespace: Name
+    state: WorkloadState
+    reason: str | None = None
+    message: str | None = None
+    since: Time | None = None
+
+
+class Condition(Wire):
+    """A KEP-1623 condition."""
+
+    type: ConditionType
+    status: ConditionStatus
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
+    message: str = Field(default="", max_length=32768)
+    observed_generation: int | None = Field(default=None, ge=0)
+    last_transition_time: Time
+
+
+class AmbientNodeConfigStatus(Wire):
+    observed_generation: int | None = Field(default=None, ge=0)
+    mode: RedirectMode | None = None
+    backend: Backend | None = None
+    ztunnel: ZtunnelStatus | None = None
+    enrolled: int = Field(default=0, ge=0)
+    pending: int = Field(default=0, ge=0)
+    failed: int = Field(default=0, ge=0)
+    workloads: list[WorkloadStatus] = Field(
+        default_factory=list,
+        max_length=MAX_WORKLOADS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["uid"]},
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    last_sync_time: Time | None = None

@@ -1,0 +1,1 @@
+"""The cluster controller: decides each node's desired redirection state."""

@@ -1,0 +1,200 @@
+"""Who is enrolled in ambient: pure functions over reduced views of Pods and Namespaces.
+
+Implements section 1 of the reference sheet: the namespace and pod
+`istio.io/dataplane-mode` labels, the exclusions (excluded namespaces,
+hostNetwork, sidecar pods, ztunnel and node agent pods, terminal pods,
+`ambient.istio.io/redirection: disabled`) and the per-pod knobs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .api import names
+from .api.models import Workload
+
+Obj = Mapping[str, Any]
+INTERFACE_NAME = re.compile(r"^[^\s/:]{1,15}$")  # Linux IFNAMSIZ, no path or alias separators
+
+
+class SelectionConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    excluded_namespaces: frozenset[str] = frozenset(names.DEFAULT_EXCLUDED_NAMESPACES)
+    system_namespace: str = names.DEFAULT_SYSTEM_NAMESPACE
+
+
+class PodView(BaseModel):
+    """What selection and planning need of a Pod (reduced from its API JSON)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uid: str
+    name: str
+    namespace: str
+    node_name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    host_network: bool = False
+    phase: str | None = None
+    ips: tuple[str, ...] = ()
+    service_account: str = "default"
+    ready: bool = False
+    deleting: bool = False
+    created: str = ""
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    enrolled: bool
+    reason: str  # CamelCase: why the pod is (or is not) enrolled
+    warnings: tuple[str, ...] = ()  # annotations that were ignored, and why
+
+
+# Only these annotations matter; keeping just them keeps the index small.
+_RELEVANT_ANNOTATIONS = (
+    names.REDIRECTION_ANNOTATION,
+    names.SIDECAR_STATUS_ANNOTATION,
+    names.DNS_CAPTURE_ANNOTATION,
+    names.BYPASS_INBOUND_CAPTURE_ANNOTATION,
+    names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION,
+)
+
+
+def pod_view(pod: Obj) -> PodView:
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    ips = tuple(str(entry.get("ip")) for entry in status.get("podIPs") or [] if entry.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (str(status["podIP"]),)
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    return PodView(
+        uid=str(meta.get("uid", "")),
+        name=str(meta.get("name", "")),
+        namespace=str(meta.get("namespace", "")),
+        node_name=spec.get("nodeName") or None,
+        labels=dict(meta.get("labels") or {}),
+        annotations={k: str(v) for k, v in annotations.items() if k in _RELEVANT_ANNOTATIONS},
+        host_network=bool(spec.get("hostNetwork")),
+        phase=status.get("phase"),
+        ips=ips,
+        service_account=spec.get("serviceAccountName") or "default",
+        ready=ready,
+        deleting=bool(meta.get("deletionTimestamp")),
+        created=str(meta.get("creationTimestamp") or ""),
+    )
+
+
+def is_ztunnel(pod: PodView, config: SelectionConfig) -> bool:
+    return (
+        pod.namespace == config.system_namespace
+        and pod.labels.get(names.ZTUNNEL_APP_LABEL) == names.ZTUNNEL_APP
+    )
+
+
+def decide(
+    pod: PodView, namespace_labels: Mapping[str, str] | None, config: SelectionConfig
+) -> Decision:
+    """Whether `pod` is enrolled, given its namespace's labels (None: namespace unknown)."""
+    pod_mode = pod.labels.get(names.DATAPLANE_MODE_LABEL)
+    ns_mode = (namespace_labels or {}).get(names.DATAPLANE_MODE_LABEL)
+    if pod.namespace in config.excluded_namespaces:
+        return Decision(enrolled=False, reason="ExcludedNamespace")
+    if pod.host_network:
+        return Decision(enrolled=False, reason="HostNetwork")
+    if names.SIDECAR_STATUS_ANNOTATION in pod.annotations:
+        return Decision(enrolled=False, reason="SidecarPod")
+    if is_ztunnel(pod, config):
+        return Decision(enrolled=False, reason="ZtunnelPod")
+    if (
+        pod.namespace == config.system_namespace
+        and pod.labels.get(names.NODE_AGENT_LABEL) == names.NODE_AGENT_APP
+    ):
+        return Decision(enrolled=False, reason="NodeAgentPod")
+    if pod.phase in ("Succeeded", "Failed"):
+        return Decision(enrolled=False, reason="Terminal")
+    if pod_mode == names.DATAPLANE_MODE_NONE:
+        return Decision(enrolled=False, reason="OptedOut")
+    if names.DATAPLANE_MODE_AMBIENT not in (pod_mode, ns_mode):
+        return Decision(enrolled=False, reason="NotSelected")
+    if pod.annotations.get(names.REDIRECTION_ANNOTATION) == names.REDIRECTION_DISABLED:
+        return Decision(enrolled=False, reason="RedirectionDisabled")
+    if not pod.node_name:
+        return Decision(enrolled=False, reason="NotScheduled")
+    if not pod.ips:
+        return Decision(enrolled=False, reason="NoPodIP")
+    _, warnings = knobs(pod)
+    reason = "PodLabel" if pod_mode == names.DATAPLANE_MODE_AMBIENT else "NamespaceLabel"
+    return Decision(enrolled=True, reason=reason, warnings=warnings)
+
+
+class Knobs(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    dns_capture: bool | None = None
+    bypass_inbound_capture: bool | None = None
+    reroute_virtual_interfaces: tuple[str, ...] = ()
+
+
+def _boolean(pod: PodView, key: str, warnings: list[str]) -> bool | None:
+    value = pod.annotations.get(key)
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    warnings.append(f'{key}={value!r} ignored: use "true" or "false"')
+    return None
+
+
+def knobs(pod: PodView) -> tuple[Knobs, tuple[str, ...]]:
+    """The per-pod annotations, parsed; malformed values are ignored with a warning."""
+    warnings: list[str] = []
+    dns = _boolean(pod, names.DNS_CAPTURE_ANNOTATION, warnings)
+    bypass = _boolean(pod, names.BYPASS_INBOUND_CAPTURE_ANNOTATION, warnings)
+    interfaces: list[str] = []
+    raw = pod.annotations.get(names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION, "")
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        if not INTERFACE_NAME.match(item):
+            warnings.append(
+                f"{names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION}: {item!r} ignored: "
+                "not an interface name"
+            )
+        elif item not in interfaces:
+            interfaces.append(item)
+    return (
+        Knobs(
+            dns_capture=dns,
+            # Only "true" changes anything; "false" is the default, so it is not written.
+            bypass_inbound_capture=True if bypass else None,
+            reroute_virtual_interfaces=tuple(interfaces),
+        ),
+        tuple(warnings),
+    )
+
+
+def workload(pod: PodView) -> Workload:
+    """The spec entry of an enrolled pod."""
+    parsed, _ = knobs(pod)
+    return Workload(
+        uid=pod.uid,
+        name=pod.name,
+        namespace=pod.namespace,
+        service_account=pod.service_account,
+        ips=list(pod.ips[:2]),
+        dns_capture=parsed.dns_capture,
+        bypass_inbound_capture=parsed.bypass_inbound_capture,
+        reroute_virtual_interfaces=list(parsed.reroute_virtual_interfaces),
+    )
