@@ -1,7 +1,6 @@
-"""Thin helpers over the Kubernetes client for the sandbox's own processes.
+"""A list-and-watch reflector for the sandbox's own processes.
 
-Objects stay plain dicts in the API's JSON form, which is what the pure
-modules take. The reflector lists, then watches from the list's
+The reflector lists, then watches from the list's
 resourceVersion, and relists after a 410 or any error, so its store always
 converges on the server's state.
 """
@@ -12,39 +11,14 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-from kubernetes import config as kube_config
-from kubernetes.client import ApiClient
 from kubernetes.watch.watch import iter_resp_lines
 
-MERGE_PATCH = "application/merge-patch+json"
+from ambient_cni.kube import raw
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
-
-
-def new_api_client(kubeconfig: Path) -> ApiClient:
-    client: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
-        config_file=str(kubeconfig)
-    )
-    return client
-
-
-def as_body(data: Obj) -> Any:
-    """Pass a JSON-shaped dict as a request body.
-
-    The generated client serialises dicts unchanged; its signatures ask for
-    models, whose round trip would reformat timestamps and drop unknown fields.
-    """
-    return data
-
-
-def raw(response: Any) -> Obj:
-    """Decode a `_preload_content=False` response."""
-    data: Obj = json.loads(response.data)
-    return data
 
 
 def uid_of(obj: Mapping[str, Any]) -> str:

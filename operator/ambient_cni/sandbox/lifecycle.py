@@ -24,10 +24,11 @@ from pathlib import Path
 from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
+from ambient_cni.kube import new_api_client, raw
+
 from . import network
 from .binaries import binaries_dir
 from .controlplane import ControlPlane, ControlPlaneError, Ports
-from .kube import new_api_client, raw
 from .processes import is_running, spawn_daemon, tagged_pids, tagged_sandboxes, terminate
 from .scheduling import node_view
 from .state import STATE_ROOT, SandboxState, load_state, paths_for, tmpfs_etcd_dir

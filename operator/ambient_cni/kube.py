@@ -1,0 +1,47 @@
+"""Thin helpers over the Kubernetes client, shared by every component.
+
+Objects stay plain dicts in the API's JSON form, which is what the pure
+modules take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+
+MERGE_PATCH = "application/merge-patch+json"
+
+Obj = dict[str, Any]
+
+
+def new_api_client(kubeconfig: Path | None = None) -> ApiClient:
+    """A client from `kubeconfig`, or in-cluster, or from $KUBECONFIG / ~/.kube/config."""
+    if kubeconfig is None:
+        try:
+            kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+            return ApiClient()
+        except kube_config.ConfigException:
+            pass
+    client: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
+        config_file=str(kubeconfig) if kubeconfig else None
+    )
+    return client
+
+
+def as_body(data: Obj) -> Any:
+    """Pass a JSON-shaped dict as a request body.
+
+    The generated client serialises dicts unchanged; its signatures ask for
+    models, whose round trip would reformat timestamps and drop unknown fields.
+    """
+    return data
+
+
+def raw(response: Any) -> Obj:
+    """Decode a `_preload_content=False` response."""
+    data: Obj = json.loads(response.data)
+    return data
