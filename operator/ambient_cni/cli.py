@@ -6,6 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE
 
 DEFAULT_SANDBOX = "demo"
 
@@ -46,6 +49,61 @@ def _sandbox_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     named(cmds.add_parser("scheduler", help=argparse.SUPPRESS))
 
 
+def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ctl = sub.add_parser(
+        "controller", help="run the cluster controller (writes AmbientNodeConfig specs)"
+    )
+    ctl.add_argument("--kubeconfig", type=Path, help="default: in-cluster, then $KUBECONFIG")
+    ctl.add_argument("--redirect-mode", choices=["inpod", "node"], default="inpod")
+    ctl.add_argument(
+        "--dns-capture",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture DNS by default (pods may override by annotation)",
+    )
+    ctl.add_argument(
+        "--exclude-namespaces",
+        default=",".join(DEFAULT_EXCLUDED_NAMESPACES),
+        help="comma-separated namespaces never enrolled (default: %(default)s)",
+    )
+    ctl.add_argument("--system-namespace", default=DEFAULT_SYSTEM_NAMESPACE)
+    ctl.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
+    ctl.add_argument("--metrics-port", type=int, default=15014)
+    ctl.add_argument("--health-port", type=int, default=8081)
+    ctl.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
+    ctl.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", DEFAULT_SYSTEM_NAMESPACE),
+        help="namespace of the leader-election Lease (default: $POD_NAMESPACE or istio-system)",
+    )
+    ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
+
+
+def _run_controller(args: argparse.Namespace) -> int:
+    from .controller.app import ControllerOptions, run
+    from .controller.planner import PlannerConfig
+    from .selection import SelectionConfig
+
+    excluded = frozenset(n.strip() for n in args.exclude_namespaces.split(",") if n.strip())
+    options = ControllerOptions(
+        kubeconfig=args.kubeconfig,
+        planner=PlannerConfig(
+            selection=SelectionConfig(
+                excluded_namespaces=excluded, system_namespace=args.system_namespace
+            ),
+            redirect_mode=args.redirect_mode,
+            dns_capture=args.dns_capture,
+        ),
+        listen_address=args.listen_address,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+        leader_election=args.leader_election,
+        lease_namespace=args.lease_namespace,
+        min_write_interval=args.min_write_interval,
+    )
+    return run(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ambient-cni",
@@ -54,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _sandbox_commands(sub)
     sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    _controller_command(sub)
     demo = sub.add_parser("demo", help="run the demo on a local sandbox cluster")
     demo.add_argument("--name", default=DEFAULT_SANDBOX)
     demo.add_argument("--keep", action="store_true", help="leave the sandbox running afterwards")
@@ -125,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
+        if args.command == "controller":
+            return _run_controller(args)
         if args.command == "crds":
             from .api.crd import crd_yaml
 

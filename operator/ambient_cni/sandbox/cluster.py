@@ -18,9 +18,11 @@ from typing import Any
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
+from ambient_cni.kube import Obj, as_body, new_api_client, raw
 from ambient_cni.netns import run_in_netns
 
-from .kube import Obj, as_body, new_api_client, raw
+from . import pki
+from .controlplane import write_kubeconfig
 from .lifecycle import require_state
 from .state import SandboxState
 
@@ -74,7 +76,9 @@ class SandboxCluster:
 
     # -- kubectl -----------------------------------------------------------------
 
-    def kubectl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, check: bool = True, input_text: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
                 str(Path(self.state.bin_dir) / "kubectl"),
@@ -85,7 +89,20 @@ class SandboxCluster:
             capture_output=True,
             text=True,
             check=check,
+            input=input_text,
         )
+
+    def user_kubeconfig(self, user: str, groups: str | None = None) -> Path:
+        """A kubeconfig for a client-certificate user (CN `user`, O `groups`), made once."""
+        path = Path(self.state.state_dir) / "users" / f"{user}.kubeconfig"
+        if not path.exists():
+            pki_dir = Path(self.state.state_dir) / "pki"
+            ca = pki.read_pair(pki_dir, "ca")
+            client = pki.issue(ca, user, organization=groups, client=True)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            server = f"https://127.0.0.1:{self.state.apiserver_port}"
+            write_kubeconfig(path, server, ca, client, user=user, cluster=self.name)
+        return path
 
     # -- namespaces and pods -----------------------------------------------------------
 

@@ -119,8 +119,8 @@ class ControlPlane:
         admin = pki.issue(ca, "kubernetes-admin", organization="system:masters", client=True)
         kcm = pki.issue(ca, "system:kube-controller-manager", client=True)
         server = f"https://127.0.0.1:{ports.apiserver}"
-        _write_kubeconfig(self.kubeconfig, server, ca, admin, user="admin", cluster=self.sandbox)
-        _write_kubeconfig(
+        write_kubeconfig(self.kubeconfig, server, ca, admin, user="admin", cluster=self.sandbox)
+        write_kubeconfig(
             self._controller_kubeconfig,
             server,
             ca,
@@ -292,7 +292,7 @@ def _https_ok(port: int, path: str, pki_dir: Path | None) -> bool:
     return response.status == 200
 
 
-def _write_kubeconfig(
+def write_kubeconfig(
     path: Path, server: str, ca: pki.KeyPair, client: pki.KeyPair, *, user: str, cluster: str
 ) -> None:
     def b64(data: bytes) -> str:

@@ -121,6 +121,14 @@ def write_pair(pair: KeyPair, directory: Path, stem: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+def read_pair(directory: Path, stem: str) -> KeyPair:
+    cert = x509.load_pem_x509_certificate((directory / f"{stem}.crt").read_bytes())
+    key = serialization.load_pem_private_key((directory / f"{stem}.key").read_bytes(), None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise TypeError(f"{directory / stem}.key is not an EC key")
+    return KeyPair(cert, key)
+
+
 def write_service_account_keys(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     private, public = directory / "sa.key", directory / "sa.pub"

@@ -1,0 +1,220 @@
+"""The controller process: kopf watches feed the index; the writer writes specs.
+
+kopf is used only with event handlers, which write nothing to the objects
+they watch: no finalizers, no progress annotations, no Events. Every replica
+watches and indexes (a warm standby); only the holder of the Lease writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+from prometheus_client import start_http_server
+
+from ambient_cni.api import names
+from ambient_cni.controller.index import ClusterIndex
+from ambient_cni.controller.leader import LeaseElector
+from ambient_cni.controller.planner import PlannerConfig
+from ambient_cni.controller.writer import SpecWriter
+from ambient_cni.kube import new_api_client, raw
+from ambient_cni.selection import decide, pod_view
+
+log = logging.getLogger("ambient_cni.controller")
+
+
+@dataclass
+class ControllerOptions:
+    kubeconfig: Path | None = None
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    listen_address: str = "0.0.0.0"  # noqa: S104 - metrics and health are scraped from outside
+    metrics_port: int = 15014
+    health_port: int = 8081
+    leader_election: bool = True
+    lease_namespace: str = names.DEFAULT_SYSTEM_NAMESPACE
+    lease_name: str = "ambient-cni-controller"
+    debounce: float = 0.1
+    min_write_interval: float = 1.0
+
+
+class CrdMissingError(RuntimeError):
+    pass
+
+
+class Controller:
+    """The state shared by kopf's handlers (passed to them as `memo`)."""
+
+    def __init__(self, options: ControllerOptions, api: ApiClient):
+        self.options = options
+        self.api = api
+        self.index = ClusterIndex()
+        self.writer = SpecWriter(
+            api,
+            self.index,
+            options.planner,
+            debounce=options.debounce,
+            min_interval=options.min_write_interval,
+        )
+        self.primed = threading.Event()
+        self.leading = threading.Event()
+        self._started = False
+        self._start_lock = threading.Lock()
+
+    def prime(self) -> None:
+        """List everything once, so the first plans see the whole cluster, not a partial one."""
+        core = CoreV1Api(self.api)
+        custom = CustomObjectsApi(self.api)
+        try:
+            ancs = raw(
+                custom.list_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, _preload_content=False
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise CrdMissingError(
+                    f"the {names.CRD_NAME} CRD is not installed: kubectl apply -f crds/"
+                ) from None
+            raise
+        for node in raw(core.list_node(_preload_content=False))["items"]:
+            self.index.set_node(node["metadata"]["name"], node["metadata"]["uid"])
+        for ns in raw(core.list_namespace(_preload_content=False))["items"]:
+            self.index.set_namespace(ns["metadata"]["name"], ns["metadata"].get("labels") or {})
+        for pod in raw(core.list_pod_for_all_namespaces(_preload_content=False))["items"]:
+            self.on_pod(pod)
+        for anc in ancs["items"]:
+            self.writer.observe(anc)
+        self.writer.mark(self.index.nodes())
+        log.info("index primed: %s", self.index.sizes())
+        self.primed.set()
+        self._maybe_start()
+
+    def became_leader(self) -> None:
+        self.leading.set()
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        with self._start_lock:
+            if self._started or not (self.primed.is_set() and self.leading.is_set()):
+                return
+            self._started = True
+        self.writer.start()
+        log.info("writing AmbientNodeConfig specs")
+
+    # -- event inputs (from kopf or from the priming list) ---------------------------------
+
+    def on_pod(self, pod: dict[str, Any], *, deleted: bool = False) -> None:
+        if deleted:
+            self.writer.mark(self.index.delete_pod(str(pod["metadata"]["uid"])))
+            return
+        view = pod_view(pod)
+        labels = self.index.namespace_labels().get(view.namespace)
+        decision = decide(view, labels, self.options.planner.selection)
+        for warning in decision.warnings:
+            log.warning("pod %s/%s: %s", view.namespace, view.name, warning)
+        self.writer.mark(self.index.set_pod(view))
+
+    def on_namespace(self, ns: dict[str, Any], *, deleted: bool = False) -> None:
+        name = str(ns["metadata"]["name"])
+        if deleted:
+            self.writer.mark(self.index.delete_namespace(name))
+        else:
+            self.writer.mark(self.index.set_namespace(name, ns["metadata"].get("labels") or {}))
+
+    def on_node(self, node: dict[str, Any], *, deleted: bool = False) -> None:
+        meta = node["metadata"]
+        if deleted:
+            self.index.delete_node(str(meta["name"]))
+        else:
+            self.writer.mark(self.index.set_node(str(meta["name"]), str(meta["uid"])))
+
+    def on_anc(self, anc: dict[str, Any], *, deleted: bool = False) -> None:
+        self.writer.observe(anc, deleted=deleted)
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # kopf's own readers: they look at $KUBECONFIG when called, not when imported.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+        settings.posting.enabled = False  # no Events on watched objects
+        settings.watching.server_timeout = 300
+        memo.controller.prime()
+
+    def handler(kind: str) -> Any:
+        def on_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
+            obj = dict(event["object"])
+            getattr(memo.controller, f"on_{kind}")(obj, deleted=event["type"] == "DELETED")
+
+        return on_event
+
+    kopf.on.event("v1", "pods", registry=registry)(handler("pod"))
+    kopf.on.event("v1", "namespaces", registry=registry)(handler("namespace"))
+    kopf.on.event("v1", "nodes", registry=registry)(handler("node"))
+    kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(handler("anc"))
+    return registry
+
+
+def run(options: ControllerOptions) -> int:
+    if options.kubeconfig is not None:
+        os.environ["KUBECONFIG"] = str(options.kubeconfig)  # for kopf's login too
+    kopf.configure(log_format=kopf.LogFormat.JSON)
+    # kopf logs every handled event per object at INFO; keep its warnings and errors only.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    api = new_api_client(options.kubeconfig)
+    controller = Controller(options, api)
+    stop = threading.Event()  # ends our own threads
+    lost = threading.Event()
+    start_http_server(options.metrics_port, options.listen_address)
+
+    def lose() -> None:
+        lost.set()
+        stop.set()
+        # kopf's stop_flag is waited for on an executor thread that a signal stop leaves
+        # blocked at exit; stopping kopf by its own signal path has no such trap.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    elector: LeaseElector | None = None
+    if options.leader_election:
+        identity = f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaseElector(api, options.lease_namespace, options.lease_name, identity)
+
+        def elect() -> None:
+            assert elector is not None
+            if elector.acquire(stop):
+                elector.keep(stop, lose)
+                controller.became_leader()
+
+        threading.Thread(target=elect, name="leader-election", daemon=True).start()
+    else:
+        controller.became_leader()
+
+    kopf.run(
+        registry=build_registry(),
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=f"http://{options.listen_address}:{options.health_port}/healthz",
+        memo=kopf.Memo(controller=controller),
+    )
+    stop.set()
+    controller.writer.stop()
+    if elector is not None and not lost.is_set():
+        elector.release()
+    if lost.is_set():
+        log.error("lost leadership; exiting so a fresh process can take over")
+        return 1
+    return 0

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the controller."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SPEC_WRITES = Counter(
+    "ambient_cni_controller_spec_writes_total",
+    "AmbientNodeConfig writes by the controller",
+    ["operation"],  # create | patch
+)
+WRITE_ERRORS = Counter(
+    "ambient_cni_controller_spec_write_errors_total",
+    "AmbientNodeConfig writes that failed (and will be retried)",
+    ["reason"],
+)
+COALESCED_EVENTS = Counter(
+    "ambient_cni_controller_coalesced_events_total",
+    "Watch events folded into a node reconcile that was already pending",
+)
+INDEX_OBJECTS = Gauge(
+    "ambient_cni_controller_index_objects",
+    "Objects in the controller's in-memory index",
+    ["kind"],
+)
+RECONCILE_SECONDS = Histogram(
+    "ambient_cni_controller_reconcile_seconds",
+    "From the first event that made a node's spec stale to its spec being written or confirmed",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)

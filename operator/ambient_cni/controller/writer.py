@@ -1,0 +1,236 @@
+"""Writes each node's AmbientNodeConfig spec when, and only when, it changes.
+
+Events mark nodes stale; a node is re-planned after a short debounce, so a
+burst of events becomes one reconcile. A keyed work queue keeps at most one
+write in flight per node, and writes to one node are spaced by at least
+`min_interval`, so a long burst costs a handful of patches, not one per pod.
+What the API server holds is tracked from our own writes and from the
+AmbientNodeConfig watch, so a restart or a no-op event costs no write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from kubernetes.client import ApiClient, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+
+from ambient_cni.api import names
+from ambient_cni.controller import metrics
+from ambient_cni.controller.index import ClusterIndex
+from ambient_cni.controller.planner import PlannerConfig, plan_node
+from ambient_cni.kube import MERGE_PATCH, Obj, as_body, raw
+from ambient_cni.mergepatch import merge_patch
+from ambient_cni.workqueue import WorkQueue
+
+log = logging.getLogger("ambient_cni.controller.writer")
+MAX_RETRY_SECONDS = 30.0
+
+
+def _rv(obj: Obj) -> int:
+    try:
+        return int(obj["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+class SpecWriter:
+    def __init__(
+        self,
+        api: ApiClient,
+        index: ClusterIndex,
+        config: PlannerConfig,
+        *,
+        debounce: float = 0.1,
+        min_interval: float = 1.0,
+        workers: int = 2,
+    ):
+        self.custom = CustomObjectsApi(api)
+        self.index = index
+        self.config = config
+        self.debounce = debounce
+        self.min_interval = min_interval
+        self.workers = workers
+        self.queue: WorkQueue[str] = WorkQueue()
+        self._lock = threading.Lock()
+        self._observed: dict[str, tuple[dict[str, Any] | None, int]] = {}  # node -> (spec, rv)
+        self._stale_since: dict[str, float] = {}
+        self._last_write: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._threads: list[threading.Thread] = []
+
+    # -- inputs ----------------------------------------------------------------------
+
+    def mark(self, nodes: Iterable[str]) -> None:
+        """These nodes' specs may have changed: re-plan them soon."""
+        now = time.monotonic()
+        for node in nodes:
+            with self._lock:
+                if node in self._stale_since:
+                    metrics.COALESCED_EVENTS.inc()
+                    continue
+                self._stale_since[node] = now
+            self.queue.add_after(node, self.debounce)
+        for kind, size in self.index.sizes().items():
+            metrics.INDEX_OBJECTS.labels(kind).set(size)
+
+    def observe(self, obj: Obj, *, deleted: bool = False) -> None:
+        """An AmbientNodeConfig as the API server has it (from a list or a watch event)."""
+        node = str(obj["metadata"]["name"])
+        rv = _rv(obj)
+        with self._lock:
+            known = self._observed.get(node)
+            if known is not None and rv and rv < known[1]:
+                return  # older than what our own write returned
+            self._observed[node] = (None if deleted else obj.get("spec"), rv)
+        self.mark([node])
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        for number in range(self.workers):
+            thread = threading.Thread(target=self._work, name=f"spec-writer-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self.queue.close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _work(self) -> None:
+        while (node := self.queue.get()) is not None:
+            try:
+                self.reconcile(node)
+            except Exception:
+                log.exception("reconciling node %s", node)
+                self._retry(node, "Unexpected")
+            finally:
+                self.queue.done(node)
+
+    # -- the reconcile -----------------------------------------------------------------
+
+    def reconcile(self, node: str) -> None:
+        with self._lock:
+            since = self._stale_since.pop(node, None)
+            observed, _ = self._observed.get(node, (None, 0))
+            wait = self._last_write.get(node, float("-inf")) + self.min_interval - time.monotonic()
+        node_uid = self.index.node_uid(node)
+        if node_uid is None:
+            return  # the Node is gone; garbage collection removes its object
+        desired = plan_node(
+            node, self.index.pods_on(node), self.index.namespace_labels(), self.config
+        ).to_wire()
+        if observed == desired:
+            _observe_latency(since)
+            return
+        if wait > 0:
+            self._requeue(node, since, wait)
+            return
+        try:
+            if observed is None:
+                result = self._create(node, node_uid, desired)
+            else:
+                result = self._patch(node, merge_patch(observed, desired))
+        except ApiException as exc:
+            self._handle_error(node, since, exc)
+            return
+        with self._lock:
+            self._observed[node] = (result.get("spec"), _rv(result))
+            self._last_write[node] = time.monotonic()
+            self._failures.pop(node, None)
+        _observe_latency(since)
+
+    def _create(self, node: str, node_uid: str, spec: dict[str, Any]) -> Obj:
+        body = {
+            "apiVersion": names.API_VERSION,
+            "kind": names.KIND,
+            "metadata": {
+                "name": node,
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Node", "name": node, "uid": node_uid}
+                ],
+            },
+            "spec": spec,
+        }
+        result = raw(
+            self.custom.create_cluster_custom_object(
+                names.GROUP, names.VERSION, names.PLURAL, as_body(body), _preload_content=False
+            )
+        )
+        metrics.SPEC_WRITES.labels("create").inc()
+        log.info("created %s %s with %d workloads", names.KIND, node, len(spec["workloads"]))
+        return result
+
+    def _patch(self, node: str, spec_patch: dict[str, Any]) -> Obj:
+        result = raw(
+            self.custom.patch_cluster_custom_object(
+                names.GROUP,
+                names.VERSION,
+                names.PLURAL,
+                node,
+                as_body({"spec": spec_patch}),
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+            )
+        )
+        metrics.SPEC_WRITES.labels("patch").inc()
+        log.info(
+            "patched %s %s: %s (%d workloads)",
+            names.KIND,
+            node,
+            ", ".join(sorted(spec_patch)),
+            len(result["spec"].get("workloads") or []),
+        )
+        return result
+
+    def _handle_error(self, node: str, since: float | None, exc: ApiException) -> None:
+        if exc.status == 409:  # created behind our back: learn it, then patch
+            self._refresh(node)
+            self._requeue(node, since, 0)
+            return
+        if exc.status == 404:  # deleted behind our back: create it again
+            with self._lock:
+                self._observed[node] = (None, 0)
+            self._requeue(node, since, 0)
+            return
+        reason = f"HTTP{exc.status}" if exc.status else "Unreachable"
+        log.warning("writing %s %s failed (%s): %s", names.KIND, node, reason, exc.reason)
+        self._retry(node, reason, since)
+
+    def _refresh(self, node: str) -> None:
+        try:
+            obj = raw(
+                self.custom.get_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+                )
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            with self._lock:
+                self._observed[node] = (None, 0)
+            return
+        with self._lock:
+            self._observed[node] = (obj.get("spec"), _rv(obj))
+
+    def _retry(self, node: str, reason: str, since: float | None = None) -> None:
+        metrics.WRITE_ERRORS.labels(reason).inc()
+        with self._lock:
+            failures = self._failures.get(node, 0) + 1
+            self._failures[node] = failures
+        self._requeue(node, since, min(0.1 * 2**failures, MAX_RETRY_SECONDS))
+
+    def _requeue(self, node: str, since: float | None, delay: float) -> None:
+        with self._lock:
+            self._stale_since.setdefault(node, since if since is not None else time.monotonic())
+        self.queue.add_after(node, delay)
+
+
+def _observe_latency(since: float | None) -> None:
+    if since is not None:
+        metrics.RECONCILE_SECONDS.observe(time.monotonic() - since)
