@@ -255,6 +255,95 @@ def test_a_hand_written_bad_object_is_refused_with_a_clear_message(
     assert "must be an IPv4 or IPv6 address" in result.stderr
 
 
+def test_each_node_names_its_ztunnel(
+    sandbox: SandboxCluster, running_controller: Component
+) -> None:
+    system = names.DEFAULT_SYSTEM_NAMESPACE
+    sandbox.create_pod(system, "ztunnel-test", node="node-2", labels={"app": "ztunnel"}, port=15021)
+    try:
+        pod = sandbox.wait_running(system, "ztunnel-test")
+
+        def ztunnel() -> dict[str, Any] | None:
+            spec = (anc(sandbox, "node-2") or {}).get("spec") or {}
+            found: dict[str, Any] | None = spec.get("ztunnel")
+            return found if found and found.get("ready") else None
+
+        assert wait_for("node-2's ztunnel", ztunnel) == {
+            "name": "ztunnel-test",
+            "namespace": system,
+            "uid": pod["metadata"]["uid"],
+            "ip": pod_ip(pod),
+            "ready": True,
+        }
+        assert "ztunnel" not in (anc(sandbox, "node-1") or {})["spec"]
+        assert workloads(sandbox, "node-2", system) == []
+    finally:
+        sandbox.delete_pod(system, "ztunnel-test", grace=0)
+    wait_for(
+        "the ztunnel to leave the spec",
+        lambda: "ztunnel" not in (anc(sandbox, "node-2") or {})["spec"],
+    )
+
+
+def test_odd_annotations_are_ignored_with_a_reason_in_the_log(
+    sandbox: SandboxCluster, running_controller: Component, namespace: str
+) -> None:
+    sandbox.create_pod(
+        namespace,
+        "odd",
+        node="node-1",
+        command=["sleep", "3600"],
+        labels=AMBIENT,
+        annotations={
+            "ambient.istio.io/dns-capture": "maybe",
+            "istio.io/reroute-virtual-interfaces": "tun0,not/an/interface",
+        },
+    )
+    sandbox.wait_running(namespace, "odd")
+    [entry] = wait_for("odd enrolled", lambda: workloads(sandbox, "node-1", namespace))
+    assert entry["rerouteVirtualInterfaces"] == ["tun0"]
+    assert "dnsCapture" not in entry
+    log = running_controller.log_path
+    wait_for(
+        "a warning naming the pod and the annotation",
+        lambda: (
+            f"pod {namespace}/odd: ambient.istio.io/dns-capture='maybe' ignored" in log.read_text()
+        ),
+    )
+
+
+def test_only_the_lease_holder_writes_and_a_standby_takes_over(
+    sandbox: SandboxCluster, running_controller: Component, namespace: str
+) -> None:
+    writes = 'ambient_cni_controller_spec_writes_total{operation="patch"}'
+    standby = controller(sandbox)
+    standby.label = "controller-standby"
+    standby.log_path = standby.log_path.with_name("controller-standby.log")
+    standby.start()
+    try:
+        label_namespace(sandbox, namespace, "ambient")
+        sandbox.create_pod(namespace, "first", node="node-1", command=["sleep", "3600"])
+        wait_for(
+            "first enrolled by the leader",
+            lambda: names_on(sandbox, "node-1", namespace) == {"first"},
+        )
+        assert standby.metric(writes) == 0
+        assert "waiting for lease" in standby.log_path.read_text()
+
+        running_controller.stop()  # a clean stop releases the Lease
+        sandbox.create_pod(namespace, "second", node="node-1", command=["sleep", "3600"])
+        wait_for(
+            "second enrolled by the standby",
+            lambda: names_on(sandbox, "node-1", namespace) == {"first", "second"},
+        )
+        assert standby.metric(writes) >= 1
+    finally:
+        standby.stop()
+        if running_controller.pid is None:
+            running_controller.start()
+
+
+# Last in the module: it checks everything the controller did above.
 def test_the_controller_never_writes_pods_namespaces_or_nodes(
     sandbox: SandboxCluster, running_controller: Component
 ) -> None:
