@@ -27,7 +27,7 @@ from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
-from ambient_cni.selection import decide, pod_view
+from ambient_cni.selection import knobs, pod_view
 
 log = logging.getLogger("ambient_cni.controller")
 
@@ -117,11 +117,11 @@ class Controller:
             self.writer.mark(self.index.delete_pod(str(pod["metadata"]["uid"])))
             return
         view = pod_view(pod)
-        labels = self.index.namespace_labels().get(view.namespace)
-        decision = decide(view, labels, self.options.planner.selection)
-        for warning in decision.warnings:
-            log.warning("pod %s/%s: %s", view.namespace, view.name, warning)
-        self.writer.mark(self.index.set_pod(view))
+        affected = self.index.set_pod(view)
+        if affected:  # changed: say once per change, not on every event
+            for warning in knobs(view)[1]:
+                log.warning("pod %s/%s: %s", view.namespace, view.name, warning)
+        self.writer.mark(affected)
 
     def on_namespace(self, ns: dict[str, Any], *, deleted: bool = False) -> None:
         name = str(ns["metadata"]["name"])
