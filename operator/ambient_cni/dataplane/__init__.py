@@ -1,0 +1,1 @@
+"""Kernel redirection: pure rule renderers and the thin layers that apply them."""
