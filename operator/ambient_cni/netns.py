@@ -75,6 +75,32 @@ def run_in_netns(target: str | Path | int, fn: Callable[[], T]) -> T:
     return result[0]
 
 
+def run_in_new_netns(fn: Callable[[], T]) -> T:
+    """Call `fn` on a new thread inside a brand-new, empty network namespace.
+
+    The namespace has no name and no other user: it disappears with the thread
+    (and any process `fn` started there), so nothing can be left behind.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NetnsError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            result.append(fn())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=body, name="netns:new", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 def netns_inode(target: str | Path) -> int:
     """The inode that identifies a namespace; equal inodes mean the same namespace."""
     return os.stat(netns_path(target)).st_ino

@@ -1,0 +1,83 @@
+"""What iptables holds in a network namespace: pure functions over iptables-save text."""
+
+from __future__ import annotations
+
+from .constants import OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN
+
+OUR_CHAINS = (PREROUTING_CHAIN, OUTPUT_CHAIN, POSTROUTING_CHAIN)
+Tables = dict[str, list[str]]
+
+
+def _ours(line: str) -> bool:
+    return any(chain in line.split() for chain in OUR_CHAINS)
+
+
+def parse_save(saved: str) -> dict[str, tuple[list[str], list[str]]]:
+    """Per table: (declared chains, rules) of iptables-save output."""
+    tables: dict[str, tuple[list[str], list[str]]] = {}
+    current: str | None = None
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            current = line[1:].strip()
+            tables[current] = ([], [])
+        elif current is None or line.startswith(("#", "COMMIT")) or not line.strip():
+            continue
+        elif line.startswith(":"):
+            tables[current][0].append(line[1:].split()[0])
+        elif line.startswith("-A "):
+            tables[current][1].append(line)
+    return tables
+
+
+def our_rules(saved: str) -> Tables:
+    """Only what this project owns: our chains and the rules that jump to or live in them."""
+    result: Tables = {}
+    for table, (chains, rules) in parse_save(saved).items():
+        mine = [f":{chain}" for chain in chains if chain in OUR_CHAINS]
+        mine += [rule for rule in rules if _ours(rule)]
+        if mine:
+            result[table] = mine
+    return result
+
+
+def removal_input(saved: str) -> str:
+    """iptables-restore --noflush input removing all of ours in `saved`, and nothing else."""
+    lines: list[str] = []
+    for table, (chains, rules) in parse_save(saved).items():
+        ours = [chain for chain in chains if chain in OUR_CHAINS]
+        jumps = [rule for rule in rules if _ours(rule) and rule.split()[1] not in OUR_CHAINS]
+        if not ours and not jumps:
+            continue
+        lines.append(f"*{table}")
+        lines += ["-D" + jump[2:] for jump in jumps]
+        lines += [f"-F {chain}" for chain in ours]
+        lines += [f"-X {chain}" for chain in ours]
+        lines.append("COMMIT")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def replace_input(saved: str, ruleset: str) -> str:
+    """One transaction per table: remove what is there of ours, then add the ruleset."""
+    removal = {block.split("\n", 1)[0]: block for block in _blocks(removal_input(saved))}
+    merged: list[str] = []
+    for block in _blocks(ruleset):
+        header = block.split("\n", 1)[0]
+        old = removal.pop(header, None)
+        if old is None:
+            merged.append(block)
+        else:
+            # Drop the first block's COMMIT so removal and re-add commit together.
+            merged.append(old.rsplit("COMMIT", 1)[0] + block.split("\n", 1)[1])
+    merged += removal.values()  # tables ours no longer uses (e.g. raw without DNS capture)
+    return "".join(merged)
+
+
+def _blocks(restore_input: str) -> list[str]:
+    blocks: list[str] = []
+    current: list[str] = []
+    for line in restore_input.splitlines():
+        current.append(line)
+        if line == "COMMIT":
+            blocks.append("\n".join(current) + "\n")
+            current = []
+    return blocks

@@ -1,0 +1,128 @@
+"""Applying, checking and removing one pod's redirection in a real network namespace."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from ambient_cni.dataplane.iptables_apply import ApplyError, PodRules, detect_flavour
+from ambient_cni.dataplane.iptables_rules import PodRedirect, pod_ruleset
+from ambient_cni.dataplane.iptables_state import our_rules
+
+
+def sh(netns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True
+    ).stdout
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[str]:
+    name = f"acni-test-{uuid.uuid4().hex[:8]}"  # `sandbox down --all` removes a leftover
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def rules() -> PodRules:
+    return PodRules(detect_flavour())
+
+
+def rule_count(netns: str, family: int = 4) -> int:
+    save = "iptables-save" if family == 4 else "ip6tables-save"
+    return sum(1 for line in sh(netns, save).splitlines() if line.startswith("-A "))
+
+
+def policy_routing(netns: str, family: int = 4) -> tuple[str, str]:
+    flag = "-4" if family == 4 else "-6"
+    rule = [
+        line for line in sh(netns, "ip", flag, "rule").splitlines() if line.startswith("32764:")
+    ]
+    route = sh(netns, "ip", flag, "route", "show", "table", "100")
+    return "\n".join(rule), route.strip()
+
+
+def test_ensure_applies_once_and_is_idempotent(rules: PodRules, pod_netns: str) -> None:
+    redirect = PodRedirect()
+    assert rules.ensure(pod_netns, [redirect]) is True
+    assert rules.in_sync(pod_netns, redirect)
+    count = rule_count(pod_netns)
+    assert count == pod_ruleset(redirect).count("\n-A ")  # every rendered rule, read back
+    rule, route = policy_routing(pod_netns)
+    assert "fwmark 0x111/0xfff lookup 100" in rule
+    assert route.startswith("local default dev lo")
+
+    assert rules.ensure(pod_netns, [redirect]) is False
+    assert rule_count(pod_netns) == count
+    assert len(policy_routing(pod_netns)[0].splitlines()) == 1
+
+
+def test_drift_is_detected_and_repaired(rules: PodRules, pod_netns: str) -> None:
+    redirect = PodRedirect()
+    rules.ensure(pod_netns, [redirect])
+    count = rule_count(pod_netns)
+    sh(pod_netns, "iptables", "-t", "nat", "-F", "ISTIO_OUTPUT")
+    assert not rules.in_sync(pod_netns, redirect)
+    assert rules.ensure(pod_netns, [redirect]) is True
+    assert rules.in_sync(pod_netns, redirect)
+    assert rule_count(pod_netns) == count
+
+
+def test_changing_knobs_replaces_the_ruleset(rules: PodRules, pod_netns: str) -> None:
+    rules.ensure(pod_netns, [PodRedirect()])
+    no_dns = PodRedirect(dns_capture=False, bypass_inbound=True)
+    assert rules.ensure(pod_netns, [no_dns]) is True
+    assert rules.in_sync(pod_netns, no_dns)
+    saved = sh(pod_netns, "iptables-save")
+    assert set(our_rules(saved)) == {"mangle", "nat"}  # raw held only DNS rules
+    assert "15053" not in saved
+    assert "15006" not in saved
+
+
+def test_remove_leaves_nothing(rules: PodRules, pod_netns: str) -> None:
+    rules.ensure(pod_netns, [PodRedirect(), PodRedirect(family=6)])
+    assert rule_count(pod_netns, 6) > 0
+    assert rules.remove(pod_netns) is True
+    for family in (4, 6):
+        assert "ISTIO" not in sh(pod_netns, "iptables-save" if family == 4 else "ip6tables-save")
+        assert policy_routing(pod_netns, family) == ("", "")
+    assert rules.remove(pod_netns) is False
+
+
+def test_ipv6_ruleset_and_routing(rules: PodRules, pod_netns: str) -> None:
+    redirect = PodRedirect(family=6)
+    assert rules.ensure(pod_netns, [redirect]) is True
+    assert rules.in_sync(pod_netns, redirect)
+    rule, route = policy_routing(pod_netns, 6)
+    assert "fwmark 0x111/0xfff lookup 100" in rule
+    assert route.startswith("local default dev lo")
+
+
+def test_a_rule_the_kernel_refuses_fails_clearly_and_changes_nothing(
+    rules: PodRules, pod_netns: str
+) -> None:
+    rules.ensure(pod_netns, [PodRedirect()])
+    before = sh(pod_netns, "iptables-save")
+    bad = PodRedirect(virtual_interfaces=("an-interface-name-too-long",))
+    with pytest.raises(ApplyError) as caught:
+        rules.ensure(pod_netns, [bad])
+    assert caught.value.reason == "RuleRejected"
+    assert (
+        "an-interface-name-too-long" in caught.value.message or "IFNAMSIZ" in caught.value.message
+    )
+    assert sh(pod_netns, "iptables-save").count("-A ") == before.count("-A ")
+    assert rules.in_sync(pod_netns, PodRedirect())
+
+
+def test_a_missing_netns_is_reported_as_such(rules: PodRules) -> None:
+    with pytest.raises(ApplyError) as caught:
+        rules.ensure("/run/netns/acni-test-does-not-exist", [PodRedirect()])
+    assert caught.value.reason == "NetnsNotFound"
+    assert not caught.value.retryable
