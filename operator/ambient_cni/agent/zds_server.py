@@ -1,0 +1,262 @@
+"""The ZDS server: the node agent's side of the ztunnel protocol (reference section 2.6).
+
+ztunnel connects to a Unix SOCK_SEQPACKET socket and says hello; the server
+replays the snapshot (Add, or Keep when it has no netns, per enrolled pod,
+then SnapshotSent), waiting for each ack; afterwards Adds go to the newest
+connection and Dels to every connection. One message is in flight per
+connection, each with a deadline. Netns fds travel as SCM_RIGHTS.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ambient_cni.zds import (
+    Ack,
+    AddWorkload,
+    DelWorkload,
+    KeepWorkload,
+    SnapshotSent,
+    WorkloadInfo,
+    WorkloadRequest,
+    ZdsDecodeError,
+    decode_hello,
+    decode_response,
+    encode_request,
+)
+
+ACK_DEADLINE = 5.0
+MAX_DATAGRAM = 1024
+log = logging.getLogger("ambient_cni.agent.zds")
+
+
+class ZdsError(RuntimeError):
+    """ztunnel did not take a message: not connected, NACKed, timed out or gone."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    uid: str
+    info: WorkloadInfo
+    netns_path: Path | None  # None: known pod, no netns to hand over (sent as Keep)
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, number: int, deadline: float):
+        self.sock = sock
+        self.number = number
+        self.deadline = deadline
+        self.lock = threading.Lock()  # one message in flight
+        self.closed = False
+
+    def request(self, message: WorkloadRequest, fd: int | None = None) -> Ack:
+        data = encode_request(message)
+        with self.lock:
+            if self.closed:
+                raise ZdsError("ZtunnelDisconnected", "ztunnel connection closed")
+            try:
+                if fd is None:
+                    self.sock.sendmsg([data])
+                else:
+                    fds = array.array("i", [fd])
+                    self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+                self.sock.settimeout(self.deadline)
+                reply = self.sock.recv(MAX_DATAGRAM)
+            except TimeoutError as exc:
+                self.close()
+                raise ZdsError("ZtunnelTimeout", f"no ack within {self.deadline:g}s") from exc
+            except OSError as exc:
+                self.close()
+                raise ZdsError("ZtunnelDisconnected", f"ztunnel connection: {exc}") from exc
+            if not reply:
+                self.close()
+                raise ZdsError("ZtunnelDisconnected", "ztunnel closed the connection")
+            try:
+                return decode_response(reply)
+            except ZdsDecodeError as exc:
+                self.close()
+                raise ZdsError("ZtunnelProtocolError", f"bad response from ztunnel: {exc}") from exc
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class ZdsServer:
+    def __init__(
+        self,
+        socket_path: Path,
+        snapshot: Callable[[], list[SnapshotEntry]],
+        on_change: Callable[[], None] = lambda: None,
+        *,
+        ack_deadline: float = ACK_DEADLINE,
+    ):
+        self.socket_path = socket_path
+        self.ack_deadline = ack_deadline
+        self.snapshot = snapshot
+        self.on_change = on_change
+        self._lock = threading.Lock()
+        self._connections: list[_Connection] = []
+        self._count = 0
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self.connected_since: float | None = None  # wall time of the newest live session
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a stale socket from an earlier agent
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(self.socket_path))
+        listener.listen(8)
+        self._listener = listener
+        threading.Thread(target=self._accept, name="zds-accept", daemon=True).start()
+        log.info("serving ZDS on %s", self.socket_path)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return any(not c.closed for c in self._connections)
+
+    # -- requests ----------------------------------------------------------------------
+
+    def add(self, uid: str, info: WorkloadInfo, netns_path: Path) -> None:
+        """Hand a pod's netns to the newest ztunnel and wait for its ack."""
+        conn = self._newest()
+        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            ack = conn.request(AddWorkload(uid=uid, workload_info=info), fd)
+        except ZdsError:
+            self._forget_closed()
+            raise
+        finally:
+            os.close(fd)
+        if not ack.ok:
+            raise ZdsError("ZtunnelRejected", f"ztunnel refused {uid}: {ack.error}")
+
+    def delete(self, uid: str) -> None:
+        """Tell every connected ztunnel the pod is gone; errors are logged, not raised."""
+        with self._lock:
+            connections = [c for c in self._connections if not c.closed]
+        for conn in connections:
+            try:
+                ack = conn.request(DelWorkload(uid=uid))
+                if not ack.ok:
+                    log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, ack.error)
+            except ZdsError as exc:
+                log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, exc.message)
+        self._forget_closed()
+
+    def _newest(self) -> _Connection:
+        with self._lock:
+            live = [c for c in self._connections if not c.closed]
+        if not live:
+            raise ZdsError("ZtunnelNotConnected", "no ztunnel is connected")
+        return live[-1]
+
+    def _forget_closed(self) -> None:
+        with self._lock:
+            before = len(self._connections)
+            self._connections = [c for c in self._connections if not c.closed]
+            changed = len(self._connections) != before
+            if not self._connections:
+                self.connected_since = None
+        if changed:
+            self.on_change()
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._count += 1
+            threading.Thread(
+                target=self._session,
+                args=(sock, self._count),
+                name=f"zds-{self._count}",
+                daemon=True,
+            ).start()
+
+    def _session(self, sock: socket.socket, number: int) -> None:
+        conn = _Connection(sock, number, self.ack_deadline)
+        try:
+            sock.settimeout(self.ack_deadline)
+            hello = decode_hello(sock.recv(MAX_DATAGRAM))
+            log.info("ztunnel #%d connected (ZDS version %d)", number, hello.version)
+            for entry in self.snapshot():
+                self._replay(conn, entry)
+            ack = conn.request(SnapshotSent())
+            if not ack.ok:
+                raise ZdsError("ZtunnelRejected", f"snapshot refused: {ack.error}")
+        except (OSError, ZdsDecodeError, ZdsError) as exc:
+            log.warning("ztunnel #%d: session failed before it was ready: %s", number, exc)
+            conn.close()
+            return
+        with self._lock:
+            self._connections.append(conn)
+            self.connected_since = time.time()
+        self.on_change()
+        self._watch(conn)
+
+    def _replay(self, conn: _Connection, entry: SnapshotEntry) -> None:
+        if entry.netns_path is None:
+            ack = conn.request(KeepWorkload(uid=entry.uid))
+        else:
+            try:
+                fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                ack = conn.request(KeepWorkload(uid=entry.uid))
+            else:
+                try:
+                    ack = conn.request(AddWorkload(uid=entry.uid, workload_info=entry.info), fd)
+                finally:
+                    os.close(fd)
+        if not ack.ok:
+            log.warning(
+                "ztunnel #%d: snapshot entry %s refused: %s", conn.number, entry.uid, ack.error
+            )
+
+    def _watch(self, conn: _Connection) -> None:
+        """Notice a ztunnel that goes away while idle (poll reads nothing, so no race)."""
+        poller = select.poll()
+        poller.register(conn.sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        while not conn.closed and not self._stop.is_set():
+            if poller.poll(500):
+                conn.close()
+        log.info("ztunnel #%d disconnected", conn.number)
+        self._forget_closed()
