@@ -88,7 +88,7 @@ def detect_flavour(host_netns: str | Path | None = None) -> Flavour:
     return Flavour("legacy") if legacy > max(nft, 0) else Flavour("nft")
 
 
-def _run(argv: list[str], stdin: str | None, lock: str) -> subprocess.CompletedProcess[str]:
+def run_iptables(argv: list[str], stdin: str | None, lock: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "XTABLES_LOCKFILE": lock}
     try:
         return subprocess.run(
@@ -127,14 +127,16 @@ class PodRules:
 
         def learn() -> Tables:
             ruleset = pod_ruleset(redirect)
-            restored = _run(
+            restored = run_iptables(
                 [self.flavour.tool(redirect.family, "restore"), "--noflush"],
                 ruleset,
                 self._scratch_lock,
             )
             if restored.returncode != 0:
-                raise ApplyError("RuleRejected", _first_error(restored.stderr))
-            saved = _run([self.flavour.tool(redirect.family, "save")], None, self._scratch_lock)
+                raise ApplyError("RuleRejected", first_error(restored.stderr))
+            saved = run_iptables(
+                [self.flavour.tool(redirect.family, "save")], None, self._scratch_lock
+            )
             return our_rules(saved.stdout)
 
         tables = run_in_new_netns(learn)
@@ -146,7 +148,9 @@ class PodRules:
 
     def current(self, netns: str | Path, family: Family) -> Tables:
         path = netns_path(netns)
-        saved = _inside(path, lambda: _run([self.flavour.tool(family, "save")], None, str(path)))
+        saved = _inside(
+            path, lambda: run_iptables([self.flavour.tool(family, "save")], None, str(path))
+        )
         return our_rules(saved.stdout)
 
     def in_sync(self, netns: str | Path, redirect: PodRedirect) -> bool:
@@ -168,17 +172,19 @@ class PodRules:
         family = redirect.family
 
         def apply() -> bool:
-            saved = _run([self.flavour.tool(family, "save")], None, str(path)).stdout
+            saved = run_iptables([self.flavour.tool(family, "save")], None, str(path)).stdout
             if our_rules(saved) == want:
                 return False
-            restored = _run(
+            restored = run_iptables(
                 [self.flavour.tool(family, "restore"), "--noflush"],
                 replace_input(saved, pod_ruleset(redirect)),
                 str(path),
             )
             if restored.returncode != 0:
-                raise ApplyError("RuleRejected", _first_error(restored.stderr))
-            after = our_rules(_run([self.flavour.tool(family, "save")], None, str(path)).stdout)
+                raise ApplyError("RuleRejected", first_error(restored.stderr))
+            after = our_rules(
+                run_iptables([self.flavour.tool(family, "save")], None, str(path)).stdout
+            )
             if after != want:
                 raise ApplyError(
                     "RulesNotApplied",
@@ -196,16 +202,16 @@ class PodRules:
         def remove_all() -> bool:
             removed = False
             for family in families:
-                saved = _run([self.flavour.tool(family, "save")], None, str(path)).stdout
+                saved = run_iptables([self.flavour.tool(family, "save")], None, str(path)).stdout
                 script = removal_input(saved)
                 if not script:
                     continue
-                result = _run(
+                result = run_iptables(
                     [self.flavour.tool(family, "restore"), "--noflush"], script, str(path)
                 )
                 if result.returncode != 0:
                     raise ApplyError(
-                        "RuleRemovalFailed", _first_error(result.stderr), retryable=True
+                        "RuleRemovalFailed", first_error(result.stderr), retryable=True
                     )
                 removed = True
             return _remove_routing(families) or removed
@@ -302,6 +308,6 @@ def _remove_routing(families: tuple[Family, ...]) -> bool:
     return removed
 
 
-def _first_error(stderr: str) -> str:
+def first_error(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return "; ".join(lines[:3]) or "iptables-restore failed without a message"

@@ -1,0 +1,66 @@
+"""The host's probe ipsets and SNAT rule, in a namespace standing in for a node."""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ambient_cni.dataplane.host import HostDataplane
+from ambient_cni.dataplane.iptables_apply import detect_flavour
+
+
+@pytest.fixture
+def host() -> Iterator[tuple[HostDataplane, str]]:
+    name = f"acni-test-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield HostDataplane(detect_flavour(), Path("/run/netns", name)), name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def sh(netns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def test_ensure_is_idempotent_and_uninstall_leaves_nothing(host: tuple[HostDataplane, str]) -> None:
+    dataplane, netns = host
+    assert dataplane.ensure() is True
+    assert dataplane.in_sync()
+    nat = sh(netns, "iptables-save", "-t", "nat")
+    assert "-A POSTROUTING -j ISTIO_POSTRT" in nat
+    assert "--match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127" in nat
+    assert "istio-inpod-probes-v6" in sh(netns, "ip6tables-save", "-t", "nat")
+    assert dataplane.ensure() is False
+    assert sh(netns, "iptables-save", "-t", "nat").count("-A ") == nat.count("-A ")
+
+    sh(netns, "iptables", "-t", "nat", "-F", "ISTIO_POSTRT")  # drift
+    assert not dataplane.in_sync()
+    assert dataplane.ensure() is True
+    assert dataplane.in_sync()
+
+    dataplane.add(["10.244.0.5"], "uid-a")
+    assert dataplane.uninstall() is True
+    assert "ISTIO" not in sh(netns, "iptables-save") + sh(netns, "ip6tables-save")
+    assert sh(netns, "ipset", "list", "-n").strip() == ""
+
+
+def test_entries_carry_the_pod_uid(host: tuple[HostDataplane, str]) -> None:
+    dataplane, netns = host
+    dataplane.ensure()
+    dataplane.add(["10.244.0.5", "fd00::5"], "uid-a")
+    assert dataplane.entries() == {"10.244.0.5": "uid-a", "fd00::5": "uid-a"}
+    dataplane.add(["10.244.0.5"], "uid-b")  # the IP was reused by another pod: replaced
+    assert dataplane.entries()["10.244.0.5"] == "uid-b"
+    dataplane.remove(["10.244.0.5", "fd00::5"], "uid-a")  # only what uid-a still owns
+    assert dataplane.entries() == {"10.244.0.5": "uid-b"}
+    assert 'comment "uid-b"' in sh(netns, "ipset", "list", "istio-inpod-probes-v4")
+
+    dataplane.sync({"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"})
+    assert dataplane.entries() == {"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"}
