@@ -92,8 +92,11 @@ def test_snapshot_then_incremental_adds_and_dels(
             ("SnapshotSent", "", None),
         ]
 
+        assert server.is_acked("uid-a")
+        assert not server.is_acked("uid-k")  # a Keep hands over nothing
         server.add("uid-b", WorkloadInfo("b", "shop", "sa"), pod_b)
         assert first.last() == ("AddWorkload", "uid-b", netns_inode(pod_b))
+        assert server.is_acked("uid-b")
 
         # A second ztunnel (a rollout): Adds go to the newest, Dels to both.
         second = StandIn(socket_path)
@@ -103,6 +106,8 @@ def test_snapshot_then_incremental_adds_and_dels(
         server.add("uid-c", WorkloadInfo("c", "shop", "sa"), pod_b)
         assert second.last()[:2] == ("AddWorkload", "uid-c")
         assert ("AddWorkload", "uid-c", netns_inode(pod_b)) not in first.seen
+        assert server.is_acked("uid-a")  # the second session's snapshot replayed it
+        assert not server.is_acked("uid-b")  # acked by the first session only
         server.delete("uid-a")
         assert first.last() == ("DelWorkload", "uid-a", None)
         assert second.last() == ("DelWorkload", "uid-a", None)

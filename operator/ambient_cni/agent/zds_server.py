@@ -117,6 +117,7 @@ class ZdsServer:
         self._listener: socket.socket | None = None
         self._stop = threading.Event()
         self.connected_since: float | None = None  # wall time of the newest live session
+        self._acked: dict[str, int] = {}  # pod uid -> the session number that acked its Add
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -164,9 +165,19 @@ class ZdsServer:
             os.close(fd)
         if not ack.ok:
             raise ZdsError("ZtunnelRejected", f"ztunnel refused {uid}: {ack.error}")
+        with self._lock:
+            self._acked[uid] = conn.number
+
+    def is_acked(self, uid: str) -> bool:
+        """Whether the newest live ztunnel holds this pod (acked its Add, live or in a snapshot)."""
+        with self._lock:
+            live = [c for c in self._connections if not c.closed]
+            return bool(live) and self._acked.get(uid) == live[-1].number
 
     def delete(self, uid: str) -> None:
         """Tell every connected ztunnel the pod is gone; errors are logged, not raised."""
+        with self._lock:
+            self._acked.pop(uid, None)
         with self._lock:
             connections = [c for c in self._connections if not c.closed]
         for conn in connections:
@@ -234,22 +245,30 @@ class ZdsServer:
         self._watch(conn)
 
     def _replay(self, conn: _Connection, entry: SnapshotEntry) -> None:
-        if entry.netns_path is None:
-            ack = conn.request(KeepWorkload(uid=entry.uid))
-        else:
-            try:
+        if self._replay_one(conn, entry):
+            with self._lock:
+                self._acked[entry.uid] = conn.number
+
+    def _replay_one(self, conn: _Connection, entry: SnapshotEntry) -> bool:
+        fd: int | None = None
+        if entry.netns_path is not None:
+            with contextlib.suppress(OSError):
                 fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                ack = conn.request(KeepWorkload(uid=entry.uid))
-            else:
-                try:
-                    ack = conn.request(AddWorkload(uid=entry.uid, workload_info=entry.info), fd)
-                finally:
-                    os.close(fd)
+        sent: WorkloadRequest
+        if fd is None:  # known pod without a netns to hand over
+            sent = KeepWorkload(uid=entry.uid)
+            ack = conn.request(sent)
+        else:
+            sent = AddWorkload(uid=entry.uid, workload_info=entry.info)
+            try:
+                ack = conn.request(sent, fd)
+            finally:
+                os.close(fd)
         if not ack.ok:
             log.warning(
                 "ztunnel #%d: snapshot entry %s refused: %s", conn.number, entry.uid, ack.error
             )
+        return ack.ok and isinstance(sent, AddWorkload)
 
     def _watch(self, conn: _Connection) -> None:
         """Notice a ztunnel that goes away while idle (poll reads nothing, so no race)."""
