@@ -1,0 +1,143 @@
+"""The AmbientNodeConfig status the agent reports: pure rendering from what it knows."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+from ambient_cni.api.models import (
+    AmbientNodeConfigStatus,
+    Backend,
+    Condition,
+    ConditionStatus,
+    ConditionType,
+    RedirectMode,
+    WorkloadState,
+    WorkloadStatus,
+    ZtunnelStatus,
+)
+
+
+class PodOutcome(BaseModel):
+    """Where one workload stands, as the reconciler last left it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uid: str
+    name: str
+    namespace: str
+    state: WorkloadState
+    reason: str | None = None
+    message: str | None = None
+    since: datetime.datetime
+
+
+class NodeFacts(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    generation: int
+    mode: RedirectMode
+    backend: Backend
+    ztunnel_connected: bool
+    ztunnel_pod: str | None = None
+    ztunnel_since: datetime.datetime | None = None
+    host_rules_ok: bool
+    host_rules_message: str = ""
+    in_sync: bool  # every desired workload was reconciled against this generation
+
+
+class _Conditions:
+    """KEP-1623 conditions that keep lastTransitionTime while their status holds."""
+
+    def __init__(self, generation: int, now: datetime.datetime, previous: Iterable[Condition]):
+        self.generation = generation
+        self.now = now
+        self.previous = {c.type: c for c in previous}
+
+    def make(self, kind: ConditionType, ok: bool, reason: str, message: str) -> Condition:
+        status: ConditionStatus = "True" if ok else "False"
+        before = self.previous.get(kind)
+        since = before.last_transition_time if before and before.status == status else self.now
+        return Condition(
+            type=kind,
+            status=status,
+            reason=reason,
+            message=message,
+            observed_generation=self.generation,
+            last_transition_time=since,
+        )
+
+
+def render(
+    facts: NodeFacts,
+    outcomes: Iterable[PodOutcome],
+    previous: Iterable[Condition],
+    now: datetime.datetime,
+) -> AmbientNodeConfigStatus:
+    pods = sorted(outcomes, key=lambda o: (o.namespace, o.name, o.uid))
+    counts = {
+        state: sum(1 for p in pods if p.state == state)
+        for state in ("Enrolled", "Pending", "Failed")
+    }
+    make = _Conditions(facts.generation, now, previous).make
+    zt_reason = "Connected" if facts.ztunnel_connected else "NotConnected"
+    if not facts.ztunnel_connected:
+        zt_message = "no ztunnel is connected to the ZDS socket"
+    elif facts.ztunnel_pod:
+        zt_message = f"ztunnel {facts.ztunnel_pod} connected"
+    else:
+        zt_message = "ztunnel connected"
+    host_reason = "Applied" if facts.host_rules_ok else "HostRulesFailed"
+    sync_reason = "Reconciled" if facts.in_sync else "Reconciling"
+    problems = []
+    if not facts.ztunnel_connected:
+        problems.append("ztunnel not connected")
+    if not facts.host_rules_ok:
+        problems.append("host rules failed")
+    if counts["Failed"]:
+        problems.append(f"{counts['Failed']} workload(s) failed")
+    if counts["Pending"]:
+        problems.append(f"{counts['Pending']} workload(s) pending")
+    if not facts.in_sync:
+        problems.append("reconciling")
+    ready = not problems
+    conditions = [
+        make(
+            "Ready",
+            ready,
+            "AllEnrolled" if ready else "NotReady",
+            f"{counts['Enrolled']} workload(s) enrolled" if ready else "; ".join(problems),
+        ),
+        make("ZtunnelConnected", facts.ztunnel_connected, zt_reason, zt_message),
+        make("HostRulesReady", facts.host_rules_ok, host_reason, facts.host_rules_message),
+        make("InSync", facts.in_sync, sync_reason, ""),
+    ]
+    return AmbientNodeConfigStatus(
+        observed_generation=facts.generation,
+        mode=facts.mode,
+        backend=facts.backend,
+        ztunnel=ZtunnelStatus(
+            connected=facts.ztunnel_connected,
+            pod=facts.ztunnel_pod if facts.ztunnel_connected else None,
+            since=facts.ztunnel_since if facts.ztunnel_connected else None,
+        ),
+        enrolled=counts["Enrolled"],
+        pending=counts["Pending"],
+        failed=counts["Failed"],
+        workloads=[
+            WorkloadStatus(
+                uid=p.uid,
+                name=p.name,
+                namespace=p.namespace,
+                state=p.state,
+                reason=p.reason,
+                message=p.message,
+                since=p.since,
+            )
+            for p in pods
+        ],
+        conditions=conditions,
+        last_sync_time=now,
+    )

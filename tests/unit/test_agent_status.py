@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import datetime
+
+from ambient_cni.agent.status import NodeFacts, PodOutcome, render
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+T1 = T0 + datetime.timedelta(minutes=5)
+FACTS = NodeFacts(
+    generation=3,
+    mode="inpod",
+    backend="iptables-nft",
+    ztunnel_connected=True,
+    ztunnel_pod="istio-system/ztunnel-abc",
+    ztunnel_since=T0,
+    host_rules_ok=True,
+    in_sync=True,
+)
+
+
+def pod(name: str, state: str, reason: str | None = None) -> PodOutcome:
+    return PodOutcome.model_validate(
+        {
+            "uid": f"u-{name}",
+            "name": name,
+            "namespace": "shop",
+            "state": state,
+            "reason": reason,
+            "since": T0,
+        }
+    )
+
+
+def conditions(status: dict[str, object]) -> dict[str, tuple[str, str, str]]:
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}  # type: ignore[attr-defined]
+
+
+def test_all_enrolled_is_ready() -> None:
+    status = render(FACTS, [pod("b", "Enrolled"), pod("a", "Enrolled")], [], T0).to_wire()
+    assert (status["enrolled"], status["pending"], status["failed"]) == (2, 0, 0)
+    assert [w["name"] for w in status["workloads"]] == ["a", "b"]
+    assert conditions(status) == {
+        "Ready": ("True", "AllEnrolled", "2 workload(s) enrolled"),
+        "ZtunnelConnected": ("True", "Connected", "ztunnel istio-system/ztunnel-abc connected"),
+        "HostRulesReady": ("True", "Applied", ""),
+        "InSync": ("True", "Reconciled", ""),
+    }
+    assert status["observedGeneration"] == 3
+    assert status["ztunnel"] == {
+        "connected": True,
+        "pod": "istio-system/ztunnel-abc",
+        "since": "2026-01-01T00:00:00Z",
+    }
+
+
+def test_problems_make_ready_false_and_say_why() -> None:
+    facts = FACTS.model_copy(update={"ztunnel_connected": False})
+    outcomes = [
+        pod("a", "Pending", "ZtunnelNotConnected"),
+        pod("b", "Failed", "NetnsNotFound"),
+        pod("c", "Enrolled"),
+    ]
+    status = render(facts, outcomes, [], T0).to_wire()
+    assert (status["enrolled"], status["pending"], status["failed"]) == (1, 1, 1)
+    ready = conditions(status)["Ready"]
+    assert ready[:2] == ("False", "NotReady")
+    assert ready[2] == "ztunnel not connected; 1 workload(s) failed; 1 workload(s) pending"
+    assert status["ztunnel"] == {"connected": False}
+
+
+def test_transition_time_holds_while_status_holds() -> None:
+    first = render(FACTS, [], [], T0)
+    again = render(FACTS, [], first.conditions, T1)
+    assert {c.last_transition_time for c in again.conditions} == {T0}
+    flipped = render(FACTS.model_copy(update={"in_sync": False}), [], again.conditions, T1)
+    times = {c.type: c.last_transition_time for c in flipped.conditions}
+    assert times["InSync"] == T1
+    assert times["Ready"] == T1
+    assert times["ZtunnelConnected"] == T0
