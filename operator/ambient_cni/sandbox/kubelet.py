@@ -32,11 +32,11 @@ from pydantic import BaseModel
 
 from ambient_cni.kube import MERGE_PATCH, Obj, as_body, new_api_client, raw
 from ambient_cni.netns import run_in_netns
+from ambient_cni.reflector import Reflector
 from ambient_cni.workqueue import WorkQueue
 
 from . import network
 from .binaries import gomod_dir, parse_pins
-from .kube import Reflector
 from .podspec import (
     PodRuntime,
     PodSpecError,

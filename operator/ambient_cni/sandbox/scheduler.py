@@ -16,9 +16,9 @@ from kubernetes.client import CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client
+from ambient_cni.reflector import Reflector, name_of
 from ambient_cni.workqueue import WorkQueue
 
-from .kube import Reflector, name_of
 from .scheduling import choose_node, node_view
 from .state import load_state
 

@@ -1,4 +1,4 @@
-"""A list-and-watch reflector for the sandbox's own processes.
+"""A list-and-watch reflector: a local copy of one list, kept by a watch.
 
 The reflector lists, then watches from the list's
 resourceVersion, and relists after a 410 or any error, so its store always
