@@ -79,6 +79,57 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
 
 
+def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agent = sub.add_parser("agent", help="run the node agent for one node")
+    agent.add_argument(
+        "--node", default=os.environ.get("NODE_NAME"), help="this node (default: $NODE_NAME)"
+    )
+    agent.add_argument("--kubeconfig", type=Path, help="default: in-cluster, then $KUBECONFIG")
+    agent.add_argument("--zds-socket", type=Path, default=Path("/var/run/ztunnel/ztunnel.sock"))
+    agent.add_argument(
+        "--host-netns", type=Path, help="the node's network namespace (default: the agent's own)"
+    )
+    agent.add_argument("--netns-dir", type=Path, default=Path("/var/run/netns"))
+    agent.add_argument(
+        "--netns-prefix", default="", help="only consider named namespaces starting with this"
+    )
+    agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
+    agent.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
+    agent.add_argument("--metrics-port", type=int, default=15014)
+    agent.add_argument("--health-port", type=int, default=8000)
+    agent.add_argument(
+        "--uninstall",
+        action="store_true",
+        help="remove the host's probe rules and ipsets, then exit (chart uninstall)",
+    )
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    from .agent.app import run, uninstall
+    from .agent.reconciler import AgentOptions
+
+    if not args.node:
+        print("ambient-cni agent: give --node or set NODE_NAME", file=sys.stderr)
+        return 2
+    options = AgentOptions(
+        node=args.node,
+        zds_socket=args.zds_socket,
+        host_netns=args.host_netns,
+        netns_dir=args.netns_dir,
+        netns_prefix=args.netns_prefix,
+        drift_interval=args.drift_interval,
+    )
+    if args.uninstall:
+        return uninstall(options)
+    return run(
+        options,
+        kubeconfig=args.kubeconfig,
+        listen_address=args.listen_address,
+        metrics_port=args.metrics_port,
+        health_port=args.health_port,
+    )
+
+
 def _run_controller(args: argparse.Namespace) -> int:
     from .controller.app import ControllerOptions, run
     from .controller.planner import PlannerConfig
@@ -113,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sandbox_commands(sub)
     sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
     _controller_command(sub)
+    _agent_command(sub)
     demo = sub.add_parser("demo", help="run the demo on a local sandbox cluster")
     demo.add_argument("--name", default=DEFAULT_SANDBOX)
     demo.add_argument("--keep", action="store_true", help="leave the sandbox running afterwards")
@@ -184,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
+        if args.command == "agent":
+            return _run_agent(args)
         if args.command == "controller":
             return _run_controller(args)
         if args.command == "crds":

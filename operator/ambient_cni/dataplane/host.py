@@ -201,6 +201,12 @@ class HostDataplane:
 
         self._inside(remove)
 
+    def prune(self, wanted: Mapping[str, str]) -> None:
+        """Remove every entry that is not `wanted` (IP -> UID); add nothing."""
+        for ip, uid in self.entries().items():
+            if wanted.get(ip) != uid:
+                self.remove([ip], uid)
+
     def sync(self, wanted: Mapping[str, str]) -> None:
         """Make the entries exactly `wanted` (IP -> UID): re-add, fix comments, prune the rest."""
         current = self.entries()

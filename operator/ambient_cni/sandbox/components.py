@@ -105,3 +105,54 @@ def controller(cluster: SandboxCluster, *extra_args: str) -> Component:
         "controller",
         ["controller", f"--kubeconfig={kubeconfig}", *extra_args],
     )
+
+
+AGENT_USER = "ambient-cni-agent"
+
+
+def zds_socket(cluster: SandboxCluster, node: str) -> Path:
+    return Path(cluster.state.state_dir) / "ztunnel" / node / "ztunnel.sock"
+
+
+def ztunnel_log(cluster: SandboxCluster, node: str) -> Path:
+    return Path(cluster.state.state_dir) / "logs" / f"ztunnel-{node}.connections.jsonl"
+
+
+def agent(cluster: SandboxCluster, node: str, *extra_args: str) -> Component:
+    """The node agent of one sandbox node: its host is the node's netns."""
+    kubeconfig = cluster.user_kubeconfig(AGENT_USER, groups="system:masters")
+    prefix = cluster.state.topology.prefix
+    return Component(
+        cluster,
+        f"agent-{node}",
+        [
+            "agent",
+            f"--node={node}",
+            f"--kubeconfig={kubeconfig}",
+            f"--zds-socket={zds_socket(cluster, node)}",
+            f"--host-netns=/run/netns/{cluster.state.topology.node(node).netns}",
+            "--netns-dir=/run/netns",
+            f"--netns-prefix={prefix}pod-",
+            *extra_args,
+        ],
+    )
+
+
+def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-system") -> str:
+    """The ztunnel stand-in as a pod labelled app=ztunnel on `node`; returns the pod name."""
+    name = f"ztunnel-{node}"
+    cluster.create_pod(
+        namespace,
+        name,
+        node=node,
+        labels={"app": "ztunnel"},
+        command=[
+            sys.executable,
+            "-m",
+            "ambient_cni.sandbox.ztunnel",
+            f"--socket={zds_socket(cluster, node)}",
+            f"--log={ztunnel_log(cluster, node)}",
+        ],
+    )
+    cluster.wait_running(namespace, name)
+    return name

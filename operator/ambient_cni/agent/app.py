@@ -1,0 +1,109 @@
+"""The node agent process: watch this node's AmbientNodeConfig, reconcile, serve ZDS, report.
+
+The watch is a list-and-watch with a server-side field selector on the
+object's name, so an agent never receives another node's object (kopf's
+watches filter on the client side, which would send every node's object to
+every agent).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import CustomObjectsApi
+from prometheus_client import start_http_server
+
+from ambient_cni.agent.podnetns import PodNetnsResolver
+from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
+from ambient_cni.api import names
+from ambient_cni.dataplane.host import HostDataplane
+from ambient_cni.dataplane.iptables_apply import PodRules, detect_flavour
+from ambient_cni.kube import new_api_client
+from ambient_cni.logs import configure_json_logging
+from ambient_cni.reflector import Reflector, name_of
+
+log = logging.getLogger("ambient_cni.agent")
+INITIAL_PASS_TIMEOUT = 60.0
+
+
+def _health_server(
+    address: str, port: int, healthy: threading.Event
+) -> http.server.ThreadingHTTPServer:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            ok = self.path == "/healthz" and healthy.is_set()
+            self.send_response(200 if ok else 503)
+            self.end_headers()
+            self.wfile.write(b"ok\n" if ok else b"starting\n")
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((address, port), Handler)
+    threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
+    return server
+
+
+def uninstall(options: AgentOptions) -> int:
+    """Remove the host's probe rules and ipsets (pod rules are left to their pods)."""
+    host = HostDataplane(detect_flavour(options.host_netns), options.host_netns)
+    removed = host.uninstall()
+    log.info("host rules and ipsets %s", "removed" if removed else "were already absent")
+    return 0
+
+
+def run(
+    options: AgentOptions,
+    *,
+    kubeconfig: Path | None,
+    listen_address: str,
+    metrics_port: int,
+    health_port: int,
+) -> int:
+    configure_json_logging()
+    api = new_api_client(kubeconfig)
+    flavour = detect_flavour(options.host_netns)
+    agent = NodeAgent(
+        options,
+        api,
+        PodRules(flavour),
+        HostDataplane(flavour, options.host_netns),
+        PodNetnsResolver(netns_dir=options.netns_dir, netns_prefix=options.netns_prefix),
+    )
+    custom = CustomObjectsApi(api)
+    reflector: Reflector = Reflector(
+        f"anc@{options.node}",
+        functools.partial(
+            custom.list_cluster_custom_object, names.GROUP, names.VERSION, names.PLURAL
+        ),
+        lambda key: agent.on_object(reflector.get(key)),
+        key=name_of,
+        field_selector=f"metadata.name={options.node}",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    healthy = threading.Event()
+    start_http_server(metrics_port, listen_address)
+    _health_server(listen_address, health_port, healthy)
+    log.info("agent for node %s (%s)", options.node, flavour.backend)
+
+    agent.start()
+    reflector.start(stop)
+    deadline = time.monotonic() + INITIAL_PASS_TIMEOUT
+    while not stop.is_set() and not agent.initial_pass_done() and time.monotonic() < deadline:
+        stop.wait(0.05)
+    if not agent.initial_pass_done():
+        log.warning("serving ZDS before every pod was re-applied (no spec yet, or a pod is stuck)")
+    agent.serve_ztunnel()
+    healthy.set()
+    stop.wait()
+    agent.stop()
+    return 0

@@ -1,0 +1,245 @@
+"""A ztunnel stand-in for the sandbox: a real ZDS client and a plaintext relay.
+
+For each pod it is given (an Add with the pod's netns fd) it listens on 15001
+(outbound), 15006 (inbound) and 15008 (HBONE) inside that netns, with its
+sockets marked 1337 as ztunnel's are. A redirected connection's original
+destination comes from SO_ORIGINAL_DST; the stand-in connects there from
+inside the pod's netns (marked, so the pod's rules let it pass), relays both
+ways and logs one JSON line per connection: direction, pod, source,
+original destination and bytes each way. Tests read that log to prove which
+traffic went through it.
+
+Run: python -m ambient_cni.sandbox.ztunnel --socket PATH --log PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ambient_cni.logs import configure_json_logging
+from ambient_cni.netns import run_in_netns
+from ambient_cni.sandbox.zds_client import ZdsClient
+from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadRequest
+
+ZTUNNEL_MARK = 1337
+SO_ORIGINAL_DST = 80
+PORTS = {15001: "outbound", 15006: "inbound", 15008: "hbone"}
+log = logging.getLogger("ztunnel-stand-in")
+
+
+def original_destination(conn: socket.socket) -> tuple[str, int]:
+    raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), int(port)
+
+
+@dataclass
+class PodProxy:
+    uid: str
+    name: str
+    namespace: str
+    netns_fd: int
+    inode: int
+    listeners: list[socket.socket] = field(default_factory=list)
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        self.closed.set()
+        for listener in self.listeners:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with contextlib.suppress(OSError):
+            os.close(self.netns_fd)
+
+
+class StandIn:
+    def __init__(self, connection_log: Path):
+        self.connection_log = connection_log
+        self._log_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.pods: dict[str, PodProxy] = {}
+        self._named_in_session: set[str] = set()
+
+    # -- ZDS ------------------------------------------------------------------------------------
+
+    def handle(self, request: WorkloadRequest, fd: int | None) -> str:
+        if isinstance(request, AddWorkload):
+            if fd is None:
+                return "Add without a netns fd"
+            info = request.workload_info
+            return self._add(
+                request.uid, info.name if info else "", info.namespace if info else "", fd
+            )
+        if fd is not None:
+            os.close(fd)
+        if isinstance(request, DelWorkload):
+            self.remove(request.uid)
+        elif isinstance(request, KeepWorkload):
+            self._named_in_session.add(request.uid)
+        elif isinstance(request, SnapshotSent):
+            with self._lock:
+                stale = [uid for uid in self.pods if uid not in self._named_in_session]
+            for uid in stale:
+                self.remove(uid)
+            log.info("snapshot complete: serving %d pods", len(self.pods))
+        return ""
+
+    def new_session(self) -> None:
+        self._named_in_session = set()
+
+    def _add(self, uid: str, name: str, namespace: str, fd: int) -> str:
+        self._named_in_session.add(uid)
+        inode = os.fstat(fd).st_ino
+        with self._lock:
+            existing = self.pods.get(uid)
+        if existing is not None and existing.inode == inode:
+            os.close(fd)  # already serving this very netns
+            return ""
+        if existing is not None:
+            self.remove(uid)
+        proxy = PodProxy(uid, name, namespace, fd, inode)
+        try:
+            proxy.listeners = run_in_netns(fd, _listen_all)
+        except OSError as exc:
+            proxy.close()
+            return f"cannot listen in the pod's netns: {exc}"
+        for listener in proxy.listeners:
+            threading.Thread(
+                target=self._accept, args=(proxy, listener), name=f"accept-{name}", daemon=True
+            ).start()
+        with self._lock:
+            self.pods[uid] = proxy
+        log.info("serving %s/%s", namespace, name)
+        return ""
+
+    def remove(self, uid: str) -> None:
+        with self._lock:
+            proxy = self.pods.pop(uid, None)
+        if proxy is not None:
+            proxy.close()
+            log.info("stopped serving %s/%s", proxy.namespace, proxy.name)
+
+    # -- relaying --------------------------------------------------------------------------------
+
+    def _accept(self, proxy: PodProxy, listener: socket.socket) -> None:
+        direction = PORTS[listener.getsockname()[1]]
+        while not proxy.closed.is_set():
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._relay, args=(proxy, direction, conn, peer), daemon=True
+            ).start()
+
+    def _relay(
+        self, proxy: PodProxy, direction: str, conn: socket.socket, peer: tuple[str, int]
+    ) -> None:
+        started = time.time()
+        record: dict[str, object] = {
+            "direction": direction,
+            "pod": f"{proxy.namespace}/{proxy.name}",
+            "src": f"{peer[0]}:{peer[1]}",
+        }
+        try:
+            if direction == "hbone":
+                record["error"] = "HBONE is not implemented by the stand-in"
+                return
+            dst = original_destination(conn)
+            record["dst"] = f"{dst[0]}:{dst[1]}"
+            upstream = run_in_netns(proxy.netns_fd, _marked_socket)
+            upstream.settimeout(5)
+            upstream.connect(dst)
+            upstream.settimeout(None)
+            up, down = _pump_both(conn, upstream)
+            record.update(bytes_up=up, bytes_down=down)
+        except OSError as exc:
+            record["error"] = str(exc)
+        finally:
+            conn.close()
+            record["seconds"] = round(time.time() - started, 3)
+            self._write(record)
+
+    def _write(self, record: dict[str, object]) -> None:
+        line = json.dumps(record, sort_keys=True)
+        with self._log_lock, self.connection_log.open("a") as out:
+            out.write(line + "\n")
+        log.info("connection %s", line)
+
+
+def _marked_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
+    return sock
+
+
+def _listen_all() -> list[socket.socket]:
+    listeners = []
+    for port in PORTS:
+        sock = _marked_socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - inside the pod's own netns
+        sock.listen(64)
+        listeners.append(sock)
+    return listeners
+
+
+def _pump(src: socket.socket, dst: socket.socket, counted: list[int]) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+            counted[0] += len(data)
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _pump_both(client: socket.socket, upstream: socket.socket) -> tuple[int, int]:
+    up, down = [0], [0]
+    back = threading.Thread(target=_pump, args=(upstream, client, down), daemon=True)
+    back.start()
+    _pump(client, upstream, up)
+    back.join()
+    upstream.close()
+    return up[0], down[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="ztunnel stand-in for the ambient-cni sandbox")
+    parser.add_argument("--socket", type=Path, required=True, help="the node agent's ZDS socket")
+    parser.add_argument("--log", type=Path, required=True, help="JSON lines, one per connection")
+    args = parser.parse_args()
+    configure_json_logging()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stand_in = StandIn(args.log)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    while not stop.is_set():
+        client = ZdsClient(args.socket, stand_in.handle)
+        stand_in.new_session()
+        if not client.connect(stop):
+            break
+        log.info("connected to %s", args.socket)
+        client.serve(stop)
+        log.info("ZDS session ended; reconnecting")
+        stop.wait(0.2)
+    for uid in list(stand_in.pods):
+        stand_in.remove(uid)
+
+
+if __name__ == "__main__":
+    main()

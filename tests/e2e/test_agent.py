@@ -1,0 +1,285 @@
+"""The node agent with the controller and ztunnel stand-ins: real rules, real traffic, real API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client import CustomObjectsApi
+
+from ambient_cni.api import names
+from ambient_cni.kube import MERGE_PATCH, as_body, raw
+from ambient_cni.netns import netns_inode
+from ambient_cni.sandbox import components
+from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+SYSTEM = names.DEFAULT_SYSTEM_NAMESPACE
+REDIRECTION = names.REDIRECTION_ANNOTATION
+
+
+class Mesh:
+    def __init__(self, cluster: SandboxCluster):
+        self.cluster = cluster
+        self.controller = components.controller(cluster)
+        self.agents = {
+            n: components.agent(cluster, n, "--drift-interval=1") for n in cluster.node_names
+        }
+
+    def start(self) -> None:
+        self.controller.start()
+        wait_for("an object per node", lambda: all(self.anc(n) for n in self.cluster.node_names))
+        for agent in self.agents.values():
+            agent.start(timeout=60)
+        for node in self.cluster.node_names:
+            components.start_ztunnel(self.cluster, node)
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        self.controller.stop()
+        for node in self.cluster.node_names:
+            self.cluster.delete_pod(SYSTEM, f"ztunnel-{node}", grace=0)
+
+    def anc(self, node: str) -> dict[str, Any] | None:
+        try:
+            return raw(
+                CustomObjectsApi(self.cluster.api).get_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+                )
+            )
+        except Exception:
+            return None
+
+    def connections(self, node: str) -> list[dict[str, Any]]:
+        path = components.ztunnel_log(self.cluster, node)
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
+    sandbox.kubectl("apply", "-f", str(REPO / "crds"))
+    sandbox.kubectl("wait", "--for=condition=established", f"crd/{names.CRD_NAME}")
+    if sandbox.namespace(SYSTEM) is None:
+        sandbox.create_namespace(SYSTEM)
+    running = Mesh(sandbox)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def label(cluster: SandboxCluster, namespace: str, value: str | None) -> None:
+    cluster.core.patch_namespace(
+        namespace,
+        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": value}}}),
+        _content_type=MERGE_PATCH,
+    )
+
+
+def annotation(cluster: SandboxCluster, namespace: str, name: str) -> str | None:
+    pod = cluster.pod(namespace, name) or {}
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(REDIRECTION)
+
+
+def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]:
+    netns = cluster.pod_netns(pod)
+
+    def run(*argv: str) -> str:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True
+        ).stdout
+
+    return {
+        "istio_rules": [line for line in run("iptables-save").splitlines() if "ISTIO" in line],
+        "ip_rules": [line for line in run("ip", "rule").splitlines() if line.startswith("32764:")],
+        "table_100": run("ip", "route", "show", "table", "100").strip(),
+    }
+
+
+def ipset_members(cluster: SandboxCluster, node: str) -> str:
+    netns = cluster.state.topology.node(node).netns
+    listing = subprocess.run(
+        ["ip", "netns", "exec", netns, "ipset", "list", "istio-inpod-probes-v4"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return listing.split("Members:")[1].strip()
+
+
+def status_counts(mesh: Mesh, node: str) -> tuple[int, int, int, str]:
+    status = (mesh.anc(node) or {}).get("status") or {}
+    ready = [c["status"] for c in status.get("conditions") or [] if c["type"] == "Ready"]
+    return (
+        status.get("enrolled", 0),
+        status.get("pending", 0),
+        status.get("failed", 0),
+        (ready or ["?"])[0],
+    )
+
+
+def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothing(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    outside = f"{namespace[:40]}-out"
+    sandbox.create_namespace(outside)
+    try:
+        sandbox.create_pod(namespace, "client", node="node-1")
+        sandbox.create_pod(namespace, "server", node="node-2")
+        sandbox.create_pod(outside, "plain-client", node="node-1")
+        sandbox.create_pod(outside, "plain-server", node="node-2")
+        before = {
+            name: sandbox.wait_running(ns, name)
+            for ns, name in (
+                (namespace, "client"),
+                (namespace, "server"),
+                (outside, "plain-client"),
+                (outside, "plain-server"),
+            )
+        }
+        client, server = before["client"], before["server"]
+        identity = {
+            n: (
+                p["status"]["containerStatuses"][0]["containerID"],
+                netns_inode(sandbox.pod_netns(p)),
+            )
+            for n, p in before.items()
+        }
+
+        label(sandbox, namespace, "ambient")
+        wait_for(
+            "both pods enabled",
+            lambda: (
+                annotation(sandbox, namespace, "client")
+                == annotation(sandbox, namespace, "server")
+                == "enabled"
+            ),
+        )
+        wait_for(
+            "status counts",
+            lambda: (
+                [status_counts(mesh, n) for n in ("node-1", "node-2")] == [(1, 0, 0, "True")] * 2
+            ),
+        )
+        table = sandbox.kubectl("get", "anc").stdout
+        assert "READY" in table.splitlines()[0]
+
+        # Mesh pod to mesh pod across nodes: out through node-1's ztunnel, in through node-2's.
+        seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
+        reply = sandbox.http_get(client, pod_ip(server), 8080, "/meshed")
+        assert reply.json()["pod"] == "server"
+        out = [c for c in mesh.connections("node-1")[seen_1:] if c["direction"] == "outbound"]
+        inbound = [c for c in mesh.connections("node-2")[seen_2:] if c["direction"] == "inbound"]
+        assert [(c["pod"], c["dst"]) for c in out] == [
+            (f"{namespace}/client", f"{pod_ip(server)}:8080")
+        ]
+        assert [(c["pod"], c["dst"]) for c in inbound] == [
+            (f"{namespace}/server", f"{pod_ip(server)}:8080")
+        ]
+        assert out[0]["src"].startswith(pod_ip(client) + ":")
+
+        # Outside the mesh: direct, no ztunnel sees it.
+        seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
+        plain = sandbox.http_get(
+            before["plain-client"], pod_ip(before["plain-server"]), 8080, "/plain"
+        )
+        assert plain.json()["pod"] == "plain-server"
+        assert plain.json()["client"].split(":")[0] == pod_ip(before["plain-client"])
+        assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
+
+        label(sandbox, namespace, None)
+        wait_for(
+            "annotations removed",
+            lambda: (
+                annotation(sandbox, namespace, "client") is None
+                and annotation(sandbox, namespace, "server") is None
+            ),
+        )
+        for name in ("client", "server"):
+            assert kernel_state(sandbox, before[name]) == {
+                "istio_rules": [],
+                "ip_rules": [],
+                "table_100": "",
+            }
+        wait_for(
+            "ipsets empty",
+            lambda: ipset_members(sandbox, "node-1") == ipset_members(sandbox, "node-2") == "",
+        )
+        wait_for(
+            "status counts zero",
+            lambda: [status_counts(mesh, n)[:3] for n in ("node-1", "node-2")] == [(0, 0, 0)] * 2,
+        )
+
+        seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
+        direct = sandbox.http_get(client, pod_ip(server), 8080, "/direct")
+        assert direct.json()["client"].split(":")[0] == pod_ip(client)
+        assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
+        after = {n: sandbox.pod(ns, n) for ns, n in ((namespace, "client"), (namespace, "server"))}
+        for name, pod in after.items():
+            assert pod is not None
+            assert (
+                pod["status"]["containerStatuses"][0]["containerID"],
+                netns_inode(sandbox.pod_netns(pod)),
+            ) == identity[name]
+    finally:
+        sandbox.delete_namespace(outside)
+
+
+def test_a_chain_flushed_by_hand_is_repaired(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    label(sandbox, namespace, "ambient")
+    sandbox.create_pod(namespace, "victim", node="node-1")
+    pod = sandbox.wait_running(namespace, "victim")
+    wait_for("enabled", lambda: annotation(sandbox, namespace, "victim") == "enabled")
+    rules = kernel_state(sandbox, pod)["istio_rules"]
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            sandbox.pod_netns(pod),
+            "iptables",
+            "-t",
+            "nat",
+            "-F",
+            "ISTIO_OUTPUT",
+        ],
+        check=True,
+    )
+    assert kernel_state(sandbox, pod)["istio_rules"] != rules
+    wait_for(
+        "the drift check to repair it",
+        lambda: kernel_state(sandbox, pod)["istio_rules"] == rules,
+        timeout=15,
+    )
+
+
+def test_a_workload_without_a_netns_fails_alone(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "healthy", node="node-2")
+    sandbox.create_pod(namespace, "lost", node="node-2")
+    lost = sandbox.wait_running(namespace, "lost")
+    sandbox.wait_running(namespace, "healthy")
+    # The process keeps its namespace, but nothing can find it any more.
+    subprocess.run(["ip", "netns", "delete", sandbox.pod_netns(lost)], check=True)
+    label(sandbox, namespace, "ambient")
+    wait_for("healthy enabled", lambda: annotation(sandbox, namespace, "healthy") == "enabled")
+
+    def lost_state() -> dict[str, Any] | None:
+        for entry in ((mesh.anc("node-2") or {}).get("status") or {}).get("workloads") or []:
+            if entry["name"] == "lost" and entry["state"] == "Failed":
+                return dict(entry)
+        return None
+
+    entry = wait_for("lost reported Failed", lost_state)
+    assert entry["reason"] == "NetnsNotFound"
+    assert pod_ip(lost) in entry["message"]
+    assert annotation(sandbox, namespace, "lost") is None
