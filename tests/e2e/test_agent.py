@@ -90,9 +90,10 @@ def annotation(cluster: SandboxCluster, namespace: str, name: str) -> str | None
 def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]:
     netns = cluster.pod_netns(pod)
 
+    # `ip route show table 100` fails when the table never existed: that is empty too.
     def run(*argv: str) -> str:
         return subprocess.run(
-            ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=True
+            ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=False
         ).stdout
 
     return {
@@ -174,8 +175,17 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
         reply = sandbox.http_get(client, pod_ip(server), 8080, "/meshed")
         assert reply.json()["pod"] == "server"
-        out = [c for c in mesh.connections("node-1")[seen_1:] if c["direction"] == "outbound"]
-        inbound = [c for c in mesh.connections("node-2")[seen_2:] if c["direction"] == "inbound"]
+        # Each stand-in logs a connection once it has closed: wait for both lines.
+        out = wait_for(
+            "node-1's outbound record",
+            lambda: [
+                c for c in mesh.connections("node-1")[seen_1:] if c["direction"] == "outbound"
+            ],
+        )
+        inbound = wait_for(
+            "node-2's inbound record",
+            lambda: [c for c in mesh.connections("node-2")[seen_2:] if c["direction"] == "inbound"],
+        )
         assert [(c["pod"], c["dst"]) for c in out] == [
             (f"{namespace}/client", f"{pod_ip(server)}:8080")
         ]
@@ -283,3 +293,104 @@ def test_a_workload_without_a_netns_fails_alone(
     assert entry["reason"] == "NetnsNotFound"
     assert pod_ip(lost) in entry["message"]
     assert annotation(sandbox, namespace, "lost") is None
+
+
+def workload_status(mesh: Mesh, node: str, name: str) -> dict[str, Any] | None:
+    for entry in ((mesh.anc(node) or {}).get("status") or {}).get("workloads") or []:
+        if entry["name"] == name:
+            return dict(entry)
+    return None
+
+
+def test_a_rule_the_kernel_refuses_fails_that_pod_with_its_message(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    sandbox.create_pod(namespace, "fine", node="node-1")
+    # Selection passes the name on; iptables refuses the quote.
+    sandbox.create_pod(
+        namespace,
+        "odd",
+        node="node-1",
+        annotations={"istio.io/reroute-virtual-interfaces": 'tun"0'},
+    )
+    odd = sandbox.wait_running(namespace, "odd")
+    sandbox.wait_running(namespace, "fine")
+    label(sandbox, namespace, "ambient")
+    wait_for("fine enabled", lambda: annotation(sandbox, namespace, "fine") == "enabled")
+    entry = wait_for(
+        "odd reported Failed",
+        lambda: (e := workload_status(mesh, "node-1", "odd")) and e["state"] == "Failed" and e,
+    )
+    assert entry["reason"] == "RuleRejected"
+    assert "interface name" in entry["message"]  # iptables' own words
+    assert kernel_state(sandbox, odd) == {"istio_rules": [], "ip_rules": [], "table_100": ""}
+    assert annotation(sandbox, namespace, "odd") is None
+
+
+def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    label(sandbox, namespace, "ambient")
+    sandbox.create_pod(namespace, "early", node="node-2")
+    sandbox.wait_running(namespace, "early")
+    wait_for("early enabled", lambda: annotation(sandbox, namespace, "early") == "enabled")
+
+    sandbox.delete_pod(SYSTEM, "ztunnel-node-2", grace=0)
+    sandbox.wait_pod_gone(SYSTEM, "ztunnel-node-2")
+
+    def ztunnel_condition() -> str:
+        status = (mesh.anc("node-2") or {}).get("status") or {}
+        found = [
+            c["status"] for c in status.get("conditions") or [] if c["type"] == "ZtunnelConnected"
+        ]
+        return found[0] if found else "?"
+
+    wait_for("ZtunnelConnected=False", lambda: ztunnel_condition() == "False")
+    sandbox.create_pod(namespace, "late", node="node-2")
+    sandbox.wait_running(namespace, "late")
+    wait_for("late pending", lambda: annotation(sandbox, namespace, "late") == "pending")
+    assert annotation(sandbox, namespace, "early") == "enabled"  # running pods keep working
+    wait_for("status shows it", lambda: status_counts(mesh, "node-2")[1] == 1)
+
+    components.start_ztunnel(sandbox, "node-2")
+    wait_for("ZtunnelConnected=True", lambda: ztunnel_condition() == "True")
+    wait_for(
+        "late enabled after the snapshot",
+        lambda: annotation(sandbox, namespace, "late") == "enabled",
+    )
+    wait_for("no pending left", lambda: status_counts(mesh, "node-2")[1] == 0)
+
+
+def test_an_agent_restart_duplicates_nothing_and_reconverges(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    label(sandbox, namespace, "ambient")
+    sandbox.create_pod(namespace, "steady", node="node-1")
+    pod = sandbox.wait_running(namespace, "steady")
+    wait_for("enabled", lambda: annotation(sandbox, namespace, "steady") == "enabled")
+    before = kernel_state(sandbox, pod)
+    host_before = ipset_members(sandbox, "node-1")
+
+    mesh.agents["node-1"].stop()
+    mesh.agents["node-1"].start(timeout=60)
+    wait_for("Ready again", lambda: status_counts(mesh, "node-1")[3] == "True")
+    assert kernel_state(sandbox, pod) == before  # the same rules, once each
+    assert len(before["ip_rules"]) == 1
+    assert ipset_members(sandbox, "node-1") == host_before
+    nat = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            sandbox.state.topology.node("node-1").netns,
+            "iptables-save",
+            "-t",
+            "nat",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert nat.count("-A POSTROUTING -j ISTIO_POSTRT") == 1
+    reply = sandbox.http_get(pod, pod_ip(pod), 8080, "/self")
+    assert reply.json()["pod"] == "steady"
