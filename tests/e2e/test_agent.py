@@ -2,71 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes.client import CustomObjectsApi
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body, raw
+from ambient_cni.kube import MERGE_PATCH, as_body
 from ambient_cni.netns import netns_inode
 from ambient_cni.sandbox import components
 from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni.sandbox.components import Mesh
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = names.DEFAULT_SYSTEM_NAMESPACE
 REDIRECTION = names.REDIRECTION_ANNOTATION
 
 
-class Mesh:
-    def __init__(self, cluster: SandboxCluster):
-        self.cluster = cluster
-        self.controller = components.controller(cluster)
-        self.agents = {
-            n: components.agent(cluster, n, "--drift-interval=1") for n in cluster.node_names
-        }
-
-    def start(self) -> None:
-        self.controller.start()
-        wait_for("an object per node", lambda: all(self.anc(n) for n in self.cluster.node_names))
-        for agent in self.agents.values():
-            agent.start(timeout=60)
-        for node in self.cluster.node_names:
-            components.start_ztunnel(self.cluster, node)
-
-    def stop(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-        self.controller.stop()
-        for node in self.cluster.node_names:
-            self.cluster.delete_pod(SYSTEM, f"ztunnel-{node}", grace=0)
-
-    def anc(self, node: str) -> dict[str, Any] | None:
-        try:
-            return raw(
-                CustomObjectsApi(self.cluster.api).get_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
-                )
-            )
-        except Exception:
-            return None
-
-    def connections(self, node: str) -> list[dict[str, Any]]:
-        path = components.ztunnel_log(self.cluster, node)
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.fixture(scope="module")
 def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
-    sandbox.kubectl("apply", "-f", str(REPO / "crds"))
-    sandbox.kubectl("wait", "--for=condition=established", f"crd/{names.CRD_NAME}")
-    if sandbox.namespace(SYSTEM) is None:
-        sandbox.create_namespace(SYSTEM)
-    running = Mesh(sandbox)
+    running = Mesh(sandbox, "--drift-interval=1")
     running.start()
     try:
         yield running

@@ -7,13 +7,20 @@ can be read back for assertions.
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from kubernetes.client import CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
 from prometheus_client.parser import text_string_to_metric_families
+
+from ambient_cni.api import names
+from ambient_cni.kube import Obj, raw
 
 from .cluster import SandboxCluster, wait_for
 from .processes import spawn_daemon, terminate
@@ -156,3 +163,56 @@ def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-sy
     )
     cluster.wait_running(namespace, name)
     return name
+
+
+def repo_crds() -> Path:
+    # operator/ambient_cni/sandbox/components.py -> repository root
+    return Path(__file__).resolve().parents[3] / "crds"
+
+
+class Mesh:
+    """The whole operator on a sandbox: CRD, controller, one agent and one ztunnel per node."""
+
+    def __init__(self, cluster: SandboxCluster, *agent_args: str):
+        self.cluster = cluster
+        self.controller = controller(cluster)
+        self.agents = {n: agent(cluster, n, *agent_args) for n in cluster.node_names}
+
+    def start(self) -> None:
+        self.cluster.kubectl("apply", "-f", str(repo_crds()))
+        self.cluster.kubectl("wait", "--for=condition=established", f"crd/{names.CRD_NAME}")
+        if self.cluster.namespace(names.DEFAULT_SYSTEM_NAMESPACE) is None:
+            self.cluster.create_namespace(names.DEFAULT_SYSTEM_NAMESPACE)
+        self.controller.start()
+        wait_for(
+            "an AmbientNodeConfig per node",
+            lambda: all(self.anc(n) for n in self.cluster.node_names),
+        )
+        for node_agent in self.agents.values():
+            node_agent.start(timeout=60)
+        for node in self.cluster.node_names:
+            start_ztunnel(self.cluster, node)
+
+    def stop(self) -> None:
+        for node_agent in self.agents.values():
+            node_agent.stop()
+        self.controller.stop()
+        for node in self.cluster.node_names:
+            self.cluster.delete_pod(names.DEFAULT_SYSTEM_NAMESPACE, f"ztunnel-{node}", grace=0)
+
+    def anc(self, node: str) -> Obj | None:
+        try:
+            return raw(
+                CustomObjectsApi(self.cluster.api).get_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+                )
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def connections(self, node: str) -> list[dict[str, Any]]:
+        """What node's ztunnel stand-in relayed, one record per closed connection."""
+        path = ztunnel_log(self.cluster, node)
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []

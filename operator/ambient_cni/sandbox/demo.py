@@ -1,17 +1,108 @@
-"""`ambient-cni demo`: a two-node sandbox and a pod-to-pod call across nodes."""
+"""`ambient-cni demo`: ambient redirection on a two-node sandbox, from label to no trace.
+
+Brings the sandbox up, runs the whole operator on it (CRD, controller, one
+node agent per node, a ztunnel stand-in per node), labels a namespace and
+shows `kubectl get anc`, a cross-node call passing through both nodes'
+ztunnels, a call between pods outside the mesh going direct, then unlabels
+the namespace and shows the rules gone and the same pods talking directly.
+"""
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from typing import Any
+
+from ambient_cni.api import names
+from ambient_cni.kube import MERGE_PATCH, as_body
 
 from . import lifecycle
 from .cluster import SandboxCluster, pod_ip, wait_for
+from .components import Mesh
 
-NAMESPACE = "demo"
+MESH_NS = "demo"
+PLAIN_NS = "outside"
+
+
+class DemoFailed(RuntimeError):
+    pass
 
 
 def _step(text: str) -> None:
     print(f"\n==> {text}", flush=True)
+
+
+def _label(cluster: SandboxCluster, value: str | None) -> None:
+    cluster.core.patch_namespace(
+        MESH_NS,
+        as_body({"metadata": {"labels": {names.DATAPLANE_MODE_LABEL: value}}}),
+        _content_type=MERGE_PATCH,
+    )
+
+
+def _redirection(cluster: SandboxCluster, name: str) -> str | None:
+    pod = cluster.pod(MESH_NS, name) or {}
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    value: str | None = annotations.get(names.REDIRECTION_ANNOTATION)
+    return value
+
+
+def _istio_rules(cluster: SandboxCluster, pod: dict[str, Any]) -> int:
+    saved = subprocess.run(
+        ["ip", "netns", "exec", cluster.pod_netns(pod), "iptables-save"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(1 for line in saved.splitlines() if "ISTIO" in line)
+
+
+def _call(
+    cluster: SandboxCluster,
+    mesh: Mesh,
+    client: dict[str, Any],
+    server: dict[str, Any],
+    *,
+    meshed: bool,
+) -> None:
+    seen = {node: len(mesh.connections(node)) for node in cluster.node_names}
+    reply = cluster.http_get(client, pod_ip(server), 8080, "/hello")
+    body = reply.json()
+    print(f"HTTP {reply.status} from {body['pod']}: {reply.body}")
+    if body["pod"] != server["metadata"]["name"]:
+        raise DemoFailed(f"the call reached {body['pod']}, not {server['metadata']['name']}")
+
+    def relayed() -> list[str]:
+        return [
+            f"  ztunnel on {node}: {c['direction']:8} {c['pod']}  {c['src']} -> {c['dst']}"
+            for node in cluster.node_names
+            for c in mesh.connections(node)[seen[node] :]
+        ]
+
+    # A stand-in records a connection once it has closed: give it a moment.
+    lines = wait_for("the ztunnels' records", relayed, timeout=5) if meshed else relayed()
+    if lines and not meshed:
+        raise DemoFailed("a ztunnel relayed a call that should have gone direct")
+    print("\n".join(lines) if lines else "  no ztunnel saw it: the call went direct")
+
+
+def _wait_namespace_gone(cluster: SandboxCluster, namespace: str) -> None:
+    wait_for(
+        f"namespace {namespace} to be gone",
+        lambda: cluster.namespace(namespace) is None,
+        timeout=60,
+    )
+
+
+def _ready(mesh: Mesh, node: str) -> bool:
+    status = (mesh.anc(node) or {}).get("status") or {}
+    return any(
+        c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions") or []
+    )
+
+
+def _show_anc(cluster: SandboxCluster) -> None:
+    print(cluster.kubectl("get", "anc").stdout, end="")
 
 
 def run_demo(name: str, *, keep: bool = False) -> int:
@@ -19,33 +110,67 @@ def run_demo(name: str, *, keep: bool = False) -> int:
     lifecycle.up(name, 2)
     try:
         cluster = SandboxCluster.open(name)
-        _step(f"creating namespace {NAMESPACE} with one echo pod on each node")
-        cluster.delete_namespace(NAMESPACE)  # from an earlier --keep run
-        wait_for(
-            f"namespace {NAMESPACE} to be gone",
-            lambda: cluster.namespace(NAMESPACE) is None,
-            timeout=60,
-        )
-        cluster.create_namespace(NAMESPACE)
-        for index, node in enumerate(cluster.node_names[:2], start=1):
-            cluster.create_pod(NAMESPACE, f"echo-{index}", node=node)
-        client = cluster.wait_running(NAMESPACE, "echo-1")
-        server = cluster.wait_running(NAMESPACE, "echo-2")
-        print(cluster.kubectl("get", "nodes,pods", "-A", "-o", "wide").stdout, end="")
+        _step("installing the CRD; starting the controller, a node agent and a ztunnel per node")
+        mesh = Mesh(cluster)
+        mesh.start()
+        _show_anc(cluster)
 
         _step(
-            f"echo-1 ({pod_ip(client)} on {client['spec']['nodeName']}) calls "
-            f"echo-2 ({pod_ip(server)} on {server['spec']['nodeName']}) over HTTP"
+            f"namespace {MESH_NS}: echo-1 on node-1, echo-2 on node-2; "
+            f"namespace {PLAIN_NS}: plain-1, plain-2"
         )
-        reply = cluster.http_get(client, pod_ip(server))
-        print(f"HTTP {reply.status}: {reply.body}")
-        if reply.status != 200 or reply.json().get("pod") != "echo-2":
-            print("unexpected answer: the call did not reach echo-2", file=sys.stderr)
-            return 1
+        for namespace in (MESH_NS, PLAIN_NS):
+            cluster.delete_namespace(namespace)  # from an earlier --keep run
+            _wait_namespace_gone(cluster, namespace)
+            cluster.create_namespace(namespace)
+        for prefix, namespace in (("echo", MESH_NS), ("plain", PLAIN_NS)):
+            for index, node in enumerate(cluster.node_names[:2], start=1):
+                cluster.create_pod(namespace, f"{prefix}-{index}", node=node)
+        echo_1, echo_2 = (cluster.wait_running(MESH_NS, f"echo-{i}") for i in (1, 2))
+        plain_1, plain_2 = (cluster.wait_running(PLAIN_NS, f"plain-{i}") for i in (1, 2))
+        print(cluster.kubectl("get", "pods", "-n", MESH_NS, "-o", "wide").stdout, end="")
+
+        _step(f"kubectl label namespace {MESH_NS} istio.io/dataplane-mode=ambient")
+        _label(cluster, names.DATAPLANE_MODE_AMBIENT)
+        wait_for(
+            "both echo pods enabled",
+            lambda: _redirection(cluster, "echo-1") == _redirection(cluster, "echo-2") == "enabled",
+            timeout=30,
+        )
+        wait_for(
+            "every node Ready", lambda: all(_ready(mesh, n) for n in cluster.node_names), timeout=30
+        )
+        _show_anc(cluster)
         print(
-            f"answered by echo-2, which saw the caller as {reply.json()['client']} "
-            "(echo-1's own address: no NAT between nodes)"
+            f"echo-1: {names.REDIRECTION_ANNOTATION}={_redirection(cluster, 'echo-1')}, "
+            f"{_istio_rules(cluster, echo_1)} ISTIO rules in its netns"
         )
+
+        _step("echo-1 (node-1) calls echo-2 (node-2): through both nodes' ztunnels")
+        _call(cluster, mesh, echo_1, echo_2, meshed=True)
+        _step("plain-1 calls plain-2, outside the mesh: direct")
+        _call(cluster, mesh, plain_1, plain_2, meshed=False)
+
+        _step(f"kubectl label namespace {MESH_NS} istio.io/dataplane-mode-")
+        _label(cluster, None)
+        wait_for(
+            "the annotations to go",
+            lambda: (
+                _redirection(cluster, "echo-1") is None and _redirection(cluster, "echo-2") is None
+            ),
+            timeout=30,
+        )
+        print(
+            f"echo-1: {_istio_rules(cluster, echo_1)} ISTIO rules, "
+            f"echo-2: {_istio_rules(cluster, echo_2)}; same processes, same network namespaces"
+        )
+        _step("echo-1 calls echo-2 again: direct")
+        _call(cluster, mesh, echo_1, echo_2, meshed=False)
+        if not keep:
+            mesh.stop()
+    except DemoFailed as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        return 1
     finally:
         if keep:
             _step(
