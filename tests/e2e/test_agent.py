@@ -125,6 +125,9 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
                 [status_counts(mesh, n) for n in ("node-1", "node-2")] == [(1, 0, 0, "True")] * 2
             ),
         )
+        agent_1 = mesh.agents["node-1"]
+        assert agent_1.metric('ambient_cni_agent_workloads{state="Enrolled"}') == 1
+        assert agent_1.metric("ambient_cni_agent_ztunnel_connected") == 1
         table = sandbox.kubectl("get", "anc").stdout
         assert "READY" in table.splitlines()[0]
 
@@ -329,6 +332,8 @@ def test_an_agent_restart_duplicates_nothing_and_reconverges(
     host_before = ipset_members(sandbox, "node-1")
 
     mesh.agents["node-1"].stop()
+    assert kernel_state(sandbox, pod) == before  # a stopped agent leaves pods redirected
+    assert ipset_members(sandbox, "node-1") == host_before
     mesh.agents["node-1"].start(timeout=60)
     wait_for("Ready again", lambda: status_counts(mesh, "node-1")[3] == "True")
     assert kernel_state(sandbox, pod) == before  # the same rules, once each

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,3 +65,28 @@ def test_entries_carry_the_pod_uid(host: tuple[HostDataplane, str]) -> None:
 
     dataplane.sync({"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"})
     assert dataplane.entries() == {"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"}
+
+
+def test_agent_uninstall_removes_host_rules_and_sets(host: tuple[HostDataplane, str]) -> None:
+    dataplane, netns = host
+    dataplane.ensure()
+    dataplane.add(["10.244.0.5"], "uid-a")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ambient_cni.cli",
+            "agent",
+            "--node",
+            "node-x",
+            "--host-netns",
+            f"/run/netns/{netns}",
+            "--uninstall",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ISTIO" not in sh(netns, "iptables-save") + sh(netns, "ip6tables-save")
+    assert sh(netns, "ipset", "list", "-n").strip() == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from ambient_cni.agent import metrics
 from ambient_cni.agent.podnetns import NetnsNotFoundError, PodNetnsResolver
 from ambient_cni.agent.status import NodeFacts, PodOutcome, render
 from ambient_cni.agent.zds_server import SnapshotEntry, ZdsError, ZdsServer
@@ -245,6 +247,7 @@ class NodeAgent:
             record = self._records.get(uid)
             generation = self._desired.generation
             dns_default = self._desired.spec.dns_capture if self._desired.spec else True
+        started = time.monotonic()
         if desired is not None:
             if record is None:
                 record = PodRecord(desired, _outcome(desired, "Pending", "Enrolling", None))
@@ -253,8 +256,11 @@ class NodeAgent:
             record.workload = desired
             self._enrol(record, dns_default)
             record.generation = generation
+            metrics.POD_RECONCILES.labels(record.outcome.state).inc()
         elif record is not None:
             self._unenrol(record)
+            metrics.POD_RECONCILES.labels("Removed").inc()
+        metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
 
     def _enrol(self, record: PodRecord, dns_default: bool) -> None:
@@ -400,6 +406,10 @@ class NodeAgent:
             return
         facts, outcomes, previous = found
         status = render(facts, outcomes, previous, _now()).to_wire()
+        # Gauges first, so they are never behind the status a reader can see.
+        metrics.ZTUNNEL_CONNECTED.set(1 if facts.ztunnel_connected else 0)
+        for state in ("Enrolled", "Pending", "Failed", "Removing"):
+            metrics.WORKLOADS.labels(state).set(sum(1 for o in outcomes if o.state == state))
         comparable = {k: v for k, v in status.items() if k != "lastSyncTime"}
         with self._lock:
             before = self._written_status or {}
@@ -422,6 +432,7 @@ class NodeAgent:
             return
         with self._lock:
             self._written_status = status
+        metrics.STATUS_WRITES.inc()
 
 
 def _info(workload: Workload) -> WorkloadInfo:

@@ -1,0 +1,19 @@
+"""Prometheus metrics of the node agent."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+POD_RECONCILES = Counter(
+    "ambient_cni_agent_pod_reconciles_total",
+    "Pod reconcile passes, by the state they left the pod in",
+    ["state"],
+)
+WORKLOADS = Gauge("ambient_cni_agent_workloads", "Workloads on this node by state", ["state"])
+ZTUNNEL_CONNECTED = Gauge("ambient_cni_agent_ztunnel_connected", "1 while a ztunnel is connected")
+POD_RECONCILE_SECONDS = Histogram(
+    "ambient_cni_agent_pod_reconcile_seconds",
+    "Time of one pod reconcile pass (kernel, ZDS, ipset, annotation)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+STATUS_WRITES = Counter("ambient_cni_agent_status_writes_total", "AmbientNodeConfig status patches")
