@@ -321,7 +321,7 @@ def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(
     wait_for("no pending left", lambda: status_counts(mesh, "node-2")[1] == 0)
 
 
-def test_an_agent_restart_duplicates_nothing_and_reconverges(
+def test_a_killed_agent_restarts_without_duplicates_and_reconverges(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
     label(sandbox, namespace, "ambient")
@@ -331,8 +331,8 @@ def test_an_agent_restart_duplicates_nothing_and_reconverges(
     before = kernel_state(sandbox, pod)
     host_before = ipset_members(sandbox, "node-1")
 
-    mesh.agents["node-1"].stop()
-    assert kernel_state(sandbox, pod) == before  # a stopped agent leaves pods redirected
+    mesh.agents["node-1"].kill()
+    assert kernel_state(sandbox, pod) == before  # a dead agent leaves pods redirected
     assert ipset_members(sandbox, "node-1") == host_before
     mesh.agents["node-1"].start(timeout=60)
     wait_for("Ready again", lambda: status_counts(mesh, "node-1")[3] == "True")

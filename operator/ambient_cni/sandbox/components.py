@@ -8,6 +8,8 @@ can be read back for assertions.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import sys
 import urllib.request
@@ -23,7 +25,7 @@ from ambient_cni.api import names
 from ambient_cni.kube import Obj, raw
 
 from .cluster import SandboxCluster, wait_for
-from .processes import spawn_daemon, terminate
+from .processes import is_running, spawn_daemon, terminate
 
 CONTROLLER_USER = "ambient-cni-controller"
 
@@ -81,6 +83,14 @@ class Component:
     def stop(self) -> None:
         if self.pid is not None:
             terminate([self.pid], grace=10.0)
+            self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown, as when a node agent crashes or is OOM-killed."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            wait_for(f"{self.label} to die", lambda: not is_running(self.pid or 0))
+            terminate([self.pid], grace=0)  # reap it
             self.pid = None
 
     def restart(self) -> None:
