@@ -63,7 +63,7 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = yield
     if report.failed and item.get_closest_marker("e2e"):
         log_dir = paths_for(SANDBOX).log_dir
-        for log in sorted(log_dir.glob("*.log")) if log_dir.is_dir() else []:
+        for log in sorted([*log_dir.glob("*.log"), *log_dir.glob("*.jsonl")]):
             lines = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
             report.sections.append((f"sandbox log {log.name}", "\n".join(lines)))
     return report

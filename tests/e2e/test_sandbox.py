@@ -113,6 +113,25 @@ def test_pod_on_node_1_gets_http_answer_from_pod_on_node_2(
     assert reply.json()["client"].split(":")[0] == pod_ip(client)
 
 
+def test_a_reused_pod_address_answers_at_once(sandbox: SandboxCluster, namespace: str) -> None:
+    # The kubelet hands out the lowest free address, so a replacement pod often
+    # gets its predecessor's; the node must not keep sending to the old MAC.
+    sandbox.create_pod(namespace, "client", node="node-1")
+    sandbox.create_pod(namespace, "bystander", node="node-2")  # keeps node-2's bridge up
+    sandbox.create_pod(namespace, "server", node="node-2")
+    client = sandbox.wait_running(namespace, "client")
+    sandbox.wait_running(namespace, "bystander")
+    first = sandbox.wait_running(namespace, "server")
+    assert sandbox.http_get(client, pod_ip(first), 8080, timeout=2).status == 200
+    sandbox.delete_pod(namespace, "server", grace=0)
+    old_netns = Path("/run/netns") / sandbox.pod_netns(first)
+    wait_for("the kubelet to release the first server", lambda: not old_netns.exists())
+    sandbox.create_pod(namespace, "server", node="node-2")
+    second = sandbox.wait_running(namespace, "server")
+    assert pod_ip(second) == pod_ip(first)
+    assert sandbox.http_get(client, pod_ip(second), 8080, timeout=2).status == 200
+
+
 def test_kubectl_wide_and_status_show_nodes_and_pods_with_ips(
     sandbox: SandboxCluster, namespace: str
 ) -> None:

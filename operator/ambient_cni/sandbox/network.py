@@ -121,6 +121,9 @@ def create_node(topology: Topology, node: NodePlan) -> None:
             ipr.link("set", index=uplink, state="up")
             ipr.link("add", ifname=NODE_BRIDGE, kind="bridge")
             bridge = _index(ipr, NODE_BRIDGE)
+            # A fixed MAC, as a CNI bridge has: one borrowed from its lowest port
+            # changes as pods come and go, and each change flushes the ARP cache.
+            ipr.link("set", index=bridge, address=_bridge_mac(node.gateway))
             cidr = ipaddress.IPv4Network(node.pod_cidr)
             ipr.addr("add", index=bridge, address=node.gateway, prefixlen=cidr.prefixlen)
             ipr.link("set", index=bridge, state="up")
@@ -130,6 +133,12 @@ def create_node(topology: Topology, node: NodePlan) -> None:
         _write_sysctl("net.ipv4.ip_forward", "1")
 
     run_in_netns(node.netns, setup_node)
+
+
+def _bridge_mac(gateway: str) -> str:
+    """A locally administered unicast MAC derived from the bridge's address."""
+    octets = ipaddress.IPv4Address(gateway).packed
+    return "02:ac:" + ":".join(f"{b:02x}" for b in octets)
 
 
 def attach_pod(node: NodePlan, pod_netns: str, host_veth: str, pod_ip: str) -> None:
@@ -149,6 +158,7 @@ def attach_pod(node: NodePlan, pod_netns: str, host_veth: str, pod_ip: str) -> N
                 ipr.link(
                     "set", index=_index(ipr, host_veth), master=_index(ipr, NODE_BRIDGE), state="up"
                 )
+                _forget_neighbour(ipr, pod_ip)
 
         run_in_netns(node.netns, plug_into_bridge)
     finally:
@@ -165,6 +175,16 @@ def attach_pod(node: NodePlan, pod_netns: str, host_veth: str, pod_ip: str) -> N
             ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway)
 
     run_in_netns(pod_netns, setup_pod)
+
+
+def _forget_neighbour(ipr: IPRoute, ip: str) -> None:
+    """Drop the node's ARP entry for a reused pod address.
+
+    Without it the node keeps sending to the previous pod's MAC until the
+    entry ages out (up to ~30 s): the new pod sends no gratuitous ARP.
+    """
+    with contextlib.suppress(NetlinkError):
+        ipr.neigh("del", dst=ip, ifindex=_index(ipr, NODE_BRIDGE))
 
 
 def detach_pod(node: NodePlan, pod_netns: str, host_veth: str) -> None:
