@@ -20,6 +20,7 @@ from typing import Any
 from kubernetes.client import CustomObjectsApi
 from prometheus_client import start_http_server
 
+from ambient_cni.agent.daemonset_watch import DaemonSetWatch
 from ambient_cni.agent.podnetns import PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.api import names
@@ -66,8 +67,9 @@ def run(
     listen_address: str,
     metrics_port: int,
     health_port: int,
+    log_level: str = "info",
 ) -> int:
-    configure_json_logging()
+    configure_json_logging(logging.getLevelName(log_level.upper()))
     api = new_api_client(kubeconfig)
     flavour = detect_flavour(options.host_netns)
     agent = NodeAgent(
@@ -75,7 +77,9 @@ def run(
         api,
         PodRules(flavour),
         HostDataplane(flavour, options.host_netns),
-        PodNetnsResolver(netns_dir=options.netns_dir, netns_prefix=options.netns_prefix),
+        PodNetnsResolver(
+            proc=options.proc, netns_dir=options.netns_dir, netns_prefix=options.netns_prefix
+        ),
     )
     custom = CustomObjectsApi(api)
     reflector: Reflector = Reflector(
@@ -95,8 +99,11 @@ def run(
     _health_server(listen_address, health_port, healthy)
     log.info("agent for node %s (%s)", options.node, flavour.backend)
 
+    daemonset = DaemonSetWatch(api, options.daemonset) if options.daemonset else None
     agent.start()
     reflector.start(stop)
+    if daemonset is not None:
+        daemonset.start(stop)
     deadline = time.monotonic() + INITIAL_PASS_TIMEOUT
     while not stop.is_set() and not agent.initial_pass_done() and time.monotonic() < deadline:
         stop.wait(0.05)
@@ -106,4 +113,9 @@ def run(
     healthy.set()
     stop.wait()
     agent.stop()
+    if daemonset is not None:
+        going, why = daemonset.going()
+        log.info("DaemonSet %s: %s", options.daemonset, why)
+        if going:
+            uninstall(options)
     return 0

@@ -69,7 +69,9 @@ class AgentOptions:
     zds_socket: Path
     host_netns: Path | None = None
     netns_dir: Path = Path("/run/netns")
+    proc: Path = Path("/proc")
     netns_prefix: str = ""
+    daemonset: str | None = None  # NAMESPACE/NAME; its deletion at stop means uninstall
     drift_interval: float = 10.0
     workers: int = 4
 

@@ -44,6 +44,7 @@ class ControllerOptions:
     lease_name: str = "ambient-cni-controller"
     debounce: float = 0.1
     min_write_interval: float = 1.0
+    log_level: str = "info"
 
 
 class CrdMissingError(RuntimeError):
@@ -175,6 +176,7 @@ def run(options: ControllerOptions) -> int:
     kopf.configure(log_format=kopf.LogFormat.JSON)
     # kopf logs every handled event per object at INFO; keep its warnings and errors only.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    logging.getLogger("ambient_cni").setLevel(options.log_level.upper())
     api = new_api_client(options.kubeconfig)
     controller = Controller(options, api)
     stop = threading.Event()  # ends our own threads
