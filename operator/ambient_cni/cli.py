@@ -11,6 +11,7 @@ from pathlib import Path
 from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE
 
 DEFAULT_SANDBOX = "demo"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
 def _sandbox_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,6 +78,7 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="namespace of the leader-election Lease (default: $POD_NAMESPACE or istio-system)",
     )
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
+    ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
 
 def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -90,6 +92,13 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--host-netns", type=Path, help="the node's network namespace (default: the agent's own)"
     )
     agent.add_argument("--netns-dir", type=Path, default=Path("/var/run/netns"))
+    agent.add_argument("--proc", type=Path, default=Path("/proc"), help="the host's /proc")
+    agent.add_argument(
+        "--daemonset",
+        help="NAMESPACE/NAME of the agent's DaemonSet: when it is being deleted at SIGTERM, "
+        "the agent removes the host's rules and ipsets (an uninstall)",
+    )
+    agent.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     agent.add_argument(
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
     )
@@ -116,7 +125,9 @@ def _run_agent(args: argparse.Namespace) -> int:
         zds_socket=args.zds_socket,
         host_netns=args.host_netns,
         netns_dir=args.netns_dir,
+        proc=args.proc,
         netns_prefix=args.netns_prefix,
+        daemonset=args.daemonset,
         drift_interval=args.drift_interval,
     )
     if args.uninstall:
@@ -127,6 +138,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         listen_address=args.listen_address,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        log_level=args.log_level,
     )
 
 
@@ -151,6 +163,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         leader_election=args.leader_election,
         lease_namespace=args.lease_namespace,
         min_write_interval=args.min_write_interval,
+        log_level=args.log_level,
     )
     return run(options)
 
@@ -162,7 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _sandbox_commands(sub)
-    sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    ready = sub.add_parser(
+        "check-ready", help="wait until every AmbientNodeConfig is Ready (the chart's helm test)"
+    )
+    ready.add_argument("--kubeconfig", type=Path, help="default: in-cluster, then $KUBECONFIG")
+    ready.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    crds = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
+    crds.add_argument(
+        "--chart", action="store_true", help="the Helm chart's copy (kept on uninstall)"
+    )
     _controller_command(sub)
     _agent_command(sub)
     demo = sub.add_parser("demo", help="run the demo on a local sandbox cluster")
@@ -236,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "sandbox":
             return _run_sandbox(args)
+        if args.command == "check-ready":
+            from .readiness import check_ready
+
+            return check_ready(args.kubeconfig, args.timeout)
         if args.command == "agent":
             return _run_agent(args)
         if args.command == "controller":
@@ -243,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "crds":
             from .api.crd import crd_yaml
 
-            print(crd_yaml(), end="")
+            print(crd_yaml(for_chart=args.chart), end="")
             return 0
         if args.command == "demo":
             from .sandbox.demo import run_demo

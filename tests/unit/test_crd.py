@@ -13,6 +13,7 @@ from ambient_cni.api.models import AmbientNodeConfigSpec, Workload
 
 REPO = Path(__file__).resolve().parents[2]
 COMMITTED = REPO / "crds" / "ambientnodeconfigs.cni.ambient.dev.yaml"
+CHART_COPY = REPO / "charts" / "istio-cni" / "templates" / "crd-ambientnodeconfigs.yaml"
 
 
 def test_committed_crd_matches_the_models() -> None:
@@ -20,6 +21,15 @@ def test_committed_crd_matches_the_models() -> None:
         "crds/ drifted from ambient_cni.api.models: run "
         "`ambient-cni crds > crds/ambientnodeconfigs.cni.ambient.dev.yaml`"
     )
+
+
+def test_chart_crd_matches_the_models_and_is_kept_on_uninstall() -> None:
+    assert CHART_COPY.read_text() == crd_yaml(for_chart=True), (
+        f"{CHART_COPY} drifted: run `ambient-cni crds --chart > {CHART_COPY.relative_to(REPO)}`"
+    )
+    assert yaml.safe_load(CHART_COPY.read_text())["metadata"]["annotations"] == {
+        "helm.sh/resource-policy": "keep"
+    }
 
 
 def test_crd_names_columns_and_subresource() -> None:

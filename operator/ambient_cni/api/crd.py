@@ -122,6 +122,12 @@ def crd() -> Schema:
     }
 
 
-def crd_yaml() -> str:
-    header = "# Generated from ambient_cni.api.models by `ambient-cni crds`; do not edit.\n"
-    return header + yaml.safe_dump(crd(), sort_keys=False, width=100)
+def crd_yaml(*, for_chart: bool = False) -> str:
+    """The CRD as YAML; the chart's copy is kept by `helm uninstall` (deleting a CRD
+    would delete every AmbientNodeConfig with it)."""
+    document = crd()
+    command = "ambient-cni crds --chart" if for_chart else "ambient-cni crds"
+    if for_chart:
+        document["metadata"]["annotations"] = {"helm.sh/resource-policy": "keep"}
+    header = f"# Generated from ambient_cni.api.models by `{command}`; do not edit.\n"
+    return header + yaml.safe_dump(document, sort_keys=False, width=100)

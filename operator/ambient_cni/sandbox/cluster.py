@@ -6,6 +6,7 @@ deadline and fails with what it last saw, never a bare timeout.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
@@ -102,6 +104,34 @@ class SandboxCluster:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             server = f"https://127.0.0.1:{self.state.apiserver_port}"
             write_kubeconfig(path, server, ca, client, user=user, cluster=self.name)
+        return path
+
+    def service_account_kubeconfig(self, namespace: str, account: str) -> Path:
+        """A kubeconfig with a fresh bearer token of a ServiceAccount (TokenRequest API)."""
+        token = self.kubectl(
+            "create", "token", account, "-n", namespace, "--duration=4h"
+        ).stdout.strip()
+        path = Path(self.state.state_dir) / "users" / f"sa-{namespace}-{account}.kubeconfig"
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        ca = (Path(self.state.state_dir) / "pki" / "ca.crt").read_bytes()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": self.name,
+                    "cluster": {
+                        "server": f"https://127.0.0.1:{self.state.apiserver_port}",
+                        "certificate-authority-data": base64.b64encode(ca).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": self.name, "context": {"cluster": self.name, "user": account}}],
+            "current-context": self.name,
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
         return path
 
     # -- namespaces and pods -----------------------------------------------------------

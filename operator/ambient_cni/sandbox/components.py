@@ -114,9 +114,12 @@ class Component:
         return self.metrics().get(key, 0.0)
 
 
-def controller(cluster: SandboxCluster, *extra_args: str) -> Component:
-    """The controller, authenticated as its own user (so audit records tell its writes apart)."""
-    kubeconfig = cluster.user_kubeconfig(CONTROLLER_USER, groups="system:masters")
+def controller(
+    cluster: SandboxCluster, *extra_args: str, kubeconfig: Path | None = None
+) -> Component:
+    """The controller, authenticated as its own user (so audit records tell its writes apart);
+    `kubeconfig` replaces that user (e.g. with the chart's ServiceAccount token)."""
+    kubeconfig = kubeconfig or cluster.user_kubeconfig(CONTROLLER_USER, groups="system:masters")
     return Component(
         cluster,
         "controller",
@@ -135,9 +138,11 @@ def ztunnel_log(cluster: SandboxCluster, node: str) -> Path:
     return Path(cluster.state.state_dir) / "logs" / f"ztunnel-{node}.connections.jsonl"
 
 
-def agent(cluster: SandboxCluster, node: str, *extra_args: str) -> Component:
+def agent(
+    cluster: SandboxCluster, node: str, *extra_args: str, kubeconfig: Path | None = None
+) -> Component:
     """The node agent of one sandbox node: its host is the node's netns."""
-    kubeconfig = cluster.user_kubeconfig(AGENT_USER, groups="system:masters")
+    kubeconfig = kubeconfig or cluster.user_kubeconfig(AGENT_USER, groups="system:masters")
     prefix = cluster.state.topology.prefix
     return Component(
         cluster,
@@ -183,13 +188,25 @@ def repo_crds() -> Path:
 class Mesh:
     """The whole operator on a sandbox: CRD, controller, one agent and one ztunnel per node."""
 
-    def __init__(self, cluster: SandboxCluster, *agent_args: str):
+    def __init__(
+        self,
+        cluster: SandboxCluster,
+        *agent_args: str,
+        controller_kubeconfig: Path | None = None,
+        agent_kubeconfig: Path | None = None,
+        install_crds: bool = True,
+    ):
         self.cluster = cluster
-        self.controller = controller(cluster)
-        self.agents = {n: agent(cluster, n, *agent_args) for n in cluster.node_names}
+        self.install_crds = install_crds
+        self.controller = controller(cluster, kubeconfig=controller_kubeconfig)
+        self.agents = {
+            n: agent(cluster, n, *agent_args, kubeconfig=agent_kubeconfig)
+            for n in cluster.node_names
+        }
 
     def start(self) -> None:
-        self.cluster.kubectl("apply", "-f", str(repo_crds()))
+        if self.install_crds:
+            self.cluster.kubectl("apply", "-f", str(repo_crds()))
         self.cluster.kubectl("wait", "--for=condition=established", f"crd/{names.CRD_NAME}")
         if self.cluster.namespace(names.DEFAULT_SYSTEM_NAMESPACE) is None:
             self.cluster.create_namespace(names.DEFAULT_SYSTEM_NAMESPACE)

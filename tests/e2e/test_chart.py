@@ -1,0 +1,334 @@
+"""The Helm chart on the sandbox's real API server, driven by pyhelm3.
+
+The sandbox's kubelet runs commands, not images, so the chart is installed
+with no controller replica and an agent node selector that matches no node;
+the controller and the agents then run as sandbox processes with the bearer
+tokens of the chart's own ServiceAccounts. That proves the chart's RBAC, not
+admin's, does the whole job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyhelm3 import Client
+
+from ambient_cni.api import names
+from ambient_cni.kube import MERGE_PATCH, as_body
+from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni.sandbox.components import Mesh
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "istio-cni"
+RELEASE = "ambient"
+NAMESPACE = names.DEFAULT_SYSTEM_NAMESPACE
+CONTROLLER_SA = "ambient-cni-controller"
+AGENT_SA = "ambient-cni-node"
+SANDBOX_VALUES: dict[str, Any] = {
+    "controller": {"replicas": 0},
+    "agent": {"nodeSelector": {"ambient-cni.dev/runs-images": "true"}, "driftInterval": 2},
+}
+
+
+def helm(sandbox: SandboxCluster) -> Client:
+    return Client(
+        executable=str(Path(sandbox.state.bin_dir) / "helm"), kubeconfig=sandbox.kubeconfig
+    )
+
+
+def install(sandbox: SandboxCluster, values: dict[str, Any]) -> None:
+    client = helm(sandbox)
+
+    async def go() -> None:
+        chart = await client.get_chart(CHART)
+        # take_ownership: earlier tests applied crds/ with kubectl.
+        await client.install_or_upgrade_release(
+            RELEASE, chart, values, namespace=NAMESPACE, take_ownership=True, wait=False
+        )
+
+    asyncio.run(go())
+
+
+def run_helm(sandbox: SandboxCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(Path(sandbox.state.bin_dir) / "helm"), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+class Installed:
+    def __init__(self, sandbox: SandboxCluster):
+        self.sandbox = sandbox
+        self.mesh: Mesh | None = None
+
+
+@pytest.fixture(scope="module")
+def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
+    install(sandbox, SANDBOX_VALUES)
+    state = Installed(sandbox)
+    state.mesh = Mesh(
+        sandbox,
+        "--drift-interval=2",
+        f"--daemonset={NAMESPACE}/{AGENT_SA}",
+        controller_kubeconfig=sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA),
+        agent_kubeconfig=sandbox.service_account_kubeconfig(NAMESPACE, AGENT_SA),
+        install_crds=False,
+    )
+    state.mesh.start()
+    try:
+        yield state
+    finally:
+        state.mesh.stop()
+        run_helm(
+            sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
+        )
+
+
+def test_helm_lint(sandbox: SandboxCluster) -> None:
+    result = run_helm(sandbox, "lint", "--strict", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("redirectMode=sideways", "redirectMode"),
+        ("logLevel=loud", "logLevel"),
+        ("controller.replicas=-1", "replicas"),
+        ("agent.zdsSocketDir=relative/dir", "zdsSocketDir"),
+        ("agent.driftInterval=0", "driftInterval"),
+        ("excludeNamespaces[0]=Not_A_Namespace", "excludeNamespaces"),
+        ("colour=blue", "colour"),
+    ],
+)
+def test_values_schema_refuses_bad_values_by_name(
+    sandbox: SandboxCluster, flag: str, message: str
+) -> None:
+    result = run_helm(sandbox, "template", RELEASE, str(CHART), "--set", flag)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_default_values_render(sandbox: SandboxCluster) -> None:
+    result = run_helm(sandbox, "template", RELEASE, str(CHART), "-n", NAMESPACE)
+    assert result.returncode == 0, result.stderr
+    assert "kind: DaemonSet" in result.stdout
+    assert "system-node-critical" in result.stdout
+
+
+def test_install_is_accepted_by_the_api_server(
+    sandbox: SandboxCluster, installed: Installed
+) -> None:
+    for kind, name in [
+        ("daemonset", AGENT_SA),
+        ("deployment", CONTROLLER_SA),
+        ("serviceaccount", AGENT_SA),
+        ("serviceaccount", CONTROLLER_SA),
+        ("role", AGENT_SA),
+        ("role", CONTROLLER_SA),
+    ]:
+        assert sandbox.kubectl("get", kind, name, "-n", NAMESPACE, check=False).returncode == 0, (
+            kind,
+            name,
+        )
+    for kind, name in [
+        ("clusterrole", AGENT_SA),
+        ("clusterrole", CONTROLLER_SA),
+        ("crd", names.CRD_NAME),
+    ]:
+        assert sandbox.kubectl("get", kind, name, check=False).returncode == 0, (kind, name)
+
+
+def test_the_charts_service_accounts_do_the_whole_job(
+    sandbox: SandboxCluster, installed: Installed, namespace: str
+) -> None:
+    mesh = installed.mesh
+    assert mesh is not None
+    sandbox.create_pod(namespace, "client", node="node-1")
+    sandbox.create_pod(namespace, "server", node="node-2")
+    client, server = (
+        sandbox.wait_running(namespace, "client"),
+        sandbox.wait_running(namespace, "server"),
+    )
+    sandbox.core.patch_namespace(
+        namespace,
+        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
+        _content_type=MERGE_PATCH,
+    )
+
+    def enabled(name: str) -> bool:
+        pod = sandbox.pod(namespace, name) or {}
+        return (pod["metadata"].get("annotations") or {}).get(
+            names.REDIRECTION_ANNOTATION
+        ) == "enabled"
+
+    wait_for("both enabled", lambda: enabled("client") and enabled("server"))
+    seen = len(mesh.connections("node-1"))
+    assert sandbox.http_get(client, pod_ip(server), 8080).json()["pod"] == "server"
+    wait_for("node-1's ztunnel relayed it", lambda: len(mesh.connections("node-1")) > seen)
+
+    # The helm test hook's command, with the hook pod's ServiceAccount.
+    ready = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ambient_cni.cli",
+            "check-ready",
+            "--timeout=60",
+            f"--kubeconfig={sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA)}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ready.returncode == 0, ready.stdout + ready.stderr
+    assert "Ready" in ready.stdout
+
+
+@pytest.mark.parametrize(
+    ("account", "verb", "resource", "allowed"),
+    [
+        (AGENT_SA, "patch", "ambientnodeconfigs", False),  # another node's spec, or its own
+        (AGENT_SA, "patch", "ambientnodeconfigs/status", True),
+        (AGENT_SA, "patch", "pods", False),
+        (AGENT_SA, "patch", "pods/status", True),
+        (AGENT_SA, "delete", "pods", False),
+        (AGENT_SA, "list", "secrets", False),
+        (CONTROLLER_SA, "patch", "pods", False),
+        (CONTROLLER_SA, "update", "nodes", False),
+        (CONTROLLER_SA, "patch", "namespaces", False),
+        (CONTROLLER_SA, "patch", "ambientnodeconfigs/status", False),
+        (CONTROLLER_SA, "patch", "ambientnodeconfigs", True),
+        (CONTROLLER_SA, "delete", "ambientnodeconfigs", False),
+    ],
+)
+def test_the_charts_roles_allow_no_more(
+    sandbox: SandboxCluster,
+    installed: Installed,
+    account: str,
+    verb: str,
+    resource: str,
+    allowed: bool,
+) -> None:
+    kind, _, subresource = resource.partition("/")
+    args = [
+        "auth",
+        "can-i",
+        verb,
+        kind,
+        "--all-namespaces",
+        f"--as=system:serviceaccount:{NAMESPACE}:{account}",
+    ]
+    if subresource:
+        args.append(f"--subresource={subresource}")
+    result = sandbox.kubectl(*args, check=False)
+    assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
+
+
+def test_upgrade_restarts_agents_without_interrupting_traffic(
+    sandbox: SandboxCluster, installed: Installed, namespace: str
+) -> None:
+    mesh = installed.mesh
+    assert mesh is not None
+    sandbox.core.patch_namespace(
+        namespace,
+        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
+        _content_type=MERGE_PATCH,
+    )
+    sandbox.create_pod(namespace, "client", node="node-1")
+    sandbox.create_pod(namespace, "server", node="node-2")
+    client, server = (
+        sandbox.wait_running(namespace, "client"),
+        sandbox.wait_running(namespace, "server"),
+    )
+    wait_for(
+        "both enabled",
+        lambda: all(
+            ((sandbox.pod(namespace, n) or {})["metadata"].get("annotations") or {}).get(
+                names.REDIRECTION_ANNOTATION
+            )
+            == "enabled"
+            for n in ("client", "server")
+        ),
+    )
+    failures: list[str] = []
+    calls = [0]
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            try:
+                if (
+                    sandbox.http_get(client, pod_ip(server), 8080, timeout=2).json()["pod"]
+                    != "server"
+                ):
+                    failures.append("wrong answer")
+            except Exception as exc:
+                failures.append(repr(exc))
+            calls[0] += 1
+
+    caller = threading.Thread(target=keep_calling, daemon=True)
+    caller.start()
+    try:
+        install(
+            sandbox, {**SANDBOX_VALUES, "agent": {**SANDBOX_VALUES["agent"], "driftInterval": 3}}
+        )
+        for agent in mesh.agents.values():  # the DaemonSet's rolling update, one node at a time
+            agent.restart()
+        start = calls[0]
+        wait_for("more calls after the restarts", lambda: calls[0] > start + 20)
+    finally:
+        stop.set()
+        caller.join(timeout=10)
+    assert failures == []
+    revision = run_helm(
+        sandbox, "status", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
+    )
+    assert "REVISION: 2" in revision.stdout
+
+
+def test_uninstall_removes_host_rules_and_ipsets_and_keeps_the_crd(
+    sandbox: SandboxCluster, installed: Installed
+) -> None:
+    mesh = installed.mesh
+    assert mesh is not None
+    result = run_helm(
+        sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
+    )
+    assert result.returncode == 0, result.stderr
+    wait_for(
+        "the DaemonSet gone",
+        lambda: (
+            sandbox.kubectl("get", "ds", AGENT_SA, "-n", NAMESPACE, check=False).returncode != 0
+        ),
+    )
+    for agent in mesh.agents.values():
+        agent.stop()  # what the DaemonSet's deletion does to its pods
+        # By SIGTERM the agent's Role is gone too: it must have watched the deletion.
+        assert "its deletion was watched" in agent.log_path.read_text()
+    for node in sandbox.node_names:
+        netns = sandbox.state.topology.node(node).netns
+        saved = subprocess.run(
+            ["ip", "netns", "exec", netns, "iptables-save"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "ISTIO_POSTRT" not in saved
+        sets = subprocess.run(
+            ["ip", "netns", "exec", netns, "ipset", "list", "-n"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "istio-inpod-probes" not in sets
+    assert sandbox.kubectl("get", "crd", names.CRD_NAME, check=False).returncode == 0  # kept
