@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE
+from .dataplane.constants import BACKENDS
 
 DEFAULT_SANDBOX = "demo"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -100,6 +101,12 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     agent.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     agent.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="iptables flavour; auto follows the one the host's rules already use",
+    )
+    agent.add_argument(
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
     )
     agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
@@ -128,6 +135,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         proc=args.proc,
         netns_prefix=args.netns_prefix,
         daemonset=args.daemonset,
+        backend=args.backend,
         drift_interval=args.drift_interval,
     )
     if args.uninstall:

@@ -98,11 +98,45 @@ def test_helm_lint(sandbox: SandboxCluster) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) -> None:
+    flags = [
+        "redirectMode=node",
+        "backend=iptables-legacy",
+        "dnsCapture=false",
+        "excludeNamespaces={kube-system,monitoring}",
+        "systemNamespace=ztunnel",
+        "logLevel=debug",
+        "image.repository=registry.example/ambient-cni",
+        "image.tag=0.9.1",
+        "controller.resources.limits.memory=1Gi",
+        "agent.nodeSelector.pool=mesh",
+        "agent.tolerations[0].key=dedicated",
+        "agent.tolerations[0].operator=Exists",
+    ]
+    result = run_helm(
+        sandbox, "template", RELEASE, str(CHART), *(a for f in flags for a in ("--set", f))
+    )
+    assert result.returncode == 0, result.stderr
+    for rendered in (
+        "--redirect-mode=node",
+        "--backend=iptables-legacy",
+        "--no-dns-capture",
+        "--exclude-namespaces=kube-system,monitoring",
+        "--system-namespace=ztunnel",
+        "--log-level=debug",
+        "registry.example/ambient-cni:0.9.1",
+        "pool: mesh",
+        "key: dedicated",
+    ):
+        assert rendered in result.stdout, rendered
+
+
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
         ("redirectMode=sideways", "redirectMode"),
         ("logLevel=loud", "logLevel"),
+        ("backend=ebpf", "backend"),
         ("controller.replicas=-1", "replicas"),
         ("agent.zdsSocketDir=relative/dir", "zdsSocketDir"),
         ("agent.driftInterval=0", "driftInterval"),

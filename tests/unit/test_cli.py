@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from ambient_cni.cli import build_parser, main
+from ambient_cni.dataplane.iptables_apply import flavour_for
 
 
 def test_sandbox_defaults() -> None:
@@ -28,3 +29,18 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "sandbox" in out
     assert "demo" in out
+
+
+@pytest.mark.parametrize(
+    ("backend", "tool"),
+    [("iptables-nft", "iptables-nft-restore"), ("iptables-legacy", "iptables-legacy-restore")],
+)
+def test_an_explicit_backend_picks_its_iptables_flavour(backend: str, tool: str) -> None:
+    args = build_parser().parse_args(["agent", "--node=n1", f"--backend={backend}"])
+    assert flavour_for(args.backend).tool(4, "restore") == tool
+
+
+def test_an_unknown_backend_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agent", "--node=n1", "--backend=ebpf"])
+    assert "invalid choice: 'ebpf'" in capsys.readouterr().err

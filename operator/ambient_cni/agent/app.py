@@ -25,7 +25,7 @@ from ambient_cni.agent.podnetns import PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.api import names
 from ambient_cni.dataplane.host import HostDataplane
-from ambient_cni.dataplane.iptables_apply import PodRules, detect_flavour
+from ambient_cni.dataplane.iptables_apply import PodRules, flavour_for
 from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging
 from ambient_cni.reflector import Reflector, name_of
@@ -54,7 +54,7 @@ def _health_server(
 
 def uninstall(options: AgentOptions) -> int:
     """Remove the host's probe rules and ipsets (pod rules are left to their pods)."""
-    host = HostDataplane(detect_flavour(options.host_netns), options.host_netns)
+    host = HostDataplane(flavour_for(options.backend, options.host_netns), options.host_netns)
     removed = host.uninstall()
     log.info("host rules and ipsets %s", "removed" if removed else "were already absent")
     return 0
@@ -71,7 +71,7 @@ def run(
 ) -> int:
     configure_json_logging(logging.getLevelName(log_level.upper()))
     api = new_api_client(kubeconfig)
-    flavour = detect_flavour(options.host_netns)
+    flavour = flavour_for(options.backend, options.host_netns)
     agent = NodeAgent(
         options,
         api,

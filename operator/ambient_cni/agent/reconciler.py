@@ -72,6 +72,7 @@ class AgentOptions:
     proc: Path = Path("/proc")
     netns_prefix: str = ""
     daemonset: str | None = None  # NAMESPACE/NAME; its deletion at stop means uninstall
+    backend: str = "auto"  # auto, iptables-nft or iptables-legacy
     drift_interval: float = 10.0
     workers: int = 4
 

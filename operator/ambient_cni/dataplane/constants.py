@@ -27,3 +27,6 @@ PROBE_IPSET: Final[dict[Family, str]] = {4: "istio-inpod-probes-v4", 6: "istio-i
 PREROUTING_CHAIN: Final = "ISTIO_PRERT"
 OUTPUT_CHAIN: Final = "ISTIO_OUTPUT"
 POSTROUTING_CHAIN: Final = "ISTIO_POSTRT"
+
+# The agent's --backend choices: auto follows the iptables flavour the host already uses.
+BACKENDS = ("auto", "iptables-nft", "iptables-legacy")

@@ -28,7 +28,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ambient_cni.netns import NetnsError, netns_path, run_in_netns, run_in_new_netns
 
-from .constants import CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, Family
+from .constants import BACKENDS, CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, Family
 from .iptables_rules import PodRedirect, pod_ruleset
 from .iptables_state import Tables, our_rules, removal_input, replace_input
 
@@ -86,6 +86,15 @@ def detect_flavour(host_netns: str | Path | None = None) -> Flavour:
 
     legacy, nft = count() if host_netns is None else run_in_netns(host_netns, count)
     return Flavour("legacy") if legacy > max(nft, 0) else Flavour("nft")
+
+
+def flavour_for(backend: str, host_netns: str | Path | None = None) -> Flavour:
+    """The flavour a `--backend` choice names; `auto` follows what the host uses."""
+    if backend == "auto":
+        return detect_flavour(host_netns)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return Flavour("nft" if backend == "iptables-nft" else "legacy")
 
 
 def run_iptables(argv: list[str], stdin: str | None, lock: str) -> subprocess.CompletedProcess[str]:
