@@ -10,6 +10,8 @@ admin's, does the whole job.
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -35,6 +37,31 @@ SANDBOX_VALUES: dict[str, Any] = {
     "controller": {"replicas": 0},
     "agent": {"nodeSelector": {"ambient-cni.dev/runs-images": "true"}, "driftInterval": 2},
 }
+
+
+# The README's commands, run verbatim here (helm and kubectl from the sandbox, its kubeconfig).
+README_STATUS = "kubectl get ambientnodeconfigs"
+README_WAIT = "kubectl wait --for=condition=Ready ambientnodeconfigs --all --timeout=60s"
+README_UPGRADE = "helm upgrade ambient charts/istio-cni -n istio-system --reuse-values"
+README_UNINSTALL = "helm uninstall ambient -n istio-system"
+
+
+def run_readme(sandbox: SandboxCluster, command: str) -> subprocess.CompletedProcess[str]:
+    tool, *args = shlex.split(command)
+    return subprocess.run(
+        [str(Path(sandbox.state.bin_dir) / tool), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
+    )
+
+
+def test_the_readme_shows_the_commands_these_tests_run() -> None:
+    readme = (REPO / "README.md").read_text()
+    for command in (README_STATUS, README_WAIT, README_UPGRADE, README_UNINSTALL):
+        assert command in readme, command
 
 
 def helm(sandbox: SandboxCluster) -> Client:
@@ -88,9 +115,7 @@ def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
         yield state
     finally:
         state.mesh.stop()
-        run_helm(
-            sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
-        )
+        run_readme(sandbox, README_UNINSTALL)
 
 
 def test_helm_lint(sandbox: SandboxCluster) -> None:
@@ -210,6 +235,14 @@ def test_the_charts_service_accounts_do_the_whole_job(
     assert sandbox.http_get(client, pod_ip(server), 8080).json()["pod"] == "server"
     wait_for("node-1's ztunnel relayed it", lambda: len(mesh.connections("node-1")) > seen)
 
+    waited = run_readme(sandbox, README_WAIT)
+    assert waited.returncode == 0, waited.stderr
+    table = run_readme(sandbox, README_STATUS).stdout.splitlines()
+    assert table[0].split()[:6] == ["NAME", "MODE", "ZTUNNEL", "ENROLLED", "PENDING", "FAILED"]
+    rows = {line.split()[0]: line.split() for line in table[1:]}
+    assert rows["node-1"][1:7] == ["inpod", "true", "1", "0", "0", "True"]
+    assert rows["node-2"][1:7] == ["inpod", "true", "1", "0", "0", "True"]
+
     # The helm test hook's command, with the hook pod's ServiceAccount.
     ready = subprocess.run(
         [
@@ -313,9 +346,8 @@ def test_upgrade_restarts_agents_without_interrupting_traffic(
     caller = threading.Thread(target=keep_calling, daemon=True)
     caller.start()
     try:
-        install(
-            sandbox, {**SANDBOX_VALUES, "agent": {**SANDBOX_VALUES["agent"], "driftInterval": 3}}
-        )
+        upgraded = run_readme(sandbox, README_UPGRADE)
+        assert upgraded.returncode == 0, upgraded.stderr
         for agent in mesh.agents.values():  # the DaemonSet's rolling update, one node at a time
             agent.restart()
         start = calls[0]
@@ -335,9 +367,7 @@ def test_uninstall_removes_host_rules_and_ipsets_and_keeps_the_crd(
 ) -> None:
     mesh = installed.mesh
     assert mesh is not None
-    result = run_helm(
-        sandbox, "uninstall", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
-    )
+    result = run_readme(sandbox, README_UNINSTALL)
     assert result.returncode == 0, result.stderr
     wait_for(
         "the DaemonSet gone",

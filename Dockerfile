@@ -1,0 +1,28 @@
+# One image for both commands: `ambient-cni controller` (runs as the non-root
+# default user) and `ambient-cni agent` (the chart runs it as root with the
+# capabilities it needs). tests/e2e/test_image.py lints this file with hadolint
+# and runs its install steps in a clean virtualenv, as no Docker engine runs there.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY operator ./operator
+RUN python -m venv /opt/ambient-cni \
+    && /opt/ambient-cni/bin/pip install --no-cache-dir /src
+
+FROM ${PYTHON_IMAGE}
+# iptables ships both the nft and the legacy flavours (iptables-nft-*, iptables-legacy-*);
+# the agent picks the one the node already uses. Versions are the release's own:
+# Debian replaces pinned versions on every point release, so pins would break builds.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends iptables ipset nftables iproute2 \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/ambient-cni /opt/ambient-cni
+ENV PATH=/opt/ambient-cni/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 65532:65532
+ENTRYPOINT ["ambient-cni"]
+CMD ["controller"]
