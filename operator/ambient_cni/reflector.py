@@ -15,10 +15,12 @@ from typing import Any
 
 from kubernetes.watch.watch import iter_resp_lines
 
-from ambient_cni.kube import raw
-
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
+
+
+def _ignore(objects: int, size: int) -> None:
+    pass
 
 
 def uid_of(obj: Mapping[str, Any]) -> str:
@@ -39,12 +41,15 @@ class Reflector:
         on_change: Callable[[str], None],
         *,
         key: Callable[[Mapping[str, Any]], str] = uid_of,
+        on_received: Callable[[int, int], None] | None = None,
         **list_kwargs: Any,
     ):
         self.name = name
         self._list_fn = list_fn
         self._on_change = on_change
         self._key = key
+        # (objects, bytes) per list response or watch event: what the API server sent us.
+        self._on_received = on_received or _ignore
         self._kwargs = list_kwargs
         self._lock = threading.Lock()
         self._store: dict[str, Obj] = {}
@@ -83,7 +88,9 @@ class Reflector:
         return thread
 
     def _relist(self) -> str:
-        listing = raw(self._list_fn(_preload_content=False, **self._kwargs))
+        body = self._list_fn(_preload_content=False, **self._kwargs).data
+        listing = json.loads(body)
+        self._on_received(len(listing.get("items") or []), len(body))
         fresh = {self._key(obj): obj for obj in listing.get("items") or []}
         with self._lock:
             changed = set(self._store) | set(fresh)
@@ -108,6 +115,7 @@ class Reflector:
                     if not line:
                         continue
                     event = json.loads(line)
+                    self._on_received(1, len(line))
                     kind, obj = event["type"], event["object"]
                     if kind == "ERROR":
                         if obj.get("code") == 410:

@@ -20,6 +20,7 @@ from typing import Any
 from kubernetes.client import CustomObjectsApi
 from prometheus_client import start_http_server
 
+from ambient_cni.agent import metrics
 from ambient_cni.agent.daemonset_watch import DaemonSetWatch
 from ambient_cni.agent.podnetns import PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
@@ -50,6 +51,11 @@ def _health_server(
     server = http.server.ThreadingHTTPServer((address, port), Handler)
     threading.Thread(target=server.serve_forever, name="healthz", daemon=True).start()
     return server
+
+
+def _count_received(objects: int, size: int) -> None:
+    metrics.WATCH_OBJECTS.inc(objects)
+    metrics.WATCH_BYTES.inc(size)
 
 
 def uninstall(options: AgentOptions) -> int:
@@ -89,6 +95,7 @@ def run(
         ),
         lambda key: agent.on_object(reflector.get(key)),
         key=name_of,
+        on_received=_count_received,
         field_selector=f"metadata.name={options.node}",
     )
     stop = threading.Event()

@@ -17,3 +17,11 @@ POD_RECONCILE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 STATUS_WRITES = Counter("ambient_cni_agent_status_writes_total", "AmbientNodeConfig status patches")
+WATCH_OBJECTS = Counter(
+    "ambient_cni_agent_watch_objects_total",
+    "AmbientNodeConfig objects received from the API server (list items and watch events)",
+)
+WATCH_BYTES = Counter(
+    "ambient_cni_agent_watch_bytes_total",
+    "Bytes of AmbientNodeConfig lists and watch events received from the API server",
+)
