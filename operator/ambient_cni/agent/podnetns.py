@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +24,10 @@ from ambient_cni.netns import NetnsError, run_in_netns
 _POD_UID = re.compile(
     r"pod([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})"
 )
+
+
+# Seconds one /proc scan serves a burst of lookups; a pod missed is retried after a second.
+PROC_SCAN_TTL = 0.5
 
 
 class NetnsNotFoundError(LookupError):
@@ -66,6 +72,11 @@ class PodNetnsResolver:
         self.host_inode = os.stat("/proc/self/ns/net").st_ino
         self.reported: dict[str, Path] = {}  # pod uid -> path the CNI plugin gave
         self._by_ip: dict[str, Path] = {}
+        self._proc_lock = threading.Lock()
+        self._named_lock = threading.Lock()
+        self._named_scans = 0
+        self._proc_cache: dict[str, list[Path]] = {}
+        self._proc_scanned_at = -PROC_SCAN_TTL
 
     def resolve(self, uid: str, ips: Iterable[str]) -> Path:
         wanted = set(ips)
@@ -76,7 +87,13 @@ class PodNetnsResolver:
             cached = self._by_ip.get(ip)
             if cached is not None and ip in netns_addresses(cached):
                 return cached
-        self._scan_named()
+        scans_before = self._named_scans
+        with self._named_lock:
+            # Pods that miss together share one scan: one made while we waited will do,
+            # unless it did not find us either.
+            if scans_before == self._named_scans or not wanted & set(self._by_ip):
+                self._scan_named()
+                self._named_scans += 1
         for ip in wanted:
             if ip in self._by_ip:
                 return self._by_ip[ip]
@@ -90,25 +107,41 @@ class PodNetnsResolver:
         return found
 
     def _proc_scan(self, uid: str) -> list[Path]:
-        matches: list[tuple[float, Path]] = []
-        seen: set[int] = {self.host_inode}
-        for entry in os.scandir(self.proc):
-            if not entry.name.isdigit():
-                continue
-            try:
-                cgroup = Path(entry.path, "cgroup").read_text()
-                if pod_uid_from_cgroup(cgroup) != uid:
+        return self._proc_index().get(uid, [])
+
+    def _proc_index(self) -> dict[str, list[Path]]:
+        """Pod UID -> its network namespaces, oldest process first, from one /proc scan.
+
+        A burst of pods shares one scan (reused for PROC_SCAN_TTL): a scan reads every
+        process's cgroup file, so one per pod would cost O(pods x processes).
+        """
+        with self._proc_lock:
+            if time.monotonic() - self._proc_scanned_at < PROC_SCAN_TTL:
+                return self._proc_cache
+            matches: dict[str, list[tuple[float, int, Path]]] = {}
+            for entry in os.scandir(self.proc):
+                if not entry.name.isdigit():
                     continue
-                ns = Path(entry.path, "ns", "net")
-                inode = os.stat(ns).st_ino
-                started = os.stat(entry.path).st_ctime
-            except OSError:
-                continue
-            if inode in seen:
-                continue
-            seen.add(inode)
-            matches.append((started, ns))
-        return [path for _, path in sorted(matches)]  # the oldest process first
+                try:
+                    uid = pod_uid_from_cgroup(Path(entry.path, "cgroup").read_text())
+                    if uid is None:
+                        continue
+                    ns = Path(entry.path, "ns", "net")
+                    inode = os.stat(ns).st_ino
+                    started = os.stat(entry.path).st_ctime
+                except OSError:
+                    continue
+                if inode != self.host_inode:
+                    matches.setdefault(uid, []).append((started, inode, ns))
+            index: dict[str, list[Path]] = {}
+            for uid, found in matches.items():
+                seen: set[int] = set()
+                for _, inode, ns in sorted(found):  # the oldest process first
+                    if inode not in seen:
+                        seen.add(inode)
+                        index.setdefault(uid, []).append(ns)
+            self._proc_cache, self._proc_scanned_at = index, time.monotonic()
+            return index
 
     def _scan_named(self) -> None:
         self._by_ip.clear()

@@ -10,6 +10,7 @@ others; failures are retried with a per-pod backoff and reported in status.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import logging
 import threading
 import time
@@ -306,10 +307,13 @@ class NodeAgent:
     def _unenrol(self, record: PodRecord) -> None:
         workload = record.workload
         self._set(record, "Removing", "Removing", None)
-        self.host.remove(list(workload.ips), workload.uid)
+        # Our records say who else holds an address (a reused IP): no ipset listing per pod.
+        held = self._ips_held_by_others(workload.uid)
+        self.host.delete([ip for ip in workload.ips if _canonical_ip(ip) not in held])
         if record.netns is not None and record.netns.exists():
+            families = tuple(sorted({family_of(ip) for ip in workload.ips}))
             try:
-                self.rules.remove(record.netns)
+                self.rules.remove(record.netns, families)
             except ApplyError as exc:
                 if exc.reason != "NetnsNotFound":  # a deleted pod: nothing left to remove
                     self._set(record, "Removing", exc.reason, exc.message)
@@ -320,6 +324,15 @@ class NodeAgent:
         with self._lock:
             self._records.pop(workload.uid, None)
         log.info("un-enrolled %s/%s", workload.namespace, workload.name)
+
+    def _ips_held_by_others(self, uid: str) -> set[str]:
+        with self._lock:
+            return {
+                _canonical_ip(ip)
+                for other, record in self._records.items()
+                if other != uid
+                for ip in record.workload.ips
+            }
 
     def _fail(self, record: PodRecord, reason: str, message: str) -> None:
         log.warning(
@@ -460,3 +473,7 @@ def _outcome(workload: Workload, state: str, reason: str | None, message: str | 
 
 def _since(epoch: float | None) -> datetime.datetime | None:
     return None if epoch is None else datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
+
+
+def _canonical_ip(ip: str) -> str:
+    return str(ipaddress.ip_address(ip))

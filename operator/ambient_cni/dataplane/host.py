@@ -189,30 +189,29 @@ class HostDataplane:
     def remove(self, ips_of_pod: list[str], uid: str) -> None:
         """Delete the pod's entries, but never an entry another pod's UID now owns."""
         current = self.entries()
+        self.delete([ip for ip in ips_of_pod if current.get(str(ipaddress.ip_address(ip))) == uid])
 
-        def remove() -> None:
+    def delete(self, ips_to_drop: list[str]) -> None:
+        """Delete these entries whoever owns them (the caller knows); absent ones are fine."""
+
+        def delete() -> None:
             with IPSet() as ips:
-                for ip in ips_of_pod:
-                    if current.get(str(ipaddress.ip_address(ip))) != uid:
-                        continue
+                for ip in ips_to_drop:
                     family = family_of(ip)
                     with contextlib.suppress(NetlinkError):
                         ips.delete(PROBE_IPSET[family], ip, etype="ip", family=_af(family))
 
-        self._inside(remove)
+        if ips_to_drop:
+            self._inside(delete)
 
     def prune(self, wanted: Mapping[str, str]) -> None:
         """Remove every entry that is not `wanted` (IP -> UID); add nothing."""
-        for ip, uid in self.entries().items():
-            if wanted.get(ip) != uid:
-                self.remove([ip], uid)
+        self.delete([ip for ip, uid in self.entries().items() if wanted.get(ip) != uid])
 
     def sync(self, wanted: Mapping[str, str]) -> None:
         """Make the entries exactly `wanted` (IP -> UID): re-add, fix comments, prune the rest."""
         current = self.entries()
-        for ip, uid in current.items():
-            if ip not in wanted:
-                self.remove([ip], uid)
+        self.delete([ip for ip in current if ip not in wanted])
         for ip, uid in wanted.items():
             if current.get(ip) != uid:
                 self.add([ip], uid)

@@ -123,6 +123,8 @@ class PodRules:
     def __init__(self, flavour: Flavour):
         self.flavour = flavour
         self._canonical: dict[PodRedirect, Tables] = {}
+        # (netns inode, family) this process has applied to: not worth a fast-path try again.
+        self._touched: set[tuple[int, Family]] = set()
         self._lock = threading.Lock()
         self._scratch_lock = str(Path(tempfile.gettempdir()) / "ambient-cni-scratch.xtables.lock")
 
@@ -170,18 +172,29 @@ class PodRules:
         changed = False
         for redirect in redirects:
             changed |= self._ensure_family(netns, redirect)
-        changed |= _inside(
-            netns_path(netns), lambda: _ensure_routing([r.family for r in redirects])
-        )
+        changed |= _inside(netns_path(netns), lambda: ensure_routing([r.family for r in redirects]))
         return changed
 
     def _ensure_family(self, netns: str | Path, redirect: PodRedirect) -> bool:
-        want = self.canonical(redirect)
         path = netns_path(netns)
         family = redirect.family
 
+        first_time = (_inode(path), family) not in self._touched
+
         def apply() -> bool:
+            if first_time:
+                # Fast path, one process: the ruleset creates its chains with -N, so on a
+                # namespace that already has any of them the transaction fails as a whole and
+                # changes nothing; then the careful path below reads and replaces.
+                fresh = run_iptables(
+                    [self.flavour.tool(family, "restore"), "--noflush"],
+                    pod_ruleset(redirect),
+                    str(path),
+                )
+                if fresh.returncode == 0:
+                    return True
             saved = run_iptables([self.flavour.tool(family, "save")], None, str(path)).stdout
+            want = self.canonical(redirect)  # learnt on its own thread, in a scratch netns
             if our_rules(saved) == want:
                 return False
             restored = run_iptables(
@@ -202,7 +215,10 @@ class PodRules:
                 )
             return True
 
-        return _inside(path, apply)
+        changed = _inside(path, apply)
+        with self._lock:
+            self._touched.add((_inode(path), family))
+        return changed
 
     def remove(self, netns: str | Path, families: tuple[Family, ...] = (4, 6)) -> bool:
         """Remove all of ours (chains, jumps, ip rule, route); True if anything was there."""
@@ -223,9 +239,16 @@ class PodRules:
                         "RuleRemovalFailed", first_error(result.stderr), retryable=True
                     )
                 removed = True
-            return _remove_routing(families) or removed
+            return remove_routing(families) or removed
 
         return _inside(path, remove_all)
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return -1
 
 
 def _inside(path: Path, fn: Callable[[], T]) -> T:
@@ -246,7 +269,7 @@ def _ipv6_on_loopback() -> bool:
         return False
 
 
-def _ensure_routing(families: list[Family]) -> bool:
+def ensure_routing(families: list[Family]) -> bool:
     """ip rule fwmark 0x111/0xfff pref 32764 lookup 100; local default route in table 100."""
     changed = False
     with IPRoute() as ipr:
@@ -287,7 +310,7 @@ def _our_rules(ipr: IPRoute, af: int) -> list[Any]:
     ]
 
 
-def _remove_routing(families: tuple[Family, ...]) -> bool:
+def remove_routing(families: tuple[Family, ...]) -> bool:
     removed = False
     with IPRoute() as ipr:
         for family in families:
