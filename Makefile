@@ -5,7 +5,7 @@ BIN := .venv/bin
 # The Go toolchain may live outside PATH on a fresh machine.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: setup demo test lint unit e2e clean-sandboxes
+.PHONY: setup demo test lint unit e2e bench clean-sandboxes
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -26,6 +26,10 @@ unit: setup
 
 e2e: setup
 	$(BIN)/pytest -q tests/e2e
+
+# All benchmarks at full size (about 10 minutes); rewrites the tables of BENCHMARKS.md.
+bench: setup
+	$(BIN)/python -m benchmarks --write BENCHMARKS.md
 
 # Removes every sandbox on this machine, including ones a crash left behind.
 clean-sandboxes: setup

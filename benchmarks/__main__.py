@@ -1,0 +1,84 @@
+"""`python -m benchmarks`: run the benchmarks on dedicated sandboxes, print the
+results, and (with --write) rewrite the tables of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ambient_cni.sandbox import lifecycle
+from ambient_cni.sandbox.cluster import SandboxCluster
+
+from . import controller_scale, enroll, event_to_kernel, report
+from .measure import machine
+
+SANDBOX = "bench"
+
+
+def _on_sandbox(nodes: int, body: Callable[[SandboxCluster], dict[str, Any]]) -> dict[str, Any]:
+    """A fresh sandbox per benchmark: none inherits another's objects or load."""
+    lifecycle.up(SANDBOX, nodes=nodes)
+    try:
+        return body(SandboxCluster.open(SANDBOX))
+    finally:
+        lifecycle.down(SANDBOX)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--pods", type=int, default=250, help="enrolment: pods on one node")
+    parser.add_argument("--event-pods", type=int, default=50, help="label-to-kernel: pods")
+    parser.add_argument("--nodes", type=int, default=1000, help="controller scale: nodes")
+    parser.add_argument("--scale-pods", type=int, default=20000, help="controller scale: pods")
+    parser.add_argument("--relabel", type=int, default=100, help="namespaces labelled at once")
+    parser.add_argument(
+        "--only", choices=["enroll", "event", "scale"], action="append", help="repeatable"
+    )
+    parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
+        return 2
+    chosen = args.only or ["enroll", "event", "scale"]
+    results: dict[str, dict[str, Any]] = {}
+    if "enroll" in chosen:
+        results["enroll"] = _on_sandbox(1, lambda c: enroll.run(c, args.pods))
+    if "event" in chosen:
+        results["event"] = _on_sandbox(2, lambda c: event_to_kernel.run(c, args.event_pods))
+    if "scale" in chosen:
+        results["scale"] = _on_sandbox(
+            1, lambda c: controller_scale.run(c, args.nodes, args.scale_pods, args.relabel)
+        )
+    print(json.dumps(results, indent=2))
+    if args.write:
+        document = args.write.read_text()
+        command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+        document = report.replace_section(
+            document, "machine", report.header(machine(), command.strip(), today)
+        )
+        tables = {
+            "enroll": report.enroll_table,
+            "event": report.event_table,
+            "scale": report.scale_table,
+        }
+        for name, result in results.items():
+            document = report.replace_section(document, name, tables[name](result))
+        if "scale" in results:
+            document = report.replace_section(
+                document, "watch", report.watch_table(results["scale"])
+            )
+        args.write.write_text(document)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Benchmark 1 and 2: N pods enter and leave the mesh on one node, against the
+per-rule way and the iptables-restore floor, on the same pods in the same run.
+
+The pods are API objects on a node no kubelet runs, each with a named network
+namespace holding its IP; the real node agent applies the spec, and a ZDS peer
+acks at once, so the agent's own cost is what is measured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from ambient_cni.api import names
+from ambient_cni.api.models import AmbientNodeConfigSpec, Workload, ZtunnelRef
+from ambient_cni.dataplane.iptables_apply import (
+    PodRules,
+    detect_flavour,
+    ensure_routing,
+    remove_routing,
+)
+from ambient_cni.dataplane.iptables_rules import PodRedirect, pod_ruleset
+from ambient_cni.kube import MERGE_PATCH, as_body, raw
+from ambient_cni.netns import run_in_netns
+from ambient_cni.sandbox.cluster import SandboxCluster
+from ambient_cni.sandbox.components import AGENT_USER, Component
+from ambient_cni.sandbox.network import create_netns
+
+from .measure import AckingZtunnel, ProcessUsage, RuleEvents, percentiles, wait_until
+from .objects import (
+    BENCH_LABEL,
+    NETNS_PREFIX,
+    BulkClient,
+    create_nodes,
+    create_running_pods,
+    delete_bench_objects,
+    delete_netns_all,
+    ensure_crd,
+    make_pod_netns,
+    wait_default_service_accounts,
+)
+
+NODE = "bench-enroll-node"
+NAMESPACE = "bench-enroll"
+WORKERS = 4  # the agent's default worker count; the baselines get as many threads
+
+
+def pod_ip(index: int) -> str:
+    return f"10.250.{index // 250}.{index % 250 + 1}"
+
+
+def per_rule_commands(ruleset: str, tool: str) -> list[list[str]]:
+    """An iptables-restore input as one `iptables` command per chain and per rule."""
+    commands: list[list[str]] = []
+    table = ""
+    for line in ruleset.splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":"):
+            chain = line[1:].split()[0]
+            if chain.startswith("ISTIO"):
+                commands.append([tool, "-t", table, "-N", chain])
+        elif line.startswith(("-A", "-N")):
+            commands.append([tool, "-t", table, *shlex.split(line)])
+    return commands
+
+
+def _spec(workloads: list[Workload]) -> dict[str, Any]:
+    spec = AmbientNodeConfigSpec(
+        node_name=NODE,
+        ztunnel=ZtunnelRef(name="ztunnel-bench", namespace="istio-system", uid="bench", ready=True),
+        workloads=workloads,
+    )
+    return spec.to_wire()
+
+
+def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
+    bulk = BulkClient(cluster)
+    custom = bulk.custom()
+    flavour = detect_flavour()
+    host_netns = f"{NETNS_PREFIX}host"
+    pod_netns = [f"{NETNS_PREFIX}pod-{i:04d}" for i in range(pods)]
+    socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel.sock"
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    agent: Component | None = None
+    ztunnel: AckingZtunnel | None = None
+    events: RuleEvents | None = None
+    try:
+        ensure_crd(cluster)
+        cluster.create_namespace(NAMESPACE, labels={BENCH_LABEL: "true"})
+        create_nodes(bulk, [NODE])
+        wait_default_service_accounts(bulk, [NAMESPACE])
+        made = create_running_pods(
+            bulk,
+            lambda _: NAMESPACE,
+            [(f"pod-{i:04d}", NODE, pod_ip(i)) for i in range(pods)],
+        )
+        workloads = [
+            Workload(
+                uid=p["metadata"]["uid"],
+                name=p["metadata"]["name"],
+                namespace=NAMESPACE,
+                ips=[p["status"]["podIP"]],
+            )
+            for p in made
+        ]
+        create_netns(host_netns)
+        paths = make_pod_netns([(pod_netns[i], pod_ip(i)) for i in range(pods)])
+        custom.create_cluster_custom_object(
+            names.GROUP,
+            names.VERSION,
+            names.PLURAL,
+            as_body(
+                {
+                    "apiVersion": f"{names.GROUP}/{names.VERSION}",
+                    "kind": names.KIND,
+                    "metadata": {"name": NODE, "labels": {BENCH_LABEL: "true"}},
+                    "spec": _spec([]),
+                }
+            ),
+            _preload_content=False,
+        )
+        agent = Component(
+            cluster,
+            "bench-agent",
+            [
+                "agent",
+                f"--node={NODE}",
+                f"--kubeconfig={cluster.user_kubeconfig(AGENT_USER, groups='system:masters')}",
+                f"--zds-socket={socket_path}",
+                f"--host-netns=/run/netns/{host_netns}",
+                "--netns-dir=/run/netns",
+                f"--netns-prefix={NETNS_PREFIX}pod-",
+                "--drift-interval=600",
+            ],
+        )
+        agent.start(timeout=60)
+        ztunnel = AckingZtunnel(socket_path)
+        started_agent = agent
+        wait_until(
+            "ztunnel connected",
+            lambda: started_agent.metric("ambient_cni_agent_ztunnel_connected") == 1,
+            timeout=30,
+        )
+        usage = ProcessUsage(agent.pid or 0)
+        events = RuleEvents(paths)
+
+        def status() -> dict[str, Any]:
+            obj = raw(
+                custom.get_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, NODE, _preload_content=False
+                )
+            )
+            return dict(obj.get("status") or {})
+
+        def patch_workloads(entries: list[Workload]) -> float:
+            started = time.monotonic()
+            custom.patch_cluster_custom_object(
+                names.GROUP,
+                names.VERSION,
+                names.PLURAL,
+                NODE,
+                as_body({"spec": _spec(entries)}),
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+            )
+            return started
+
+        cpu_before = usage.cpu_seconds()
+        t_enroll = patch_workloads(workloads)
+        wait_until(
+            f"{pods} pods Enrolled",
+            lambda: status().get("enrolled") == pods,
+            timeout=60 + pods,
+            interval=0.05,
+        )
+        enroll_wall = time.monotonic() - t_enroll
+        enroll_cpu = usage.cpu_seconds() - cpu_before
+        enroll_latency = [events.added[n] - t_enroll for n in pod_netns if n in events.added]
+        enroll_kernel_wall = max(enroll_latency, default=0.0)
+
+        cpu_before = usage.cpu_seconds()
+        t_leave = patch_workloads([])
+        wait_until(
+            "every pod un-enrolled",
+            lambda: (s := status()).get("enrolled") == 0 and not s.get("workloads"),
+            timeout=60 + pods,
+            interval=0.05,
+        )
+        leave_wall = time.monotonic() - t_leave
+        leave_cpu = usage.cpu_seconds() - cpu_before
+        leave_latency = [events.removed[n] - t_leave for n in pod_netns if n in events.removed]
+        peak_rss = usage.peak_rss_mib()
+        agent.stop()
+        agent = None
+
+        naive = _timed_per_pod(paths.values(), lambda: _per_rule(flavour.name))
+        _remove_all(PodRules(flavour), paths.values())
+        floor = _timed_per_pod(paths.values(), lambda: _bare_restore(flavour.name))
+        _remove_all(PodRules(flavour), paths.values())
+        return {
+            "pods": pods,
+            "workers": WORKERS,
+            "backend": flavour.backend,
+            "enroll_wall_s": enroll_wall,
+            "enroll_kernel_wall_s": enroll_kernel_wall,
+            "enroll_kernel_latency_s": percentiles(enroll_latency),
+            "enroll_seen_in_kernel": len(enroll_latency),
+            "enroll_agent_cpu_s": enroll_cpu,
+            "unenroll_wall_s": leave_wall,
+            "unenroll_kernel_latency_s": percentiles(leave_latency),
+            "unenroll_agent_cpu_s": leave_cpu,
+            "agent_peak_rss_mib": peak_rss,
+            "per_rule_wall_s": naive,
+            "per_rule_processes_per_pod": len(
+                per_rule_commands(pod_ruleset(PodRedirect()), "iptables")
+            ),
+            "floor_wall_s": floor,
+            "ratio_per_rule_over_ours": naive / enroll_wall,
+            "ratio_ours_over_floor": enroll_wall / floor,
+            "ratio_ours_kernel_over_floor": enroll_kernel_wall / floor,
+        }
+    finally:
+        if events is not None:
+            events.close()
+        if ztunnel is not None:
+            ztunnel.close()
+        if agent is not None:
+            agent.stop()
+        delete_netns_all([*pod_netns, host_netns])
+        with contextlib.suppress(ApiException):
+            custom.delete_cluster_custom_object(
+                names.GROUP, names.VERSION, names.PLURAL, NODE, _preload_content=False
+            )
+        delete_bench_objects(bulk, [NAMESPACE])
+
+
+def _per_rule(flavour: str) -> None:
+    """What proxy-init style code does: one iptables process per chain and rule."""
+    for command in per_rule_commands(pod_ruleset(PodRedirect()), f"iptables-{flavour}"):
+        subprocess.run(command, check=True, capture_output=True)
+    ensure_routing([4])
+
+
+EMPTY_TABLES = "*mangle\nCOMMIT\n*nat\nCOMMIT\n*raw\nCOMMIT\n"
+
+
+def _bare_restore(flavour: str) -> None:
+    """The floor: one iptables-restore that changes nothing, then the netlink calls alone."""
+    subprocess.run(
+        [f"iptables-{flavour}-restore", "--noflush"],
+        input=EMPTY_TABLES,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    ensure_routing([4])
+
+
+def _timed_per_pod(paths: Any, work: Any) -> float:
+    started = time.monotonic()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(lambda path: run_in_netns(path, work), list(paths)))
+    return time.monotonic() - started
+
+
+def _remove_all(rules: PodRules, paths: Any) -> None:
+    for path in paths:
+        rules.remove(path, families=(4,))
+        run_in_netns(path, lambda: remove_routing((4,)))

@@ -1,0 +1,187 @@
+"""What the benchmarks measure with: percentiles, a process's CPU and peak
+memory, kernel rule events per network namespace, and a ZDS peer that acks."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ambient_cni.netns import run_in_netns
+from ambient_cni.sandbox.zds_client import ZdsClient
+from ambient_cni.zds import WorkloadRequest
+
+RTMGRP_IPV4_RULE = 0x80
+RTM_NEWRULE, RTM_DELRULE = 32, 33
+NLMSG_HEADER = struct.Struct("=IHHII")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    """Min, nearest-rank p50/p95/p99 and max, in the values' unit; zeros when empty."""
+    if not values:
+        return {"min": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    ordered = sorted(values)
+
+    def rank(p: float) -> float:
+        index = max(0, min(len(ordered) - 1, int(-(-p * len(ordered) // 100)) - 1))
+        return ordered[index]
+
+    return {
+        "min": ordered[0],
+        "p50": rank(50),
+        "p95": rank(95),
+        "p99": rank(99),
+        "max": ordered[-1],
+    }
+
+
+class ProcessUsage:
+    """CPU seconds and peak RSS of one process, read from /proc."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+def _rule_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.bind((0, RTMGRP_IPV4_RULE))
+    return sock
+
+
+class RuleEvents:
+    """When each namespace's first IPv4 policy rule was added, and removed.
+
+    The agent adds a pod's `ip rule` after its iptables transaction, so the
+    rule's arrival marks the pod's redirection complete in the kernel. Events
+    come from netlink multicast, so observing costs nothing while waiting.
+    """
+
+    def __init__(self, namespaces: Mapping[str, Path]):
+        self.added: dict[str, float] = {}
+        self.removed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._epoll = select.epoll()
+        self._sockets: dict[int, tuple[str, socket.socket]] = {}
+        for key, path in namespaces.items():
+            sock = run_in_netns(path, _rule_socket)
+            self._sockets[sock.fileno()] = (key, sock)
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="rule-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for fd, _ in self._epoll.poll(0.1):
+                now = time.monotonic()
+                key, sock = self._sockets[fd]
+                try:
+                    data = sock.recv(1 << 16)
+                except OSError:
+                    continue
+                offset = 0
+                while offset + NLMSG_HEADER.size <= len(data):
+                    length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+                    if kind == RTM_NEWRULE:
+                        self.added.setdefault(key, now)
+                    elif kind == RTM_DELRULE:
+                        self.removed.setdefault(key, now)
+                    if length < NLMSG_HEADER.size:
+                        break
+                    offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for _, sock in self._sockets.values():
+            sock.close()
+        self._epoll.close()
+
+
+class AckingZtunnel:
+    """A ZDS peer that acks every request at once: the agent's cost, not ztunnel's."""
+
+    def __init__(self, socket_path: Path):
+        self.socket_path = socket_path
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="acking-ztunnel", daemon=True)
+        self._thread.start()
+
+    def _handle(self, _request: WorkloadRequest, fd: int | None) -> str:
+        if fd is not None:
+            os.close(fd)
+        self.requests += 1
+        return ""
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            client = ZdsClient(self.socket_path, self._handle)
+            if not client.connect(self._stop):
+                return
+            client.serve(self._stop)
+            if client.sock is not None:
+                client.sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Poll `probe` until truthy; raise with `what` when the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@contextlib.contextmanager
+def cleanup(*steps: Callable[[], None]) -> Iterator[None]:
+    """Run every step on the way out, in reverse, even when the body or a step fails."""
+    try:
+        yield
+    finally:
+        for step in reversed(steps):
+            with contextlib.suppress(Exception):
+                step()
+
+
+def machine() -> dict[str, str]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    mem_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": f"{mem_kib / 1024 / 1024:.0f} GiB",
+        "kernel": os.uname().release,
+    }

@@ -1,0 +1,55 @@
+"""Each benchmark at smoke size on the e2e sandbox, so none can rot: it runs to
+the end, measures every pod, and its table renders into BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ambient_cni.sandbox.cluster import SandboxCluster
+from ambient_cni.sandbox.network import sandbox_netns
+from benchmarks import controller_scale, enroll, event_to_kernel, report
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
+
+
+def test_enrolment_benchmark_measures_every_pod_and_its_baselines(
+    sandbox: SandboxCluster,
+) -> None:
+    result = enroll.run(sandbox, pods=6)
+    assert result["enroll_seen_in_kernel"] == 6
+    assert 0 < result["enroll_kernel_wall_s"] <= result["enroll_wall_s"]
+    assert result["per_rule_wall_s"] > 0
+    assert result["floor_wall_s"] > 0
+    assert all(math.isfinite(result[k]) for k in result if k.startswith("ratio_"))
+    assert result["agent_peak_rss_mib"] > 0
+    assert not sandbox_netns("acni-test-bench-")  # nothing left behind
+    assert "| within 3x the floor |" in report.enroll_table(result)
+
+
+def test_event_to_kernel_benchmark_times_every_pod(sandbox: SandboxCluster) -> None:
+    result = event_to_kernel.run(sandbox, pods=4)
+    for measured in (result["label_to_kernel_s"], result["label_to_annotation_s"]):
+        assert 0 < measured["min"] <= measured["p50"] <= measured["p99"] <= measured["max"]
+    assert sandbox.namespace(event_to_kernel.NAMESPACE) is None
+    assert "event to kernel p99" in report.event_table(result)
+
+
+def test_controller_scale_benchmark_counts_writes_and_isolates_the_agent(
+    sandbox: SandboxCluster,
+) -> None:
+    result = controller_scale.run(sandbox, nodes=8, pods=80, relabel=4)
+    assert result["spec_writes_per_node_max"] <= report.TARGET_WRITES_PER_NODE
+    assert result["restart_writes"] == 0
+    # The agent saw only its own object; a cluster-wide watch saw every node's change.
+    assert result["agent_objects"] < result["all_objects"]
+    assert result["all_objects"] >= 8
+    assert "| at most 2 spec writes per node per burst |" in report.scale_table(result)
+    assert "one agent (its own object only)" in report.watch_table(result)
+
+
+def test_every_section_of_benchmarks_md_has_its_markers() -> None:
+    document = BENCHMARKS_MD.read_text()
+    for name in ("machine", "enroll", "event", "scale", "watch"):
+        document = report.replace_section(document, name, f"TABLE-{name}")  # raises if absent
+        assert f"<!-- bench:{name} -->\nTABLE-{name}\n<!-- /bench:{name} -->" in document
