@@ -94,6 +94,8 @@ def run(
     host_netns = f"{NETNS_PREFIX}scale-host"
     try:
         ensure_crd(cluster)
+        if cluster.namespace(names.DEFAULT_SYSTEM_NAMESPACE) is None:  # the leader Lease's
+            cluster.create_namespace(names.DEFAULT_SYSTEM_NAMESPACE)
         started = time.monotonic()
         bulk.each(lambda ns: cluster.create_namespace(ns, labels={BENCH_LABEL: "true"}), namespaces)
         create_nodes(bulk, node_names)

@@ -343,6 +343,24 @@ def test_only_the_lease_holder_writes_and_a_standby_takes_over(
             running_controller.start()
 
 
+def test_a_missing_lease_namespace_is_named_in_the_log(
+    sandbox: SandboxCluster,
+    running_controller: Component,  # the CRD is installed
+) -> None:
+    lost = controller(sandbox, "--lease-namespace=no-such-namespace")
+    lost.label = "controller-lost"
+    lost.log_path = lost.log_path.with_name("controller-lost.log")
+    lost.start()
+    try:
+        wait_for(
+            "the error naming the namespace",
+            lambda: "namespace no-such-namespace does not exist" in lost.log_path.read_text(),
+        )
+        assert lost.metric('ambient_cni_controller_spec_writes_total{operation="patch"}') == 0
+    finally:
+        lost.stop()
+
+
 # Last in the module: it checks everything the controller did above.
 def test_the_controller_never_writes_pods_namespaces_or_nodes(
     sandbox: SandboxCluster, running_controller: Component

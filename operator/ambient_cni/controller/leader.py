@@ -103,6 +103,19 @@ class LeaseElector:
                         "leading as %s (lease %s/%s)", self.identity, self.namespace, self.name
                     )
                     return True
+            except ApiException as exc:
+                if exc.status == 404:  # creating the Lease: its namespace is missing
+                    log.error(
+                        "cannot take lease %s/%s: namespace %s does not exist "
+                        "(create it, or pass --lease-namespace)",
+                        self.namespace,
+                        self.name,
+                        self.namespace,
+                    )
+                else:
+                    log.warning(
+                        "lease %s/%s: HTTP %s %s", self.namespace, self.name, exc.status, exc.reason
+                    )
             except Exception as exc:  # API unavailable: keep trying
                 log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
             if not announced:
