@@ -139,6 +139,7 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
                 "--netns-dir=/run/netns",
                 f"--netns-prefix={NETNS_PREFIX}pod-",
                 "--drift-interval=600",
+                f"--workers={WORKERS}",
             ],
         )
         agent.start(timeout=60)

@@ -110,6 +110,7 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
     )
     agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
+    agent.add_argument("--workers", type=int, default=4, help="pods reconciled at once (default 4)")
     agent.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
     agent.add_argument("--metrics-port", type=int, default=15014)
     agent.add_argument("--health-port", type=int, default=8000)
@@ -137,6 +138,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         daemonset=args.daemonset,
         backend=args.backend,
         drift_interval=args.drift_interval,
+        workers=args.workers,
     )
     if args.uninstall:
         return uninstall(options)

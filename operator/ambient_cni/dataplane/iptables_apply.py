@@ -176,6 +176,9 @@ class PodRules:
         return changed
 
     def _ensure_family(self, netns: str | Path, redirect: PodRedirect) -> bool:
+        # Learnt once per variant in a scratch netns: a ruleset the kernel refuses fails
+        # here, before anything touches the pod (a restore commits table by table).
+        want = self.canonical(redirect)
         path = netns_path(netns)
         family = redirect.family
 
@@ -183,9 +186,9 @@ class PodRules:
 
         def apply() -> bool:
             if first_time:
-                # Fast path, one process: the ruleset creates its chains with -N, so on a
-                # namespace that already has any of them the transaction fails as a whole and
-                # changes nothing; then the careful path below reads and replaces.
+                # Fast path, one process: the ruleset creates its chains with -N, so it fails
+                # on a namespace that already has them (a table that had none may have been
+                # added); the careful path below then reads and replaces, table by table.
                 fresh = run_iptables(
                     [self.flavour.tool(family, "restore"), "--noflush"],
                     pod_ruleset(redirect),
@@ -194,7 +197,6 @@ class PodRules:
                 if fresh.returncode == 0:
                     return True
             saved = run_iptables([self.flavour.tool(family, "save")], None, str(path)).stdout
-            want = self.canonical(redirect)  # learnt on its own thread, in a scratch netns
             if our_rules(saved) == want:
                 return False
             restored = run_iptables(
