@@ -3,14 +3,13 @@ memory, kernel rule events per network namespace, and a ZDS peer that acks."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -156,17 +155,6 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: fl
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
-
-
-@contextlib.contextmanager
-def cleanup(*steps: Callable[[], None]) -> Iterator[None]:
-    """Run every step on the way out, in reverse, even when the body or a step fails."""
-    try:
-        yield
-    finally:
-        for step in reversed(steps):
-            with contextlib.suppress(Exception):
-                step()
 
 
 def machine() -> dict[str, str]:
