@@ -117,6 +117,11 @@ def run_iptables(argv: list[str], stdin: str | None, lock: str) -> subprocess.Co
         ) from exc
 
 
+# Namespaces remembered as already applied to; past this, forget them all (the cost of
+# forgetting is one fast-path attempt that fails, per pod, the next time it is ensured).
+TOUCHED_LIMIT = 65536
+
+
 class PodRules:
     """Ensures, checks and removes one pod's redirection in its network namespace."""
 
@@ -219,6 +224,8 @@ class PodRules:
 
         changed = _inside(path, apply)
         with self._lock:
+            if len(self._touched) >= TOUCHED_LIMIT:  # only a hint: pods come and go
+                self._touched.clear()
             self._touched.add((_inode(path), family))
         return changed
 
