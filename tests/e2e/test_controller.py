@@ -210,6 +210,18 @@ def test_a_restart_writes_nothing_when_nothing_changed(
     sandbox.create_pod(namespace, "steady", node="node-1", command=["sleep", "3600"])
     sandbox.wait_running(namespace, "steady")
     wait_for("steady enrolled", lambda: names_on(sandbox, "node-1", namespace) == {"steady"})
+    # Earlier tests' pods may still be leaving the specs (1 s per-node write interval):
+    # "nothing changed" needs every spec final before the restart.
+    wait_for(
+        "steady the only workload left",
+        lambda: (
+            sum(
+                len(((anc(sandbox, n) or {}).get("spec") or {}).get("workloads") or [])
+                for n in sandbox.node_names
+            )
+            == 1
+        ),
+    )
     versions = {
         n: (anc(sandbox, n) or {})["metadata"]["resourceVersion"] for n in sandbox.node_names
     }
