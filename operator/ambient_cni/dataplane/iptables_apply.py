@@ -288,27 +288,34 @@ def ensure_routing(families: list[Family]) -> bool:
                 continue
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             if not _our_rules(ipr, af):
-                ipr.rule(
-                    "add",
-                    family=af,
-                    fwmark=CONN_MARK,
-                    fwmask=MARK_MASK,
-                    priority=RULE_PRIORITY,
-                    table=ROUTE_TABLE,
-                )
+                ipr.rule("add", **_rule_spec(af))
                 changed = True
             if not ipr.route("dump", family=af, table=ROUTE_TABLE):
-                ipr.route(
-                    "replace",
-                    family=af,
-                    dst=_loopback_route_dst(family),
-                    type="local",
-                    scope=RT_SCOPE_HOST,
-                    oif=lo,
-                    table=ROUTE_TABLE,
-                )
+                ipr.route("replace", oif=lo, **_route_spec(af, family))
                 changed = True
     return changed
+
+
+def _rule_spec(af: int) -> dict[str, Any]:
+    """ip rule fwmark 0x111/0xfff pref 32764 lookup 100, as added and as deleted."""
+    return {
+        "family": af,
+        "fwmark": CONN_MARK,
+        "fwmask": MARK_MASK,
+        "priority": RULE_PRIORITY,
+        "table": ROUTE_TABLE,
+    }
+
+
+def _route_spec(af: int, family: Family) -> dict[str, Any]:
+    """The local default route in table 100, as added and as deleted."""
+    return {
+        "family": af,
+        "dst": _loopback_route_dst(family),
+        "type": "local",
+        "scope": RT_SCOPE_HOST,
+        "table": ROUTE_TABLE,
+    }
 
 
 def _our_rules(ipr: IPRoute, af: int) -> list[Any]:
@@ -326,25 +333,11 @@ def remove_routing(families: tuple[Family, ...]) -> bool:
             af = socket.AF_INET if family == 4 else socket.AF_INET6
             for _rule in _our_rules(ipr, af):
                 with contextlib.suppress(NetlinkError):
-                    ipr.rule(
-                        "del",
-                        family=af,
-                        fwmark=CONN_MARK,
-                        fwmask=MARK_MASK,
-                        priority=RULE_PRIORITY,
-                        table=ROUTE_TABLE,
-                    )
+                    ipr.rule("del", **_rule_spec(af))
                     removed = True
             for _route in ipr.route("dump", family=af, table=ROUTE_TABLE):
                 with contextlib.suppress(NetlinkError):
-                    ipr.route(
-                        "del",
-                        family=af,
-                        dst=_loopback_route_dst(family),
-                        type="local",
-                        scope=RT_SCOPE_HOST,
-                        table=ROUTE_TABLE,
-                    )
+                    ipr.route("del", **_route_spec(af, family))
                     removed = True
     return removed
 
