@@ -3,16 +3,26 @@
 A key added many times before a worker takes it is processed once; a key is
 never processed by two workers at once; a key added while being processed is
 processed again afterwards. `add_after` schedules a retry.
+
+`start` runs the one worker loop every reconciler here shares: take a key,
+handle it, and on an unexpected exception log it and retry the key later.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 K = TypeVar("K")
+log = logging.getLogger("ambient_cni.workqueue")
+
+# Called with the key and the exception a handler raised; the default logs it and
+# retries the key after `retry_after` seconds.
+ErrorHandler = Callable[[K, Exception], None]
 
 
 class WorkQueue(Generic[K]):
@@ -25,6 +35,42 @@ class WorkQueue(Generic[K]):
         self._delayed: list[tuple[float, int, K]] = []
         self._seq = 0
         self._closed = False
+        self._workers: list[threading.Thread] = []
+
+    def start(
+        self,
+        handle: Callable[[K], None],
+        *,
+        workers: int = 1,
+        name: str = "worker",
+        retry_after: float = 1.0,
+        on_error: ErrorHandler[K] | None = None,
+    ) -> None:
+        """Run `workers` threads that handle keys until the queue is closed."""
+
+        def failed(key: K, exc: Exception) -> None:
+            log.error("%s: handling %r failed; retrying", name, key, exc_info=exc)
+            self.add_after(key, retry_after)
+
+        def loop() -> None:
+            while (key := self.get()) is not None:
+                try:
+                    handle(key)
+                except Exception as exc:
+                    (on_error or failed)(key, exc)
+                finally:
+                    self.done(key)
+
+        for number in range(workers):
+            thread = threading.Thread(target=loop, name=f"{name}-{number}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Close the queue and wait (up to `timeout` each) for the started workers to finish."""
+        self.close()
+        for thread in self._workers:
+            thread.join(timeout)
 
     def add(self, key: K) -> None:
         with self._cond:

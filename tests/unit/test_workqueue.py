@@ -44,3 +44,45 @@ def test_close_wakes_blocked_workers() -> None:
     worker.join(timeout=5)
     assert not worker.is_alive()
     assert results == [None]
+
+
+def test_started_workers_handle_every_key_and_retry_a_failure() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    handled: list[str] = []
+    failed_once: set[str] = set()
+    all_done = threading.Event()
+
+    def handle(key: str) -> None:
+        if key == "flaky" and key not in failed_once:
+            failed_once.add(key)
+            raise RuntimeError("first try fails")
+        handled.append(key)
+        if {"a", "b", "flaky"} <= set(handled):
+            all_done.set()
+
+    queue.start(handle, workers=2, name="test", retry_after=0.01)
+    for key in ("a", "b", "flaky"):
+        queue.add(key)
+    assert all_done.wait(5)
+    queue.join()
+    assert sorted(handled) == ["a", "b", "flaky"]
+    assert failed_once == {"flaky"}
+
+
+def test_a_custom_error_handler_sees_the_key_and_the_exception() -> None:
+    queue: WorkQueue[str] = WorkQueue()
+    seen: list[tuple[str, str]] = []
+    reported = threading.Event()
+
+    def on_error(key: str, exc: Exception) -> None:
+        seen.append((key, str(exc)))
+        reported.set()
+
+    def handle(key: str) -> None:
+        raise ValueError(f"bad {key}")
+
+    queue.start(handle, on_error=on_error)
+    queue.add("k")
+    assert reported.wait(5)
+    queue.join()
+    assert seen == [("k", "bad k")]

@@ -61,7 +61,6 @@ class SpecWriter:
         self._stale_since: dict[str, float] = {}
         self._last_write: dict[str, float] = {}
         self._failures: dict[str, int] = {}
-        self._threads: list[threading.Thread] = []
 
     # -- inputs ----------------------------------------------------------------------
 
@@ -92,25 +91,16 @@ class SpecWriter:
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        for number in range(self.workers):
-            thread = threading.Thread(target=self._work, name=f"spec-writer-{number}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self.queue.start(
+            self.reconcile, workers=self.workers, name="spec-writer", on_error=self._unexpected
+        )
 
     def stop(self) -> None:
-        self.queue.close()
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self.queue.join()
 
-    def _work(self) -> None:
-        while (node := self.queue.get()) is not None:
-            try:
-                self.reconcile(node)
-            except Exception:
-                log.exception("reconciling node %s", node)
-                self._retry(node, "Unexpected")
-            finally:
-                self.queue.done(node)
+    def _unexpected(self, node: str, exc: Exception) -> None:
+        log.error("reconciling node %s", node, exc_info=exc)
+        self._retry(node, "Unexpected")
 
     # -- the reconcile -----------------------------------------------------------------
 
