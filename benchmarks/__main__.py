@@ -13,8 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ambient_cni.sandbox import lifecycle
-from ambient_cni.sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox import lifecycle
+from ambient_cni_sandbox.cluster import SandboxCluster
 
 from . import controller_scale, enroll, event_to_kernel, report
 from .measure import machine

@@ -19,9 +19,9 @@ from kubernetes.client import CustomObjectsApi
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body
 from ambient_cni.reflector import Reflector, name_of
-from ambient_cni.sandbox.cluster import SandboxCluster
-from ambient_cni.sandbox.components import AGENT_USER, Component, controller
-from ambient_cni.sandbox.network import create_netns, delete_netns
+from ambient_cni_sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox.components import AGENT_USER, Component, controller
+from ambient_cni_sandbox.network import create_netns, delete_netns
 
 from .measure import ProcessUsage, wait_until
 from .objects import (

@@ -15,8 +15,8 @@ from kubernetes.client import CoreV1Api
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body
 from ambient_cni.reflector import Reflector
-from ambient_cni.sandbox.cluster import SandboxCluster
-from ambient_cni.sandbox.components import Mesh
+from ambient_cni_sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox.components import Mesh
 
 from .measure import RuleEvents, percentiles, wait_until
 

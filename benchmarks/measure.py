@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ambient_cni.netns import run_in_netns
-from ambient_cni.sandbox.zds_client import ZdsClient
 from ambient_cni.zds import WorkloadRequest
+from ambient_cni_sandbox.zds_client import ZdsClient
 
 RTMGRP_IPV4_RULE = 0x80
 RTM_NEWRULE, RTM_DELRULE = 32, 33

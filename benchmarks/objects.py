@@ -15,9 +15,9 @@ from pyroute2 import IPRoute
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client, raw
 from ambient_cni.netns import run_in_netns
-from ambient_cni.sandbox.cluster import SandboxCluster
-from ambient_cni.sandbox.components import repo_crds
-from ambient_cni.sandbox.network import create_netns, delete_netns
+from ambient_cni_sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox.components import repo_crds
+from ambient_cni_sandbox.network import create_netns, delete_netns
 
 from .measure import wait_until
 

@@ -22,7 +22,7 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# -- Python: a venv in .venv, reinstalled when pyproject.toml changes ---------------
+# -- Python: a venv in .venv, reinstalled when either pyproject.toml changes --------
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
     || die "$PYTHON is $("$PYTHON" --version 2>&1); ambient-cni needs Python >= 3.11 (set PYTHON=...)"
@@ -34,11 +34,11 @@ if [[ ! -x .venv/bin/python ]]; then
         rm -rf .venv && "$PYTHON" -m venv .venv
     fi
 fi
-stamp=".venv/.ambient-cni-$(sha256sum pyproject.toml | cut -c1-16)"
+stamp=".venv/.ambient-cni-$(cat pyproject.toml sandbox/pyproject.toml | sha256sum | cut -c1-16)"
 if [[ ! -e $stamp ]]; then
-    say "installing ambient-cni and its dev tools into .venv"
+    say "installing ambient-cni, its sandbox (sandbox/) and its dev tools into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev]'
+    .venv/bin/python -m pip install -q -e '.[dev]' -e ./sandbox
     rm -f .venv/.ambient-cni-* && touch "$stamp"
 fi
 

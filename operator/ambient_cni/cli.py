@@ -1,4 +1,9 @@
-"""The `ambient-cni` command line."""
+"""The `ambient-cni` command line.
+
+Other installed distributions may add commands through the `ambient_cni.commands`
+entry point group (the sandbox adds `sandbox` and `demo`): each entry is a
+function that adds its subparsers and sets `run` on them.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +11,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE
-from .dataplane.constants import BACKENDS
+from .dataplane.constants import BACKEND_CHOICES
 
-DEFAULT_SANDBOX = "demo"
+COMMAND_PLUGINS = "ambient_cni.commands"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
-
-
-def _sandbox_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sandbox = sub.add_parser(
-        "sandbox",
-        help="a real local cluster: kube-apiserver, etcd, simulated nodes and pods",
-        description="A local cluster for demos and tests: a real etcd, kube-apiserver and "
-        "kube-controller-manager on loopback, nodes and pods simulated with "
-        "network namespaces. Needs root.",
-    )
-    cmds = sandbox.add_subparsers(dest="sandbox_command", required=True, metavar="COMMAND")
-
-    def named(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument(
-            "--name", default=DEFAULT_SANDBOX, help=f"sandbox name (default {DEFAULT_SANDBOX})"
-        )
-        return parser
-
-    cmds.add_parser(
-        "build",
-        help="build (or find cached) etcd, kube-apiserver, "
-        "kube-controller-manager, kubectl and helm",
-    )
-    up = named(cmds.add_parser("up", help="start a sandbox and wait until its nodes are Ready"))
-    up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
-    down = named(cmds.add_parser("down", help="stop a sandbox and remove everything it made"))
-    down.add_argument("--all", action="store_true", help="every sandbox on this machine")
-    named(cmds.add_parser("status", help="control plane health, nodes and pods"))
-    named(cmds.add_parser("env", help="print shell exports for KUBECONFIG and the kubectl PATH"))
-    ex = named(cmds.add_parser("exec", help="run a command inside a pod's network namespace"))
-    ex.add_argument("-n", "--namespace", default="default")
-    ex.add_argument("pod")
-    ex.add_argument("argv", nargs=argparse.REMAINDER, help="-- command [args...]")
-    kubelet = named(cmds.add_parser("kubelet", help=argparse.SUPPRESS))
-    kubelet.add_argument("--node", required=True)
-    named(cmds.add_parser("scheduler", help=argparse.SUPPRESS))
 
 
 def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -80,6 +50,7 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
     ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    ctl.set_defaults(run=_run_controller)
 
 
 def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -102,9 +73,9 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     agent.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     agent.add_argument(
         "--backend",
-        choices=BACKENDS,
+        choices=BACKEND_CHOICES,
         default="auto",
-        help="iptables flavour; auto follows the one the host's rules already use",
+        help="dataplane backend; auto follows what the node's rules already use",
     )
     agent.add_argument(
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
@@ -119,6 +90,7 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         action="store_true",
         help="remove the host's probe rules and ipsets, then exit (chart uninstall)",
     )
+    agent.set_defaults(run=_run_agent)
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -178,118 +150,53 @@ def _run_controller(args: argparse.Namespace) -> int:
     return run(options)
 
 
+def _run_check_ready(args: argparse.Namespace) -> int:
+    from .readiness import check_ready
+
+    return check_ready(args.kubeconfig, args.timeout)
+
+
+def _run_crds(args: argparse.Namespace) -> int:
+    from .api.crd import crd_yaml
+
+    print(crd_yaml(for_chart=args.chart), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ambient-cni",
         description="Ambient mesh traffic redirection as a Kubernetes operator.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _sandbox_commands(sub)
     ready = sub.add_parser(
         "check-ready", help="wait until every AmbientNodeConfig is Ready (the chart's helm test)"
     )
     ready.add_argument("--kubeconfig", type=Path, help="default: in-cluster, then $KUBECONFIG")
     ready.add_argument("--timeout", type=float, default=120.0, help="seconds")
+    ready.set_defaults(run=_run_check_ready)
     crds = sub.add_parser("crds", help="print the CustomResourceDefinitions (YAML)")
     crds.add_argument(
         "--chart", action="store_true", help="the Helm chart's copy (kept on uninstall)"
     )
+    crds.set_defaults(run=_run_crds)
     _controller_command(sub)
     _agent_command(sub)
-    demo = sub.add_parser("demo", help="run the demo on a local sandbox cluster")
-    demo.add_argument("--name", default=DEFAULT_SANDBOX)
-    demo.add_argument("--keep", action="store_true", help="leave the sandbox running afterwards")
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        plugin.load()(sub)
     return parser
-
-
-def _run_sandbox(args: argparse.Namespace) -> int:
-    # Imported here so `ambient-cni --help` stays fast and needs no root.
-    from .sandbox import lifecycle
-
-    command = args.sandbox_command
-    if command == "build":
-        from .sandbox.binaries import binaries_dir
-
-        print(binaries_dir())
-        return 0
-    if command == "up":
-        state = lifecycle.up(args.name, args.nodes)
-        print(f"export KUBECONFIG={state.kubeconfig}")
-        return 0
-    if command == "down":
-        names = lifecycle.known_sandboxes() if args.all else [args.name]
-        for name in names:
-            lifecycle.down(name)
-        if args.all and not names:
-            print("no sandboxes on this machine", file=sys.stderr)
-        return 0
-    if command == "status":
-        from .sandbox.status import show_status
-
-        return show_status(args.name)
-    if command == "env":
-        state = lifecycle.require_state(args.name)
-        print(f"export KUBECONFIG={state.kubeconfig}")
-        print(f"export PATH={state.bin_dir}:$PATH")
-        return 0
-    if command == "exec":
-        return _exec_in_pod(args)
-    if command == "kubelet":
-        from .sandbox import kubelet
-
-        kubelet.main(args.name, args.node)
-        return 0
-    if command == "scheduler":
-        from .sandbox import scheduler
-
-        scheduler.main(args.name)
-        return 0
-    raise AssertionError(command)
-
-
-def _exec_in_pod(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in execvp
-    from .sandbox.cluster import SandboxCluster
-
-    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-    if not argv:
-        print("ambient-cni sandbox exec: give a command after --", file=sys.stderr)
-        return 2
-    cluster = SandboxCluster.open(args.name)
-    pod = cluster.pod(args.namespace, args.pod)
-    if pod is None:
-        print(f"no pod {args.namespace}/{args.pod}", file=sys.stderr)
-        return 1
-    os.execvp("ip", ["ip", "netns", "exec", cluster.pod_netns(pod), *argv])  # noqa: S606
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "sandbox":
-            return _run_sandbox(args)
-        if args.command == "check-ready":
-            from .readiness import check_ready
-
-            return check_ready(args.kubeconfig, args.timeout)
-        if args.command == "agent":
-            return _run_agent(args)
-        if args.command == "controller":
-            return _run_controller(args)
-        if args.command == "crds":
-            from .api.crd import crd_yaml
-
-            print(crd_yaml(for_chart=args.chart), end="")
-            return 0
-        if args.command == "demo":
-            from .sandbox.demo import run_demo
-
-            return run_demo(args.name, keep=args.keep)
+        result: int = args.run(args)
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, ValueError, OSError) as exc:
         print(f"ambient-cni: error: {exc}", file=sys.stderr)
         return 1
-    raise AssertionError(args.command)
+    return result
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from ambient_cni.sandbox import lifecycle
-from ambient_cni.sandbox.cluster import SandboxCluster, wait_for
-from ambient_cni.sandbox.state import paths_for
+from ambient_cni_sandbox import lifecycle
+from ambient_cni_sandbox.cluster import SandboxCluster, wait_for
+from ambient_cni_sandbox.state import paths_for
 
 SANDBOX = "e2e"
 LOG_TAIL_LINES = 30

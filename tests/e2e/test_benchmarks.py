@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ambient_cni.sandbox.cluster import SandboxCluster
-from ambient_cni.sandbox.network import sandbox_netns
+from ambient_cni_sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox.network import sandbox_netns
 from benchmarks import controller_scale, enroll, event_to_kernel, report
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"

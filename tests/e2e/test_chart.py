@@ -24,8 +24,8 @@ from pyhelm3 import Client
 
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body
-from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni.sandbox.components import Mesh
+from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.components import Mesh
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "istio-cni"

@@ -12,8 +12,8 @@ from kubernetes.client import CustomObjectsApi
 
 from ambient_cni.api import names
 from ambient_cni.kube import as_body, raw
-from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni.sandbox.components import CONTROLLER_USER, Component, controller
+from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.components import CONTROLLER_USER, Component, controller
 
 REPO = Path(__file__).resolve().parents[2]
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}

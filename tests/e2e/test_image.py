@@ -123,3 +123,16 @@ def test_the_build_stage_runs_and_installs_both_commands(image_root: Path) -> No
         )
         assert result.returncode == 0, result.stderr
         assert f"usage: ambient-cni {command}" in result.stdout
+    # The sandbox is test machinery: neither it, its commands nor its dependencies ship.
+    listing = subprocess.run(
+        [str(entrypoint), "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "controller" in listing
+    assert "sandbox" not in listing
+    assert "demo" not in listing
+    python = venv / "bin" / "python"
+    for module in ("ambient_cni_sandbox", "cryptography"):
+        found = subprocess.run(
+            [str(python), "-c", f"import {module}"], capture_output=True, text=True, check=False
+        )
+        assert found.returncode != 0, f"{module} is in the image"

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 
 from ambient_cni.netns import netns_inode, process_netns_inode
-from ambient_cni.sandbox import lifecycle
-from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni.sandbox.processes import is_running
-from ambient_cni.sandbox.state import paths_for
-from ambient_cni.sandbox.topology import host_veth_name
+from ambient_cni_sandbox import lifecycle
+from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.processes import is_running
+from ambient_cni_sandbox.state import paths_for
+from ambient_cni_sandbox.topology import host_veth_name
 
 
 def container_pid(pod: dict[str, Any]) -> int:

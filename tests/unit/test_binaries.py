@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ambient_cni.sandbox.binaries import (
+from ambient_cni_sandbox.binaries import (
     BuildError,
     PinnedVersions,
     cache_key,

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from ambient_cni.sandbox.podspec import (
+from ambient_cni_sandbox.podspec import (
     PodRuntime,
     PodSpecError,
     container_run,
@@ -34,15 +34,15 @@ def run(p: dict[str, Any]) -> tuple[tuple[str, ...], dict[str, str], int]:
 @pytest.mark.parametrize(
     ("container", "argv", "port"),
     [
-        ({}, ("py", "-m", "ambient_cni.sandbox.echo", "--port", "8080"), 8080),
+        ({}, ("py", "-m", "ambient_cni_sandbox.echo", "--port", "8080"), 8080),
         (
             {"ports": [{"containerPort": 9000, "protocol": "UDP"}, {"containerPort": 80}]},
-            ("py", "-m", "ambient_cni.sandbox.echo", "--port", "80"),
+            ("py", "-m", "ambient_cni_sandbox.echo", "--port", "80"),
             80,
         ),
         (
             {"args": ["--verbose"]},
-            ("py", "-m", "ambient_cni.sandbox.echo", "--port", "8080", "--verbose"),
+            ("py", "-m", "ambient_cni_sandbox.echo", "--port", "8080", "--verbose"),
             8080,
         ),
         ({"command": ["sleep"], "args": [3600]}, ("sleep", "3600"), 8080),

@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import socket
 
-from ambient_cni.sandbox.processes import listens_on
+from ambient_cni_sandbox.processes import listens_on
 
 
 def test_listens_on_sees_a_listener_and_only_while_listening() -> None:

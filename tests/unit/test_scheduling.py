@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from ambient_cni.sandbox.scheduling import NodeView, choose_node, fits, node_view
+from ambient_cni_sandbox.scheduling import NodeView, choose_node, fits, node_view
 
 NODES = [
     NodeView(name="node-2", ready=True, labels={"zone": "b"}),

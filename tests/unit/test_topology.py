@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from ambient_cni.sandbox.topology import (
+from ambient_cni_sandbox.topology import (
     TopologyError,
     host_veth_name,
     next_free_ip,

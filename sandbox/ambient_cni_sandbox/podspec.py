@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 DEFAULT_PORT = 8080
-ECHO_MODULE = "ambient_cni.sandbox.echo"
+ECHO_MODULE = "ambient_cni_sandbox.echo"
 
 # fieldRef paths the sandbox can resolve for env vars (the downward API subset that matters here).
 FIELD_REFS = (

@@ -56,8 +56,8 @@ def gomod_dir() -> Path:
     override = os.environ.get("AMBIENT_CNI_GOMOD_DIR")
     if override:
         return Path(override)
-    # operator/ambient_cni/sandbox/binaries.py -> repository root
-    path = Path(__file__).resolve().parents[3] / "tools" / "gobin"
+    # sandbox/ambient_cni_sandbox/binaries.py -> repository root
+    path = Path(__file__).resolve().parents[2] / "tools" / "gobin"
     if not (path / "go.mod").is_file():
         raise BuildError(
             f"no Go module at {path}: the sandbox needs a source checkout of ambient-cni "

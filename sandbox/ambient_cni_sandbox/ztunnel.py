@@ -9,7 +9,7 @@ ways and logs one JSON line per connection: direction, pod, source,
 original destination and bytes each way. Tests read that log to prove which
 traffic went through it.
 
-Run: python -m ambient_cni.sandbox.ztunnel --socket PATH --log PATH
+Run: python -m ambient_cni_sandbox.ztunnel --socket PATH --log PATH
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 
 from ambient_cni.logs import configure_json_logging
 from ambient_cni.netns import run_in_netns
-from ambient_cni.sandbox.zds_client import ZdsClient
 from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadRequest
+from ambient_cni_sandbox.zds_client import ZdsClient
 
 ZTUNNEL_MARK = 1337
 SO_ORIGINAL_DST = 80

@@ -21,7 +21,7 @@ from ambient_cni.zds import (
 )
 
 MAX_DATAGRAM = 1024
-log = logging.getLogger("ambient_cni.sandbox.zds_client")
+log = logging.getLogger("ambient_cni_sandbox.zds_client")
 
 # Called with each request and the netns fd that came with it (the handler owns
 # the fd); returns an error text for a NACK, or "" to ack.

@@ -101,6 +101,10 @@ def _ready(mesh: Mesh, node: str) -> bool:
     )
 
 
+def _enrolled(mesh: Mesh, node: str) -> int:
+    return int(((mesh.anc(node) or {}).get("status") or {}).get("enrolled") or 0)
+
+
 def _show_anc(cluster: SandboxCluster) -> None:
     print(cluster.kubectl("get", "anc").stdout, end="")
 
@@ -138,7 +142,9 @@ def run_demo(name: str, *, keep: bool = False) -> int:
             timeout=30,
         )
         wait_for(
-            "every node Ready", lambda: all(_ready(mesh, n) for n in cluster.node_names), timeout=30
+            "every node Ready with its echo pod enrolled",
+            lambda: all(_ready(mesh, n) and _enrolled(mesh, n) == 1 for n in cluster.node_names),
+            timeout=30,
         )
         _show_anc(cluster)
         print(

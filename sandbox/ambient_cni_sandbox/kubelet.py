@@ -126,12 +126,7 @@ class Kubelet:
         self.register_node()
         self.adopt_records()
         self.pods.start(self.stop)
-        workers = [
-            threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
-            for i in range(WORKERS)
-        ]
-        for worker in workers:
-            worker.start()
+        self.queue.start(self.sync, workers=WORKERS, name="pod-sync")
         self.pods.synced.wait()
         for uid in list(self.local):  # pods gone from the API while we were down
             self.queue.add(uid)
@@ -140,16 +135,6 @@ class Kubelet:
         # Stopping leaves pods running, as a real kubelet restart does.
         self.queue.close()
         log.info("kubelet for %s stopped", self.node.name)
-
-    def _work(self) -> None:
-        while (uid := self.queue.get()) is not None:
-            try:
-                self.sync(uid)
-            except Exception:
-                log.exception("sync of pod %s failed; retrying", uid)
-                self.queue.add_after(uid, 1.0)
-            finally:
-                self.queue.done(uid)
 
     def _heartbeat_loop(self) -> None:
         last_status = last_resync = time.monotonic()

@@ -47,22 +47,16 @@ class Scheduler:
     def run(self) -> None:
         def on_signal(_signum: int, _frame: object) -> None:
             self.stop.set()
-            self.queue.close()
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.nodes.start(self.stop)
         self.nodes.synced.wait()
         self.pending.start(self.stop)
+        self.queue.start(self.schedule, name="schedule")
         log.info("scheduler running")
-        while (uid := self.queue.get()) is not None:
-            try:
-                self.schedule(uid)
-            except Exception:
-                log.exception("scheduling %s failed; retrying", uid)
-                self.queue.add_after(uid, 1.0)
-            finally:
-                self.queue.done(uid)
+        self.stop.wait()
+        self.queue.join()
 
     def schedule(self, uid: str) -> None:
         pod = self.pending.get(uid)

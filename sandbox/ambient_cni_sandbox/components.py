@@ -171,7 +171,7 @@ def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-sy
         command=[
             sys.executable,
             "-m",
-            "ambient_cni.sandbox.ztunnel",
+            "ambient_cni_sandbox.ztunnel",
             f"--socket={zds_socket(cluster, node)}",
             f"--log={ztunnel_log(cluster, node)}",
         ],
@@ -181,8 +181,8 @@ def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-sy
 
 
 def repo_crds() -> Path:
-    # operator/ambient_cni/sandbox/components.py -> repository root
-    return Path(__file__).resolve().parents[3] / "crds"
+    # sandbox/ambient_cni_sandbox/components.py -> repository root
+    return Path(__file__).resolve().parents[2] / "crds"
 
 
 class Mesh:

@@ -101,7 +101,7 @@ def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
             helpers[f"kubelet-{node.name}"] = ["kubelet", "--name", name, "--node", node.name]
         procs = {
             label: spawn_daemon(
-                [sys.executable, "-m", "ambient_cni.cli", "sandbox", *argv],
+                [sys.executable, "-m", "ambient_cni_sandbox", *argv],
                 sandbox=name,
                 log_path=paths.log_dir / f"{label}.log",
             )
@@ -219,12 +219,19 @@ def down(name: str, *, say: Say = _say) -> DownReport:
     return found
 
 
+HELPERS = (b"kubelet", b"scheduler")
+
+
 def _is_helper(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"ambient_cni.cli" in cmdline and is_running(pid)
+    # python -m ambient_cni_sandbox kubelet|scheduler ...
+    module = b"ambient_cni_sandbox"
+    if module not in cmdline[:-1]:
+        return False
+    return cmdline[cmdline.index(module) + 1] in HELPERS and is_running(pid)
 
 
 def known_sandboxes() -> list[str]:

@@ -16,9 +16,9 @@ def _component(pid: int) -> str:
     except OSError:
         return "?"
     words = [a.decode(errors="replace") for a in argv if a]
-    if "ambient_cni.cli" in words:
-        rest = words[words.index("ambient_cni.cli") + 1 :]
-        return " ".join(w for w in rest if w != "sandbox")
+    for module in ("ambient_cni.cli", "ambient_cni_sandbox"):  # an operator component, a helper
+        if module in words:
+            return " ".join(words[words.index(module) + 1 :])
     return Path(words[0]).name if words else "?"
 
 
