@@ -20,18 +20,18 @@ from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.api import names
 from ambient_cni.api.models import AmbientNodeConfigSpec, Workload, ZtunnelRef
-from ambient_cni.dataplane.iptables_apply import (
-    PodRules,
-    detect_flavour,
-    ensure_routing,
-    remove_routing,
-)
-from ambient_cni.dataplane.iptables_rules import PodRedirect, pod_ruleset
+from ambient_cni.dataplane import factory
+from ambient_cni.dataplane.interfaces import PodDataplane
+from ambient_cni.dataplane.iptables_flavour import detect_flavour
+from ambient_cni.dataplane.iptables_rules import pod_ruleset
+from ambient_cni.dataplane.redirection import PodRedirect
+from ambient_cni.dataplane.routing import PolicyRouting
+from ambient_cni.dataplane.runner import SubprocessRunner
 from ambient_cni.kube import MERGE_PATCH, as_body, raw
 from ambient_cni.netns import run_in_netns
-from ambient_cni.sandbox.cluster import SandboxCluster
-from ambient_cni.sandbox.components import AGENT_USER, Component
-from ambient_cni.sandbox.network import create_netns
+from ambient_cni_sandbox.cluster import SandboxCluster
+from ambient_cni_sandbox.components import AGENT_USER, Component
+from ambient_cni_sandbox.network import create_netns
 
 from .measure import AckingZtunnel, ProcessUsage, RuleEvents, percentiles, wait_until
 from .objects import (
@@ -84,7 +84,7 @@ def _spec(workloads: list[Workload]) -> dict[str, Any]:
 def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
     bulk = BulkClient(cluster)
     custom = bulk.custom()
-    flavour = detect_flavour()
+    flavour = detect_flavour(SubprocessRunner())
     host_netns = f"{NETNS_PREFIX}host"
     pod_netns = [f"{NETNS_PREFIX}pod-{i:04d}" for i in range(pods)]
     socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel.sock"
@@ -174,6 +174,8 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
             )
             return started
 
+        writes = "ambient_cni_agent_status_writes_total"
+        writes_before = agent.metric(writes)
         cpu_before = usage.cpu_seconds()
         t_enroll = patch_workloads(workloads)
         wait_until(
@@ -184,6 +186,8 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
         )
         enroll_wall = time.monotonic() - t_enroll
         enroll_cpu = usage.cpu_seconds() - cpu_before
+        enroll_status_writes = agent.metric(writes) - writes_before
+        writes_before = agent.metric(writes)
         enroll_latency = [events.added[n] - t_enroll for n in pod_netns if n in events.added]
         enroll_kernel_wall = max(enroll_latency, default=0.0)
 
@@ -197,15 +201,17 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
         )
         leave_wall = time.monotonic() - t_leave
         leave_cpu = usage.cpu_seconds() - cpu_before
+        leave_status_writes = agent.metric(writes) - writes_before
         leave_latency = [events.removed[n] - t_leave for n in pod_netns if n in events.removed]
         peak_rss = usage.peak_rss_mib()
         agent.stop()
         agent = None
 
+        pod_dataplane = factory.build(flavour.backend).pods
         naive = _timed_per_pod(paths.values(), lambda: _per_rule(flavour.name))
-        _remove_all(PodRules(flavour), paths.values())
+        _remove_all(pod_dataplane, paths.values())
         floor = _timed_per_pod(paths.values(), lambda: _bare_restore(flavour.name))
-        _remove_all(PodRules(flavour), paths.values())
+        _remove_all(pod_dataplane, paths.values())
         return {
             "pods": pods,
             "workers": WORKERS,
@@ -215,9 +221,11 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
             "enroll_kernel_latency_s": percentiles(enroll_latency),
             "enroll_seen_in_kernel": len(enroll_latency),
             "enroll_agent_cpu_s": enroll_cpu,
+            "enroll_status_writes": enroll_status_writes,
             "unenroll_wall_s": leave_wall,
             "unenroll_kernel_latency_s": percentiles(leave_latency),
             "unenroll_agent_cpu_s": leave_cpu,
+            "unenroll_status_writes": leave_status_writes,
             "agent_peak_rss_mib": peak_rss,
             "per_rule_wall_s": naive,
             "per_rule_processes_per_pod": len(
@@ -247,7 +255,7 @@ def _per_rule(flavour: str) -> None:
     """What proxy-init style code does: one iptables process per chain and rule."""
     for command in per_rule_commands(pod_ruleset(PodRedirect()), f"iptables-{flavour}"):
         subprocess.run(command, check=True, capture_output=True)
-    ensure_routing([4])
+    PolicyRouting().ensure(None, [4])  # here: the caller is inside the pod's netns
 
 
 EMPTY_TABLES = "*mangle\nCOMMIT\n*nat\nCOMMIT\n*raw\nCOMMIT\n"
@@ -262,7 +270,7 @@ def _bare_restore(flavour: str) -> None:
         check=True,
         capture_output=True,
     )
-    ensure_routing([4])
+    PolicyRouting().ensure(None, [4])
 
 
 def _timed_per_pod(paths: Any, work: Any) -> float:
@@ -272,7 +280,6 @@ def _timed_per_pod(paths: Any, work: Any) -> float:
     return time.monotonic() - started
 
 
-def _remove_all(rules: PodRules, paths: Any) -> None:
+def _remove_all(pods: PodDataplane, paths: Any) -> None:
     for path in paths:
-        rules.remove(path, families=(4,))
-        run_in_netns(path, lambda: remove_routing((4,)))
+        pods.remove(Path(path), families=(4,))

@@ -45,6 +45,8 @@ def enroll_table(r: dict[str, Any]) -> str:
             f"| {_ms(lat['p50'])} / {_ms(lat['p95'])} / {_ms(lat['p99'])} "
             f"| {_ms(leave['p50'])} / {_ms(leave['p95'])} / {_ms(leave['p99'])} |",
             f"| agent CPU | {_s(r['enroll_agent_cpu_s'])} | {_s(r['unenroll_agent_cpu_s'])} |",
+            f"| status writes | {r['enroll_status_writes']:.0f} "
+            f"| {r['unenroll_status_writes']:.0f} |",
             f"| agent peak RSS | {r['agent_peak_rss_mib']:.0f} MiB | |",
             "",
             "| same pods, same run | wall | ours compared |",

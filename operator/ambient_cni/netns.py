@@ -75,13 +75,14 @@ def run_in_netns(target: str | Path | int, fn: Callable[[], T]) -> T:
     return result[0]
 
 
-def run_in_new_netns(fn: Callable[[], T]) -> T:
-    """Call `fn` on a new thread inside a brand-new, empty network namespace.
+def new_netns_fd() -> int:
+    """An fd to a brand-new, empty network namespace, made on a thread that then exits.
 
-    The namespace has no name and no other user: it disappears with the thread
-    (and any process `fn` started there), so nothing can be left behind.
+    The namespace has no name and no other user: it disappears when the fd is
+    closed (or the process ends), so nothing can be left behind. While open,
+    `/proc/self/fd/<fd>` is a path to it that `run_in_netns` accepts.
     """
-    result: list[T] = []
+    result: list[int] = []
     failure: list[BaseException] = []
 
     def body() -> None:
@@ -89,7 +90,7 @@ def run_in_new_netns(fn: Callable[[], T]) -> T:
             if _libc.unshare(CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
                 raise NetnsError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-            result.append(fn())
+            result.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
         except BaseException as exc:
             failure.append(exc)
 

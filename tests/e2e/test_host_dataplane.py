@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from ambient_cni.dataplane.host import HostDataplane
-from ambient_cni.dataplane.iptables_apply import detect_flavour
+from ambient_cni.dataplane import factory
+from ambient_cni.dataplane.address_sets import remove_owned, sync
+from ambient_cni.dataplane.interfaces import HostDataplane
+from ambient_cni.dataplane.runner import SubprocessRunner
 
 
 @pytest.fixture
@@ -19,7 +21,8 @@ def host() -> Iterator[tuple[HostDataplane, str]]:
     name = f"acni-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        yield HostDataplane(detect_flavour(), Path("/run/netns", name)), name
+        backend = factory.detect(SubprocessRunner())  # as the agent would pick on this machine
+        yield factory.build(backend, Path("/run/netns", name)).host, name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 
@@ -33,7 +36,7 @@ def sh(netns: str, *argv: str) -> str:
 def test_ensure_is_idempotent_and_uninstall_leaves_nothing(host: tuple[HostDataplane, str]) -> None:
     dataplane, netns = host
     assert dataplane.ensure() is True
-    assert dataplane.in_sync()
+    assert dataplane.verify()
     nat = sh(netns, "iptables-save", "-t", "nat")
     assert "-A POSTROUTING -j ISTIO_POSTRT" in nat
     assert "--match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127" in nat
@@ -42,11 +45,11 @@ def test_ensure_is_idempotent_and_uninstall_leaves_nothing(host: tuple[HostDatap
     assert sh(netns, "iptables-save", "-t", "nat").count("-A ") == nat.count("-A ")
 
     sh(netns, "iptables", "-t", "nat", "-F", "ISTIO_POSTRT")  # drift
-    assert not dataplane.in_sync()
+    assert not dataplane.verify()
     assert dataplane.ensure() is True
-    assert dataplane.in_sync()
+    assert dataplane.verify()
 
-    dataplane.add(["10.244.0.5"], "uid-a")
+    dataplane.addresses.add(["10.244.0.5"], "uid-a")
     assert dataplane.uninstall() is True
     assert "ISTIO" not in sh(netns, "iptables-save") + sh(netns, "ip6tables-save")
     assert sh(netns, "ipset", "list", "-n").strip() == ""
@@ -55,22 +58,24 @@ def test_ensure_is_idempotent_and_uninstall_leaves_nothing(host: tuple[HostDatap
 def test_entries_carry_the_pod_uid(host: tuple[HostDataplane, str]) -> None:
     dataplane, netns = host
     dataplane.ensure()
-    dataplane.add(["10.244.0.5", "fd00::5"], "uid-a")
-    assert dataplane.entries() == {"10.244.0.5": "uid-a", "fd00::5": "uid-a"}
-    dataplane.add(["10.244.0.5"], "uid-b")  # the IP was reused by another pod: replaced
-    assert dataplane.entries()["10.244.0.5"] == "uid-b"
-    dataplane.remove(["10.244.0.5", "fd00::5"], "uid-a")  # only what uid-a still owns
-    assert dataplane.entries() == {"10.244.0.5": "uid-b"}
+    dataplane.addresses.add(["10.244.0.5", "fd00::5"], "uid-a")
+    assert dataplane.addresses.entries() == {"10.244.0.5": "uid-a", "fd00::5": "uid-a"}
+    dataplane.addresses.add(["10.244.0.5"], "uid-b")  # the IP was reused by another pod: replaced
+    assert dataplane.addresses.entries()["10.244.0.5"] == "uid-b"
+    remove_owned(
+        dataplane.addresses, ["10.244.0.5", "fd00::5"], "uid-a"
+    )  # only what uid-a still owns
+    assert dataplane.addresses.entries() == {"10.244.0.5": "uid-b"}
     assert 'comment "uid-b"' in sh(netns, "ipset", "list", "istio-inpod-probes-v4")
 
-    dataplane.sync({"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"})
-    assert dataplane.entries() == {"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"}
+    sync(dataplane.addresses, {"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"})
+    assert dataplane.addresses.entries() == {"10.244.0.7": "uid-c", "10.244.0.5": "uid-d"}
 
 
 def test_agent_uninstall_removes_host_rules_and_sets(host: tuple[HostDataplane, str]) -> None:
     dataplane, netns = host
     dataplane.ensure()
-    dataplane.add(["10.244.0.5"], "uid-a")
+    dataplane.addresses.add(["10.244.0.5"], "uid-a")
     result = subprocess.run(
         [
             sys.executable,

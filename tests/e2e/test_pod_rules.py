@@ -5,12 +5,17 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from ambient_cni.dataplane.iptables_apply import ApplyError, PodRules, detect_flavour
-from ambient_cni.dataplane.iptables_rules import PodRedirect, pod_ruleset
+from ambient_cni.dataplane import factory
+from ambient_cni.dataplane.errors import DataplaneError
+from ambient_cni.dataplane.iptables_pod import IptablesPodDataplane
+from ambient_cni.dataplane.iptables_rules import pod_ruleset
 from ambient_cni.dataplane.iptables_state import our_rules
+from ambient_cni.dataplane.redirection import PodRedirect
+from ambient_cni.dataplane.runner import SubprocessRunner
 
 
 def sh(netns: str, *argv: str) -> str:
@@ -31,8 +36,11 @@ def pod_netns() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def rules() -> PodRules:
-    return PodRules(detect_flavour())
+def rules() -> IptablesPodDataplane:
+    # The flavour this machine's own rules use, as the agent would pick on it.
+    pods = factory.build(factory.detect(SubprocessRunner())).pods
+    assert isinstance(pods, IptablesPodDataplane)
+    return pods
 
 
 def rule_count(netns: str, family: int = 4) -> int:
@@ -49,10 +57,10 @@ def policy_routing(netns: str, family: int = 4) -> tuple[str, str]:
     return "\n".join(rule), route.strip()
 
 
-def test_ensure_applies_once_and_is_idempotent(rules: PodRules, pod_netns: str) -> None:
+def test_ensure_applies_once_and_is_idempotent(rules: IptablesPodDataplane, pod_netns: str) -> None:
     redirect = PodRedirect()
     assert rules.ensure(pod_netns, [redirect]) is True
-    assert rules.in_sync(pod_netns, redirect)
+    assert rules.verify(pod_netns, [redirect])
     count = rule_count(pod_netns)
     assert count == pod_ruleset(redirect).count("\n-A ")  # every rendered rule, read back
     rule, route = policy_routing(pod_netns)
@@ -64,29 +72,29 @@ def test_ensure_applies_once_and_is_idempotent(rules: PodRules, pod_netns: str) 
     assert len(policy_routing(pod_netns)[0].splitlines()) == 1
 
 
-def test_drift_is_detected_and_repaired(rules: PodRules, pod_netns: str) -> None:
+def test_drift_is_detected_and_repaired(rules: IptablesPodDataplane, pod_netns: str) -> None:
     redirect = PodRedirect()
     rules.ensure(pod_netns, [redirect])
     count = rule_count(pod_netns)
     sh(pod_netns, "iptables", "-t", "nat", "-F", "ISTIO_OUTPUT")
-    assert not rules.in_sync(pod_netns, redirect)
+    assert not rules.verify(pod_netns, [redirect])
     assert rules.ensure(pod_netns, [redirect]) is True
-    assert rules.in_sync(pod_netns, redirect)
+    assert rules.verify(pod_netns, [redirect])
     assert rule_count(pod_netns) == count
 
 
-def test_changing_knobs_replaces_the_ruleset(rules: PodRules, pod_netns: str) -> None:
+def test_changing_knobs_replaces_the_ruleset(rules: IptablesPodDataplane, pod_netns: str) -> None:
     rules.ensure(pod_netns, [PodRedirect()])
     no_dns = PodRedirect(dns_capture=False, bypass_inbound=True)
     assert rules.ensure(pod_netns, [no_dns]) is True
-    assert rules.in_sync(pod_netns, no_dns)
+    assert rules.verify(pod_netns, [no_dns])
     saved = sh(pod_netns, "iptables-save")
     assert set(our_rules(saved)) == {"mangle", "nat"}  # raw held only DNS rules
     assert "15053" not in saved
     assert "15006" not in saved
 
 
-def test_remove_leaves_nothing(rules: PodRules, pod_netns: str) -> None:
+def test_remove_leaves_nothing(rules: IptablesPodDataplane, pod_netns: str) -> None:
     rules.ensure(pod_netns, [PodRedirect(), PodRedirect(family=6)])
     assert rule_count(pod_netns, 6) > 0
     assert rules.remove(pod_netns) is True
@@ -96,33 +104,33 @@ def test_remove_leaves_nothing(rules: PodRules, pod_netns: str) -> None:
     assert rules.remove(pod_netns) is False
 
 
-def test_ipv6_ruleset_and_routing(rules: PodRules, pod_netns: str) -> None:
+def test_ipv6_ruleset_and_routing(rules: IptablesPodDataplane, pod_netns: str) -> None:
     redirect = PodRedirect(family=6)
     assert rules.ensure(pod_netns, [redirect]) is True
-    assert rules.in_sync(pod_netns, redirect)
+    assert rules.verify(pod_netns, [redirect])
     rule, route = policy_routing(pod_netns, 6)
     assert "fwmark 0x111/0xfff lookup 100" in rule
     assert route.startswith("local default dev lo")
 
 
 def test_a_rule_the_kernel_refuses_fails_clearly_and_changes_nothing(
-    rules: PodRules, pod_netns: str
+    rules: IptablesPodDataplane, pod_netns: str
 ) -> None:
     rules.ensure(pod_netns, [PodRedirect()])
     before = sh(pod_netns, "iptables-save")
     bad = PodRedirect(virtual_interfaces=("an-interface-name-too-long",))
-    with pytest.raises(ApplyError) as caught:
+    with pytest.raises(DataplaneError) as caught:
         rules.ensure(pod_netns, [bad])
     assert caught.value.reason == "RuleRejected"
     assert (
         "an-interface-name-too-long" in caught.value.message or "IFNAMSIZ" in caught.value.message
     )
     assert sh(pod_netns, "iptables-save").count("-A ") == before.count("-A ")
-    assert rules.in_sync(pod_netns, PodRedirect())
+    assert rules.verify(pod_netns, [PodRedirect()])
 
 
-def test_a_missing_netns_is_reported_as_such(rules: PodRules) -> None:
-    with pytest.raises(ApplyError) as caught:
-        rules.ensure("/run/netns/acni-test-does-not-exist", [PodRedirect()])
+def test_a_missing_netns_is_reported_as_such(rules: IptablesPodDataplane) -> None:
+    with pytest.raises(DataplaneError) as caught:
+        rules.ensure(Path("/run/netns/acni-test-does-not-exist"), [PodRedirect()])
     assert caught.value.reason == "NetnsNotFound"
     assert not caught.value.retryable

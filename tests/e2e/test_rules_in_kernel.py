@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from ambient_cni.dataplane.constants import Family
-from ambient_cni.dataplane.iptables_rules import PodRedirect, host_ruleset, pod_ruleset
+from ambient_cni.dataplane.iptables_rules import host_ruleset, pod_ruleset
+from ambient_cni.dataplane.redirection import PodRedirect
 
 VARIANTS = [
     PodRedirect(),

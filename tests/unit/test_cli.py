@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from ambient_cni.cli import build_parser, main
-from ambient_cni.dataplane.iptables_apply import flavour_for
+from ambient_cni.dataplane import factory
+from ambient_cni.dataplane.constants import BACKEND_CHOICES
+from ambient_cni.dataplane.iptables_pod import IptablesPodDataplane
 
 
 def test_sandbox_defaults() -> None:
@@ -37,7 +39,14 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
 )
 def test_an_explicit_backend_picks_its_iptables_flavour(backend: str, tool: str) -> None:
     args = build_parser().parse_args(["agent", "--node=n1", f"--backend={backend}"])
-    assert flavour_for(args.backend).tool(4, "restore") == tool
+    dataplane = factory.build(args.backend)
+    assert dataplane.backend == backend
+    assert isinstance(dataplane.pods, IptablesPodDataplane)
+    assert dataplane.pods.flavour.tool(4, "restore") == tool
+
+
+def test_the_backend_choices_are_the_factorys_backends() -> None:
+    assert ("auto", *factory.BACKENDS) == BACKEND_CHOICES
 
 
 def test_an_unknown_backend_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

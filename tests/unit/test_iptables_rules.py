@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from ambient_cni.api.models import Workload
-from ambient_cni.dataplane.iptables_rules import (
-    PodRedirect,
-    host_ruleset,
-    pod_redirect,
-    pod_ruleset,
-)
+from ambient_cni.dataplane.iptables_rules import host_ruleset, pod_ruleset
+from ambient_cni.dataplane.redirection import PodRedirect, pod_redirect
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables"
 # Regenerate the generated goldens with AMBIENT_CNI_UPDATE_GOLDEN=1 (never the default one).

@@ -41,7 +41,8 @@ Time = Annotated[datetime.datetime, WithJsonSchema({"type": "string", "format": 
 MAX_WORKLOADS = 1024
 
 RedirectMode = Literal["inpod", "node"]
-Backend = Literal["iptables-nft", "iptables-legacy", "nftables", "vxlan", "geneve"]
+# Only the backends that exist; dataplane/factory.py builds each.
+Backend = Literal["iptables-nft", "iptables-legacy"]
 WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ConditionType = Literal["Ready", "ZtunnelConnected", "HostRulesReady", "InSync"]

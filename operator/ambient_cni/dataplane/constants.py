@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
+
+from ambient_cni.api.models import Backend
 
 Family = Literal[4, 6]
 
@@ -28,5 +30,6 @@ PREROUTING_CHAIN: Final = "ISTIO_PRERT"
 OUTPUT_CHAIN: Final = "ISTIO_OUTPUT"
 POSTROUTING_CHAIN: Final = "ISTIO_POSTRT"
 
-# The agent's --backend choices: auto follows the iptables flavour the host already uses.
-BACKENDS = ("auto", "iptables-nft", "iptables-legacy")
+# The agent's --backend choices: auto follows what the node's rules already use; the others
+# are the backends of dataplane/factory.py (a unit test keeps the two lists equal).
+BACKEND_CHOICES = ("auto", *get_args(Backend))

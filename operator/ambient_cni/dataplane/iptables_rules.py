@@ -7,10 +7,6 @@ and 2.2 (the host). One ruleset per IP family is applied in one
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
-from ambient_cni.api.models import Workload
-
 from .constants import (
     CONN_MARK,
     DNS_PORT,
@@ -27,31 +23,11 @@ from .constants import (
     ZTUNNEL_MARK,
     Family,
 )
+from .redirection import PodRedirect
 
 ZTUNNEL = f"0x{ZTUNNEL_MARK:x}/0x{MARK_MASK:x}"
 CONNECTION = f"0x{CONN_MARK:x}/0x{MARK_MASK:x}"
 POD_TABLES = ("mangle", "nat", "raw")
-
-
-class PodRedirect(BaseModel):
-    """What decides a pod's ruleset for one IP family."""
-
-    model_config = ConfigDict(frozen=True)
-
-    family: Family = 4
-    dns_capture: bool = True
-    bypass_inbound: bool = False
-    virtual_interfaces: tuple[str, ...] = ()
-
-
-def pod_redirect(workload: Workload, family: Family, dns_default: bool) -> PodRedirect:
-    """A spec entry's knobs, with the node-wide DNS default where the pod does not say."""
-    return PodRedirect(
-        family=family,
-        dns_capture=dns_default if workload.dns_capture is None else workload.dns_capture,
-        bypass_inbound=bool(workload.bypass_inbound_capture),
-        virtual_interfaces=tuple(workload.reroute_virtual_interfaces),
-    )
 
 
 def _chains_and_jumps(*, prerouting_first: bool) -> list[str]:

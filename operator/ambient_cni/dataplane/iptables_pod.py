@@ -1,0 +1,88 @@
+"""In-pod redirection with iptables: the ruleset per family, then policy routing.
+
+Each operation on a pod enters its namespace once: the iptables commands and
+the netlink calls for its routing run on that one thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from ambient_cni.api.models import Backend
+from ambient_cni.netns import netns_path
+
+from .constants import Family
+from .interfaces import Exec, Routing, Runner
+from .iptables_chains import IptablesChains
+from .iptables_flavour import Flavour
+from .iptables_rules import pod_ruleset
+from .redirection import PodRedirect
+
+# Namespaces remembered as already applied to; past this, forget them all (the cost of
+# forgetting is one fast-path attempt that fails, per pod, the next time it is ensured).
+TOUCHED_LIMIT = 65536
+
+
+def _inode(path: Path) -> int:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return -1
+
+
+class IptablesPodDataplane:
+    def __init__(self, flavour: Flavour, runner: Runner, routing: Routing):
+        self.flavour = flavour
+        self.runner = runner
+        self.chains = IptablesChains(flavour, runner)
+        self.routing = routing
+        # (netns inode, family) this process has applied to: not worth a fast-path try again.
+        self._touched: set[tuple[int, Family]] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def backend(self) -> Backend:
+        return self.flavour.backend
+
+    def ensure(self, netns: str | Path, redirects: Sequence[PodRedirect]) -> bool:
+        path = netns_path(netns)
+        rulesets = [(r.family, pod_ruleset(r)) for r in redirects]
+        for family, ruleset in rulesets:
+            # In a scratch namespace: a ruleset the kernel refuses fails before the pod's.
+            self.chains.learn(family, ruleset)
+        inode = _inode(path)
+        with self._lock:
+            fresh = {family for family, _ in rulesets if (inode, family) not in self._touched}
+
+        def apply(run: Exec) -> bool:
+            changed = False
+            for family, ruleset in rulesets:
+                changed |= self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
+            return self.routing.ensure(None, [f for f, _ in rulesets]) or changed
+
+        changed = self.runner.within(path, apply)
+        with self._lock:
+            if len(self._touched) >= TOUCHED_LIMIT:  # only a hint: pods come and go
+                self._touched.clear()
+            self._touched.update((inode, family) for family, _ in rulesets)
+        return changed
+
+    def verify(self, netns: str | Path, redirects: Sequence[PodRedirect]) -> bool:
+        wanted = {r.family: self.chains.learn(r.family, pod_ruleset(r)) for r in redirects}
+
+        def check(run: Exec) -> bool:
+            rules_right = all(self.chains.read(run, f) == want for f, want in wanted.items())
+            return rules_right and self.routing.present(None, list(wanted))
+
+        return self.runner.within(netns_path(netns), check)
+
+    def remove(self, netns: str | Path, families: Sequence[Family] = (4, 6)) -> bool:
+        def remove(run: Exec) -> bool:
+            removed = False
+            for family in families:
+                removed |= self.chains.remove(run, family)
+            return self.routing.remove(None, families) or removed
+
+        return self.runner.within(netns_path(netns), remove)
