@@ -12,9 +12,9 @@ import pytest
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body
 from ambient_cni.netns import netns_inode
-from ambient_cni.sandbox import components
-from ambient_cni.sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni.sandbox.components import Mesh
+from ambient_cni_sandbox import components
+from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.components import Mesh
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = names.DEFAULT_SYSTEM_NAMESPACE
@@ -356,3 +356,78 @@ def test_a_killed_agent_restarts_without_duplicates_and_reconverges(
     assert nat.count("-A POSTROUTING -j ISTIO_POSTRT") == 1
     reply = sandbox.http_get(pod, pod_ip(pod), 8080, "/self")
     assert reply.json()["pod"] == "steady"
+
+
+def condition(mesh: Mesh, node: str, kind: str) -> tuple[str, str]:
+    status = (mesh.anc(node) or {}).get("status") or {}
+    for c in status.get("conditions") or []:
+        if c["type"] == kind:
+            return c["status"], c["reason"]
+    return "?", "?"
+
+
+def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+) -> None:
+    label(sandbox, namespace, "ambient")
+    sandbox.create_pod(namespace, "client", node="node-1")
+    sandbox.create_pod(namespace, "server", node="node-2")
+    client = sandbox.wait_running(namespace, "client")
+    server = sandbox.wait_running(namespace, "server")
+    wait_for(
+        "both enabled",
+        lambda: (
+            annotation(sandbox, namespace, "client")
+            == annotation(sandbox, namespace, "server")
+            == "enabled"
+        ),
+    )
+    before = {
+        name: kernel_state(sandbox, pod) for name, pod in (("client", client), ("server", server))
+    }
+    sets_before = {node: ipset_members(sandbox, node) for node in ("node-1", "node-2")}
+
+    # The operator switches the controller to the legacy node mode, which this agent lacks.
+    mesh.controller.stop()
+    legacy = components.controller(sandbox, "--redirect-mode=node")
+    legacy.start()
+    try:
+        refused = ("False", "RedirectModeNotSupported")
+        wait_for(
+            "both nodes to refuse the mode in their status",
+            lambda: [condition(mesh, n, "Ready") for n in ("node-1", "node-2")] == [refused] * 2,
+        )
+        # Even a spec that lists no pod at all removes nothing while the mode is refused.
+        label(sandbox, namespace, None)
+
+        def spec_empty_and_seen(node: str) -> bool:
+            obj = mesh.anc(node) or {}
+            return (
+                not obj["spec"].get("workloads")
+                and (obj.get("status") or {}).get("observedGeneration")
+                == obj["metadata"]["generation"]
+            )
+
+        wait_for(
+            "both agents to see the empty spec",
+            lambda: spec_empty_and_seen("node-1") and spec_empty_and_seen("node-2"),
+        )
+        assert {
+            n: kernel_state(sandbox, p) for n, p in (("client", client), ("server", server))
+        } == before
+        assert {node: ipset_members(sandbox, node) for node in ("node-1", "node-2")} == sets_before
+        assert annotation(sandbox, namespace, "client") == "enabled"
+        assert status_counts(mesh, "node-1")[0] == 1
+        # Traffic still goes through both ztunnels.
+        seen = len(mesh.connections("node-2"))
+        assert sandbox.http_get(client, pod_ip(server), 8080, "/held").json()["pod"] == "server"
+        wait_for(
+            "node-2's inbound record",
+            lambda: [c for c in mesh.connections("node-2")[seen:] if c["direction"] == "inbound"],
+        )
+    finally:
+        legacy.stop()
+        mesh.controller.start()
+    # Back in a mode the agent has: the unlabelled namespace's pods leave the mesh.
+    wait_for("annotations removed", lambda: annotation(sandbox, namespace, "client") is None)
+    assert kernel_state(sandbox, client) == {"istio_rules": [], "ip_rules": [], "table_100": ""}

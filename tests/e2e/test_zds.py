@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from ambient_cni.agent.zds_server import SnapshotEntry, ZdsError, ZdsServer
+from ambient_cni.agent.interfaces import ZdsError
+from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.netns import netns_inode
-from ambient_cni.sandbox.cluster import wait_for
-from ambient_cni.sandbox.zds_client import ZdsClient
 from ambient_cni.zds import (
     WorkloadInfo,
     WorkloadRequest,
 )
+from ambient_cni_sandbox.cluster import wait_for
+from ambient_cni_sandbox.zds_client import ZdsClient
 
 
 @pytest.fixture
@@ -76,11 +77,14 @@ def test_snapshot_then_incremental_adds_and_dels(
     socket_path: Path, netns_factory: list[str]
 ) -> None:
     pod_a, pod_b = new_netns(netns_factory), new_netns(netns_factory)
-    snapshot = [
-        SnapshotEntry("uid-a", WorkloadInfo("a", "shop", "sa"), pod_a),
-        SnapshotEntry("uid-k", WorkloadInfo("k", "shop", "sa"), None),
-    ]
-    server = ZdsServer(socket_path, lambda: snapshot)
+    server = ZdsServer(socket_path)
+    # Known before any ztunnel connects: uid-k's netns is gone by the time one does.
+    pod_k = new_netns(netns_factory)
+    for uid, pod in (("uid-a", pod_a), ("uid-k", pod_k)):
+        with pytest.raises(ZdsError):
+            server.add(uid, WorkloadInfo(uid[-1], "shop", "sa"), pod)
+    subprocess.run(["ip", "netns", "delete", pod_k.name], check=True)
+    netns_factory.remove(pod_k.name)
     server.start()
     first = StandIn(socket_path)
     try:
@@ -92,22 +96,24 @@ def test_snapshot_then_incremental_adds_and_dels(
             ("SnapshotSent", "", None),
         ]
 
-        assert server.is_acked("uid-a")
-        assert not server.is_acked("uid-k")  # a Keep hands over nothing
+        assert server.holds("uid-a")
+        assert not server.holds("uid-k")  # a Keep hands over nothing
         server.add("uid-b", WorkloadInfo("b", "shop", "sa"), pod_b)
         assert first.last() == ("AddWorkload", "uid-b", netns_inode(pod_b))
-        assert server.is_acked("uid-b")
+        assert server.holds("uid-b")
 
         # A second ztunnel (a rollout): Adds go to the newest, Dels to both.
-        second = StandIn(socket_path)
+        second = StandIn(socket_path, nack={"uid-b"})
         second.start()
         wait_for("the second session", lambda: ("SnapshotSent", "", None) in second.seen)
         wait_for("both registered", lambda: len(server._connections) == 2)
         server.add("uid-c", WorkloadInfo("c", "shop", "sa"), pod_b)
         assert second.last()[:2] == ("AddWorkload", "uid-c")
         assert ("AddWorkload", "uid-c", netns_inode(pod_b)) not in first.seen
-        assert server.is_acked("uid-a")  # the second session's snapshot replayed it
-        assert not server.is_acked("uid-b")  # acked by the first session only
+        assert server.holds("uid-a")  # the second session's snapshot replayed it
+        # Every remembered pod is in a new session's snapshot; one it refused is not held.
+        assert ("AddWorkload", "uid-b", netns_inode(pod_b)) in second.seen
+        assert not server.holds("uid-b")  # acked by the first session only
         server.delete("uid-a")
         assert first.last() == ("DelWorkload", "uid-a", None)
         assert second.last() == ("DelWorkload", "uid-a", None)
@@ -121,7 +127,7 @@ def test_snapshot_then_incremental_adds_and_dels(
 def test_nack_not_connected_and_disconnect(socket_path: Path, netns_factory: list[str]) -> None:
     pod = new_netns(netns_factory)
     changes: list[bool] = []
-    server = ZdsServer(socket_path, list, on_change=lambda: changes.append(server.connected))
+    server = ZdsServer(socket_path, on_change=lambda: changes.append(server.connected))
     server.start()
     try:
         with pytest.raises(ZdsError) as caught:
@@ -147,7 +153,7 @@ def test_nack_not_connected_and_disconnect(socket_path: Path, netns_factory: lis
 
 def test_a_ztunnel_that_never_acks_times_out(socket_path: Path, netns_factory: list[str]) -> None:
     pod = new_netns(netns_factory)
-    server = ZdsServer(socket_path, list, ack_deadline=0.5)
+    server = ZdsServer(socket_path, ack_deadline=0.5)
     server.start()
     stand_in = StandIn(socket_path)
     try:

@@ -77,3 +77,18 @@ def test_transition_time_holds_while_status_holds() -> None:
     assert times["InSync"] == T1
     assert times["Ready"] == T1
     assert times["ZtunnelConnected"] == T0
+
+
+def test_an_unsupported_mode_says_so_and_that_nothing_is_removed() -> None:
+    facts = FACTS.model_copy(update={"mode": "node", "mode_supported": False, "in_sync": False})
+    status = render(facts, [pod("a", "Enrolled")], [], T0).to_wire()
+    assert status["mode"] == "node"
+    found = conditions(status)
+    assert found["Ready"] == (
+        "False",
+        "RedirectModeNotSupported",
+        "redirectMode node is not supported by this agent; "
+        "every pod is kept as it was and nothing is removed",
+    )
+    assert found["InSync"][:2] == ("False", "RedirectModeNotSupported")
+    assert status["enrolled"] == 1  # what the kernel still holds

@@ -22,11 +22,13 @@ from prometheus_client import start_http_server
 
 from ambient_cni.agent import metrics
 from ambient_cni.agent.daemonset_watch import DaemonSetWatch
+from ambient_cni.agent.inpod import InpodMode
+from ambient_cni.agent.kube_writers import KubePodAnnotator, KubeStatusWriter
 from ambient_cni.agent.podnetns import PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
+from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api import names
-from ambient_cni.dataplane.host import HostDataplane
-from ambient_cni.dataplane.iptables_apply import PodRules, flavour_for
+from ambient_cni.dataplane import factory
 from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging
 from ambient_cni.reflector import Reflector, name_of
@@ -60,10 +62,29 @@ def _count_received(objects: int, size: int) -> None:
 
 def uninstall(options: AgentOptions) -> int:
     """Remove the host's probe rules and ipsets (pod rules are left to their pods)."""
-    host = HostDataplane(flavour_for(options.backend, options.host_netns), options.host_netns)
-    removed = host.uninstall()
+    removed = factory.build(options.backend, options.host_netns).host.uninstall()
     log.info("host rules and ipsets %s", "removed" if removed else "were already absent")
     return 0
+
+
+def _serve_ztunnel_when_ready(
+    agent: NodeAgent, zds: ZdsServer, stop: threading.Event, healthy: threading.Event
+) -> None:
+    """Serve ZDS once every pod was re-applied: a ztunnel that connected earlier would get an
+    empty snapshot and drop every pod it serves. Past the timeout the agent is healthy and
+    serves anyway, unless the spec asks for a mode it lacks: then every pod is held as it
+    is, ztunnel's share included, until the spec changes."""
+    deadline = time.monotonic() + INITIAL_PASS_TIMEOUT
+    while not stop.is_set() and not agent.initial_pass_done():
+        if time.monotonic() > deadline:
+            healthy.set()
+            if agent.mode_supported():
+                log.warning("serving ZDS before every pod was re-applied (a pod is stuck?)")
+                break
+        stop.wait(0.05)
+    if not stop.is_set():
+        zds.start()
+    healthy.set()
 
 
 def run(
@@ -77,16 +98,25 @@ def run(
 ) -> int:
     configure_json_logging(logging.getLevelName(log_level.upper()))
     api = new_api_client(kubeconfig)
-    flavour = flavour_for(options.backend, options.host_netns)
-    agent = NodeAgent(
-        options,
-        api,
-        PodRules(flavour),
-        HostDataplane(flavour, options.host_netns),
+    dataplane = factory.build(options.backend, options.host_netns)
+    zds = ZdsServer(options.zds_socket)
+    inpod = InpodMode(
+        dataplane.pods,
+        dataplane.host,
         PodNetnsResolver(
             proc=options.proc, netns_dir=options.netns_dir, netns_prefix=options.netns_prefix
         ),
+        zds,
+        KubePodAnnotator(api),
     )
+    agent = NodeAgent(
+        options,
+        {inpod.name: inpod},
+        zds,
+        KubeStatusWriter(api, options.node),
+        dataplane.backend,
+    )
+    zds.on_change = agent.ztunnel_changed
     custom = CustomObjectsApi(api)
     reflector: Reflector = Reflector(
         f"anc@{options.node}",
@@ -104,22 +134,24 @@ def run(
     healthy = threading.Event()
     start_http_server(metrics_port, listen_address)
     _health_server(listen_address, health_port, healthy)
-    log.info("agent for node %s (%s)", options.node, flavour.backend)
+    log.info("agent for node %s (%s)", options.node, dataplane.backend)
 
     daemonset = DaemonSetWatch(api, options.daemonset) if options.daemonset else None
     agent.start()
     reflector.start(stop)
     if daemonset is not None:
         daemonset.start(stop)
-    deadline = time.monotonic() + INITIAL_PASS_TIMEOUT
-    while not stop.is_set() and not agent.initial_pass_done() and time.monotonic() < deadline:
-        stop.wait(0.05)
-    if not agent.initial_pass_done():
-        log.warning("serving ZDS before every pod was re-applied (no spec yet, or a pod is stuck)")
-    agent.serve_ztunnel()
-    healthy.set()
+    serving = threading.Thread(
+        target=_serve_ztunnel_when_ready,
+        args=(agent, zds, stop, healthy),
+        name="zds-start",
+        daemon=True,
+    )
+    serving.start()
     stop.wait()
+    serving.join()
     agent.stop()
+    zds.stop()
     if daemonset is not None:
         going, why = daemonset.going()
         log.info("DaemonSet %s: %s", options.daemonset, why)

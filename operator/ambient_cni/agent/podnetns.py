@@ -20,6 +20,8 @@ from pyroute2 import IPRoute
 
 from ambient_cni.netns import NetnsError, run_in_netns
 
+from .interfaces import NetnsNotFoundError
+
 # kubepods.slice/.../kubepods-besteffort-pod<uid with _>.slice, or /kubepods/besteffort/pod<uid>/...
 _POD_UID = re.compile(
     r"pod([0-9a-fA-F]{8}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{4}[-_][0-9a-fA-F]{12})"
@@ -28,10 +30,6 @@ _POD_UID = re.compile(
 
 # Seconds one /proc scan serves a burst of lookups; a pod missed is retried after a second.
 PROC_SCAN_TTL = 0.5
-
-
-class NetnsNotFoundError(LookupError):
-    pass
 
 
 def pod_uid_from_cgroup(text: str) -> str | None:

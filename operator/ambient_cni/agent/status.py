@@ -39,6 +39,7 @@ class NodeFacts(BaseModel):
 
     generation: int
     mode: RedirectMode
+    mode_supported: bool = True  # False: the agent holds every pod as it is, touching nothing
     backend: Backend
     ztunnel_connected: bool
     ztunnel_pod: str | None = None
@@ -91,7 +92,15 @@ def render(
         zt_message = "ztunnel connected"
     host_reason = "Applied" if facts.host_rules_ok else "HostRulesFailed"
     sync_reason = "Reconciled" if facts.in_sync else "Reconciling"
+    not_ready = "NotReady" if facts.mode_supported else "RedirectModeNotSupported"
+    if not facts.mode_supported:
+        sync_reason = not_ready
     problems = []
+    if not facts.mode_supported:
+        problems.append(
+            f"redirectMode {facts.mode} is not supported by this agent; "
+            "every pod is kept as it was and nothing is removed"
+        )
     if not facts.ztunnel_connected:
         problems.append("ztunnel not connected")
     if not facts.host_rules_ok:
@@ -100,14 +109,14 @@ def render(
         problems.append(f"{counts['Failed']} workload(s) failed")
     if counts["Pending"]:
         problems.append(f"{counts['Pending']} workload(s) pending")
-    if not facts.in_sync:
+    if not facts.in_sync and facts.mode_supported:
         problems.append("reconciling")
     ready = not problems
     conditions = [
         make(
             "Ready",
             ready,
-            "AllEnrolled" if ready else "NotReady",
+            "AllEnrolled" if ready else not_ready,
             f"{counts['Enrolled']} workload(s) enrolled" if ready else "; ".join(problems),
         ),
         make("ZtunnelConnected", facts.ztunnel_connected, zt_reason, zt_message),

@@ -1,10 +1,14 @@
 """The ZDS server: the node agent's side of the ztunnel protocol (reference section 2.6).
 
-ztunnel connects to a Unix SOCK_SEQPACKET socket and says hello; the server
-replays the snapshot (Add, or Keep when it has no netns, per enrolled pod,
-then SnapshotSent), waiting for each ack; afterwards Adds go to the newest
-connection and Dels to every connection. One message is in flight per
-connection, each with a deadline. Netns fds travel as SCM_RIGHTS.
+The server remembers which pods ztunnel should hold (each `add` until its
+`delete`); that memory, kept under the server's own lock, is the only source
+of snapshots. ztunnel connects to a Unix SOCK_SEQPACKET socket and says
+hello; the server replays the snapshot (Add, or Keep when the netns is gone,
+per pod, then SnapshotSent), waiting for each ack; afterwards Adds go to the
+newest connection and Dels to every connection. Pods added or deleted while
+a snapshot was being replayed are caught up as soon as the session is
+registered, so a new ztunnel never keeps a pod that left. One message is in
+flight per connection, each with a deadline. Netns fds travel as SCM_RIGHTS.
 """
 
 from __future__ import annotations
@@ -35,25 +39,18 @@ from ambient_cni.zds import (
     encode_request,
 )
 
+from .interfaces import ZdsError
+
 ACK_DEADLINE = 5.0
 MAX_DATAGRAM = 1024
 log = logging.getLogger("ambient_cni.agent.zds")
-
-
-class ZdsError(RuntimeError):
-    """ztunnel did not take a message: not connected, NACKed, timed out or gone."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
 
 
 @dataclass(frozen=True)
 class SnapshotEntry:
     uid: str
     info: WorkloadInfo
-    netns_path: Path | None  # None: known pod, no netns to hand over (sent as Keep)
+    netns_path: Path  # gone by the time of a snapshot: the pod is sent as Keep
 
 
 class _Connection:
@@ -61,7 +58,7 @@ class _Connection:
         self.sock = sock
         self.number = number
         self.deadline = deadline
-        self.lock = threading.Lock()  # one message in flight
+        self.lock = threading.RLock()  # one message in flight; a catch-up holds it throughout
         self.closed = False
 
     def request(self, message: WorkloadRequest, fd: int | None = None) -> Ack:
@@ -102,16 +99,15 @@ class ZdsServer:
     def __init__(
         self,
         socket_path: Path,
-        snapshot: Callable[[], list[SnapshotEntry]],
         on_change: Callable[[], None] = lambda: None,
         *,
         ack_deadline: float = ACK_DEADLINE,
     ):
         self.socket_path = socket_path
         self.ack_deadline = ack_deadline
-        self.snapshot = snapshot
         self.on_change = on_change
         self._lock = threading.Lock()
+        self._wanted: dict[str, SnapshotEntry] = {}  # what ztunnel should hold, by pod uid
         self._connections: list[_Connection] = []
         self._count = 0
         self._listener: socket.socket | None = None
@@ -153,7 +149,11 @@ class ZdsServer:
     # -- requests ----------------------------------------------------------------------
 
     def add(self, uid: str, info: WorkloadInfo, netns_path: Path) -> None:
-        """Hand a pod's netns to the newest ztunnel and wait for its ack."""
+        """Remember that ztunnel should hold this pod, hand its netns to the newest ztunnel
+        and wait for the ack. Raises ZdsError when no ztunnel took it now; it stays
+        remembered, so the next ztunnel's snapshot carries it."""
+        with self._lock:
+            self._wanted[uid] = SnapshotEntry(uid, info, netns_path)
         conn = self._newest()
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -168,26 +168,34 @@ class ZdsServer:
         with self._lock:
             self._acked[uid] = conn.number
 
-    def is_acked(self, uid: str) -> bool:
+    def holds(self, uid: str) -> bool:
         """Whether the newest live ztunnel holds this pod (acked its Add, live or in a snapshot)."""
         with self._lock:
             live = [c for c in self._connections if not c.closed]
             return bool(live) and self._acked.get(uid) == live[-1].number
 
     def delete(self, uid: str) -> None:
-        """Tell every connected ztunnel the pod is gone; errors are logged, not raised."""
+        """Forget the pod and tell every connected ztunnel; errors are logged, not raised."""
         with self._lock:
+            self._wanted.pop(uid, None)
             self._acked.pop(uid, None)
-        with self._lock:
             connections = [c for c in self._connections if not c.closed]
         for conn in connections:
-            try:
-                ack = conn.request(DelWorkload(uid=uid))
-                if not ack.ok:
-                    log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, ack.error)
-            except ZdsError as exc:
-                log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, exc.message)
+            self._send_delete(conn, uid)
         self._forget_closed()
+
+    def wanted(self) -> list[SnapshotEntry]:
+        """The pods ztunnel should hold: what the next snapshot replays."""
+        with self._lock:
+            return list(self._wanted.values())
+
+    def _send_delete(self, conn: _Connection, uid: str) -> None:
+        try:
+            ack = conn.request(DelWorkload(uid=uid))
+            if not ack.ok:
+                log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, ack.error)
+        except ZdsError as exc:
+            log.warning("ztunnel #%d: Del %s: %s", conn.number, uid, exc.message)
 
     def _newest(self) -> _Connection:
         with self._lock:
@@ -229,20 +237,36 @@ class ZdsServer:
             sock.settimeout(self.ack_deadline)
             hello = decode_hello(sock.recv(MAX_DATAGRAM))
             log.info("ztunnel #%d connected (ZDS version %d)", number, hello.version)
-            for entry in self.snapshot():
+            replayed = self.wanted()
+            for entry in replayed:
                 self._replay(conn, entry)
             ack = conn.request(SnapshotSent())
             if not ack.ok:
                 raise ZdsError("ZtunnelRejected", f"snapshot refused: {ack.error}")
+            self._register(conn, {entry.uid for entry in replayed})
         except (OSError, ZdsDecodeError, ZdsError) as exc:
             log.warning("ztunnel #%d: session failed before it was ready: %s", number, exc)
             conn.close()
+            self._forget_closed()
             return
-        with self._lock:
-            self._connections.append(conn)
-            self.connected_since = time.time()
         self.on_change()
         self._watch(conn)
+
+    def _register(self, conn: _Connection, replayed: set[str]) -> None:
+        """Make the session live, then send it what changed while the snapshot was replayed.
+
+        Holding the connection's lock throughout orders the catch-up before any Add or
+        Del a worker sends once the session is live, so the last word on a pod is right.
+        """
+        with conn.lock:
+            with self._lock:
+                self._connections.append(conn)
+                self.connected_since = time.time()
+                wanted = dict(self._wanted)
+            for uid in sorted(replayed - set(wanted)):
+                self._send_delete(conn, uid)
+            for uid in sorted(set(wanted) - replayed):
+                self._replay(conn, wanted[uid])
 
     def _replay(self, conn: _Connection, entry: SnapshotEntry) -> None:
         if self._replay_one(conn, entry):
@@ -251,9 +275,8 @@ class ZdsServer:
 
     def _replay_one(self, conn: _Connection, entry: SnapshotEntry) -> bool:
         fd: int | None = None
-        if entry.netns_path is not None:
-            with contextlib.suppress(OSError):
-                fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fd = os.open(entry.netns_path, os.O_RDONLY | os.O_CLOEXEC)
         sent: WorkloadRequest
         if fd is None:  # known pod without a netns to hand over
             sent = KeepWorkload(uid=entry.uid)

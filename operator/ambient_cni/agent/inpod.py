@@ -1,0 +1,139 @@
+"""The in-pod redirect mode (reference section 2): rules inside each pod's network namespace.
+
+Enrolling a pod, in Istio's order (section 2.4): (1) the pod's redirection in
+its netns, (2) ztunnel takes the netns over ZDS, (3) the pod's IPs in the
+host probe sets, (4) the `ambient.istio.io/redirection` annotation. Leaving
+undoes the same in reverse, the annotation last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Set
+
+from ambient_cni.api import names
+from ambient_cni.api.models import Backend, RedirectMode, Workload
+from ambient_cni.dataplane.address_sets import canonical_ip, prune
+from ambient_cni.dataplane.errors import DataplaneError
+from ambient_cni.dataplane.interfaces import HostDataplane, PodDataplane
+from ambient_cni.dataplane.redirection import family_of, pod_redirects
+from ambient_cni.zds import WorkloadInfo
+
+from .interfaces import NetnsNotFoundError, NetnsResolver, PodAnnotator, ZdsError, Ztunnel
+from .mode import HostReport, NodeDefaults, PodState, Step
+
+log = logging.getLogger("ambient_cni.agent.inpod")
+
+RETRY_FAILED = 1.0
+RETRY_PENDING = 2.0
+RETRY_REMOVING = 5.0
+
+
+def workload_info(workload: Workload) -> WorkloadInfo:
+    return WorkloadInfo(
+        name=workload.name, namespace=workload.namespace, service_account=workload.service_account
+    )
+
+
+class InpodMode:
+    def __init__(
+        self,
+        pods: PodDataplane,
+        host: HostDataplane,
+        resolver: NetnsResolver,
+        ztunnel: Ztunnel,
+        annotator: PodAnnotator,
+    ):
+        self.pods = pods
+        self.host = host
+        self.resolver = resolver
+        self.ztunnel = ztunnel
+        self.annotator = annotator
+
+    @property
+    def name(self) -> RedirectMode:
+        return "inpod"
+
+    @property
+    def backend(self) -> Backend:
+        return self.pods.backend
+
+    # -- one pod ------------------------------------------------------------------------------
+
+    def enrol(self, pod: PodState, defaults: NodeDefaults) -> Step:
+        workload = pod.workload
+        # (1) the redirection in the pod's netns
+        try:
+            netns = self.resolver.resolve(workload.uid, workload.ips)
+        except NetnsNotFoundError as exc:
+            return _failed(pod, "NetnsNotFound", str(exc))
+        try:
+            self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
+        except DataplaneError as exc:
+            return _failed(pod, exc.reason, exc.message)
+        pod = dataclasses.replace(pod, netns=netns)
+        # (2) ztunnel takes the pod
+        if not self.ztunnel.holds(workload.uid):
+            if not self.ztunnel.connected and pod.outcome.state == "Enrolled":
+                return Step(pod)  # ztunnel is away: the pod keeps working; its snapshot re-adds it
+            try:
+                self.ztunnel.add(workload.uid, workload_info(workload), netns)
+            except ZdsError as exc:
+                pending = pod.with_outcome("Pending", exc.reason, exc.message)
+                return Step(self._annotate(pending, names.REDIRECTION_PENDING), RETRY_PENDING)
+        # (3) the host probe sets, (4) the annotation
+        try:
+            self.host.addresses.add(list(workload.ips), workload.uid)
+        except Exception as exc:
+            return _failed(pod, "IpsetFailed", str(exc))
+        pod = self._annotate(pod, names.REDIRECTION_ENABLED)
+        return Step(pod.with_outcome("Enrolled", "Enrolled", None))
+
+    def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
+        workload = pod.workload
+        pod = pod.with_outcome("Removing", "Removing", None)
+        self.host.addresses.delete(
+            [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
+        )
+        if pod.netns is not None and pod.netns.exists():
+            families = tuple(sorted({family_of(ip) for ip in workload.ips}))
+            try:
+                self.pods.remove(pod.netns, families)
+            except DataplaneError as exc:
+                if exc.reason != "NetnsNotFound":  # a deleted pod: nothing left to remove
+                    return Step(
+                        pod.with_outcome("Removing", exc.reason, exc.message), RETRY_REMOVING
+                    )
+        self.ztunnel.delete(workload.uid)
+        self._annotate(pod, None)
+        log.info("un-enrolled %s/%s", workload.namespace, workload.name)
+        return Step(None)
+
+    def _annotate(self, pod: PodState, value: str | None) -> PodState:
+        if pod.annotation == value and value is not None:
+            return pod
+        self.annotator.annotate(pod.workload, value)
+        return dataclasses.replace(pod, annotation=value)
+
+    # -- the node ------------------------------------------------------------------------------
+
+    def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
+        try:
+            changed = self.host.ensure()
+            if prune_to is not None:
+                prune(self.host.addresses, prune_to)
+        except DataplaneError as exc:
+            return HostReport(ok=False, message=f"{exc.reason}: {exc.message}")
+        if changed:
+            log.info("host probe rules and ipsets applied")
+        return HostReport(ok=True, changed=changed)
+
+    def uninstall_host(self) -> bool:
+        return self.host.uninstall()
+
+
+def _failed(pod: PodState, reason: str, message: str) -> Step:
+    workload = pod.workload
+    log.warning("%s/%s: %s: %s", workload.namespace, workload.name, reason, message)
+    return Step(pod.with_outcome("Failed", reason, message), RETRY_FAILED)

@@ -1,0 +1,73 @@
+"""The agent's seams to the world outside the kernel: ztunnel, the API server, pod netns lookup.
+
+Each is a small Protocol with one real implementation (ZdsServer,
+KubePodAnnotator, KubeStatusWriter, PodNetnsResolver); tests pass fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ambient_cni.api.models import Workload
+from ambient_cni.zds import WorkloadInfo
+
+
+class ZdsError(RuntimeError):
+    """ztunnel did not take a message: not connected, NACKed, timed out or gone."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class Ztunnel(Protocol):
+    """The node's ztunnel, reached over ZDS."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def connected_since(self) -> float | None:
+        """Wall time the newest live session started."""
+        ...
+
+    def add(self, uid: str, info: WorkloadInfo, netns_path: Path) -> None:
+        """ztunnel should hold this pod from now on; raises ZdsError if none took it yet."""
+        ...
+
+    def holds(self, uid: str) -> bool: ...
+
+    def delete(self, uid: str) -> None:
+        """ztunnel should no longer hold this pod; never raises."""
+        ...
+
+
+class PodAnnotator(Protocol):
+    def annotate(self, workload: Workload, value: str | None) -> None:
+        """Make the pod's `ambient.istio.io/redirection` annotation `value` (None: remove ours).
+        Never overwrites a user's `disabled`; a pod that is gone or replaced is left alone."""
+        ...
+
+
+class StatusWriter(Protocol):
+    def write(self, patch: dict[str, Any]) -> bool:
+        """Merge-patch the node's AmbientNodeConfig status; False if the object is gone.
+        Raises StatusWriteError when the API server refuses or cannot be reached."""
+        ...
+
+
+class StatusWriteError(RuntimeError):
+    pass
+
+
+class NetnsNotFoundError(LookupError):
+    pass
+
+
+class NetnsResolver(Protocol):
+    def resolve(self, uid: str, ips: Iterable[str]) -> Path:
+        """The pod's network namespace; raises NetnsNotFoundError."""
+        ...

@@ -1,0 +1,113 @@
+"""The seam between the agent's orchestration and a redirect mode.
+
+A redirect mode knows the order of operations that puts one pod into the
+mesh and takes it out again, and what the node itself needs; the agent
+(reconciler.py) only decides when to call it, retries, and reports. Pod
+state is immutable: a mode returns a new PodState, and the agent stores it
+whole under its lock, so no other thread ever sees a pod half-changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping, Set
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ambient_cni.api.models import Backend, RedirectMode, Workload, WorkloadState
+
+from .status import PodOutcome
+
+
+def now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What the agent knows of one pod it handles."""
+
+    workload: Workload  # the last desired entry, kept to undo it after un-enrolment
+    outcome: PodOutcome
+    netns: Path | None = None  # where its redirection was applied
+    annotation: str | None = None  # what we last wrote to ambient.istio.io/redirection
+    failures: int = 0  # passes in a row that asked for a retry
+    generation: int = -1  # the spec generation it was last reconciled against
+
+    @classmethod
+    def new(cls, workload: Workload) -> PodState:
+        return cls(workload, outcome(workload, "Pending", "Enrolling", None))
+
+    def with_outcome(
+        self, state: WorkloadState, reason: str | None, message: str | None
+    ) -> PodState:
+        """The same pod in another state; `since` moves only when something changed."""
+        old = self.outcome
+        if (old.state, old.reason, old.message) == (state, reason, message):
+            return self
+        return dataclasses.replace(self, outcome=outcome(self.workload, state, reason, message))
+
+
+def outcome(workload: Workload, state: str, reason: str | None, message: str | None) -> PodOutcome:
+    return PodOutcome.model_validate(
+        {
+            "uid": workload.uid,
+            "name": workload.name,
+            "namespace": workload.namespace,
+            "state": state,
+            "reason": reason,
+            "message": message,
+            "since": now(),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where one pass left a pod: `state` None means it is fully out and forgotten; `retry`
+    is the base delay before another pass (doubled for each retry in a row)."""
+
+    state: PodState | None
+    retry: float | None = None
+
+
+@dataclass(frozen=True)
+class HostReport:
+    ok: bool
+    message: str = ""
+    changed: bool = False
+
+
+@dataclass(frozen=True)
+class NodeDefaults:
+    """Node-wide settings from the spec that a pod's entry may override."""
+
+    dns_capture: bool = True
+
+
+class RedirectModeHandler(Protocol):
+    @property
+    def name(self) -> RedirectMode: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def enrol(self, pod: PodState, defaults: NodeDefaults) -> Step:
+        """Bring the pod to fully redirected (idempotent: a pass over a redirected pod changes
+        nothing); report failures in the returned state, never by raising."""
+        ...
+
+    def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
+        """Take the pod out, in the reverse order; never touch an address another pod holds."""
+        ...
+
+    def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
+        """Make the node's side right; with `prune_to` (IP -> pod UID), also drop every address
+        set entry not in it (after a restart: pods that left while the agent was away)."""
+        ...
+
+    def uninstall_host(self) -> bool:
+        """Remove the node's side; True if anything was there."""
+        ...

@@ -1,0 +1,461 @@
+"""The node agent's orchestration and the in-pod mode over fakes of every edge, no root.
+
+What is real here: the NodeAgent and its queues, the InpodMode, and in the
+race test the ZdsServer with a ZDS client over a real Unix socket (regular
+files stand in for network namespaces: any fd can travel as SCM_RIGHTS).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ambient_cni.agent.inpod import InpodMode
+from ambient_cni.agent.interfaces import NetnsNotFoundError, ZdsError
+from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
+from ambient_cni.agent.zds_server import ZdsServer
+from ambient_cni.api.models import Backend
+from ambient_cni.dataplane.constants import Family
+from ambient_cni.dataplane.errors import DataplaneError
+from ambient_cni.dataplane.redirection import PodRedirect
+from ambient_cni.mergepatch import merge_patch
+from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo
+from ambient_cni_sandbox.zds_client import ZdsClient
+from tests.unit.fake_kernel import FakeAddressSets
+
+DEADLINE = 10.0
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if result := check():
+            return result
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- fakes of the edges -------------------------------------------------------------------------
+
+
+@dataclass
+class Journal:
+    """Every call the agent made to the world, in order."""
+
+    events: list[tuple[str, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def note(self, what: str, uid: str) -> None:
+        with self.lock:
+            self.events.append((what, uid))
+
+    def of(self, uid: str) -> list[str]:
+        with self.lock:
+            return [what for what, who in self.events if who == uid]
+
+
+@dataclass
+class FakePods:
+    journal: Journal
+    netns_of: dict[Path, str]  # netns -> uid, for the journal
+    refuse: set[str] = field(default_factory=set)  # uids whose ruleset the kernel refuses
+    delay: Callable[[], float] = lambda: 0.0
+
+    @property
+    def backend(self) -> Backend:
+        return "iptables-nft"
+
+    def ensure(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
+        time.sleep(self.delay())
+        uid = self.netns_of[netns]
+        if uid in self.refuse:
+            raise DataplaneError("RuleRejected", "iptables-restore: line 3 failed")
+        self.journal.note("rules", uid)
+        return True
+
+    def verify(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
+        return True
+
+    def remove(self, netns: Path, families: Sequence[Family] = (4, 6)) -> bool:
+        time.sleep(self.delay())
+        self.journal.note("rules-removed", self.netns_of[netns])
+        return True
+
+
+@dataclass
+class FakeHost:
+    journal: Journal
+    sets: FakeAddressSets = field(default_factory=FakeAddressSets)
+
+    @property
+    def addresses(self) -> FakeAddressSets:
+        journal, sets = self.journal, self.sets
+
+        class Noting(FakeAddressSets):
+            def add(self, ips: Sequence[str], uid: str) -> None:
+                journal.note("ipset", uid)
+                sets.add(ips, uid)
+
+            def delete(self, ips: Sequence[str]) -> None:
+                for ip in ips:
+                    journal.note("ipset-removed", sets.members.get(ip, "?"))
+                sets.delete(ips)
+
+            def entries(self) -> dict[str, str]:
+                return sets.entries()
+
+        return Noting()
+
+    def ensure(self) -> bool:
+        return False
+
+    def verify(self) -> bool:
+        return True
+
+    def uninstall(self) -> bool:
+        return True
+
+
+@dataclass
+class FakeResolver:
+    netns: dict[str, Path]  # uid -> netns
+
+    def resolve(self, uid: str, ips: Iterable[str]) -> Path:
+        if uid not in self.netns:
+            raise NetnsNotFoundError(f"no network namespace holds {', '.join(ips)}")
+        return self.netns[uid]
+
+
+@dataclass
+class FakeZtunnel:
+    journal: Journal
+    connected: bool = True
+    connected_since: float | None = 0.0
+    held: set[str] = field(default_factory=set)
+
+    def add(self, uid: str, info: WorkloadInfo, netns_path: Path) -> None:
+        if not self.connected:
+            raise ZdsError("ZtunnelNotConnected", "no ztunnel is connected")
+        self.journal.note("zds-add", uid)
+        self.held.add(uid)
+
+    def holds(self, uid: str) -> bool:
+        return self.connected and uid in self.held
+
+    def delete(self, uid: str) -> None:
+        self.journal.note("zds-del", uid)
+        self.held.discard(uid)
+
+
+@dataclass
+class FakeAnnotator:
+    journal: Journal
+    values: dict[str, str | None] = field(default_factory=dict)
+
+    def annotate(self, workload: Any, value: str | None) -> None:
+        self.journal.note(f"annotation={value}", workload.uid)
+        self.values[workload.uid] = value
+
+
+@dataclass
+class FakeStatus:
+    """The status subresource: merge patches applied to a document."""
+
+    document: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write(self, patch: dict[str, Any]) -> bool:
+        with self.lock:
+            self.document = _apply_merge_patch(self.document, patch)
+        return True
+
+    def read(self) -> dict[str, Any]:
+        with self.lock:
+            return dict(self.document)
+
+    def workload(self, name: str) -> dict[str, Any] | None:
+        for entry in self.read().get("workloads") or []:
+            if entry["name"] == name:
+                return dict(entry)
+        return None
+
+    def condition(self, kind: str) -> tuple[str, str]:
+        for c in self.read().get("conditions") or []:
+            if c["type"] == kind:
+                return c["status"], c["reason"]
+        return "?", "?"
+
+
+def _apply_merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = _apply_merge_patch(result.get(key), value)
+    return result
+
+
+# -- a node with pods ---------------------------------------------------------------------------
+
+
+def workload(index: int) -> dict[str, Any]:
+    return {
+        "uid": f"uid-{index}",
+        "name": f"pod-{index}",
+        "namespace": "shop",
+        "ips": [f"10.244.0.{index + 2}"],
+    }
+
+
+def node_object(generation: int, indexes: Iterable[int], mode: str = "inpod") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "node-1", "generation": generation},
+        "spec": {
+            "nodeName": "node-1",
+            "redirectMode": mode,
+            "workloads": [workload(i) for i in indexes],
+        },
+    }
+
+
+@dataclass
+class Node:
+    agent: NodeAgent
+    journal: Journal
+    pods: FakePods
+    ztunnel: FakeZtunnel
+    annotator: FakeAnnotator
+    status: FakeStatus
+    resolver: FakeResolver
+    generation: int = 0
+
+    def spec(self, indexes: Iterable[int], *, mode: str = "inpod") -> None:
+        self.generation += 1
+        self.agent.on_object(node_object(self.generation, indexes, mode))
+
+    def state(self, index: int) -> str | None:
+        entry = self.status.workload(f"pod-{index}")
+        return None if entry is None else str(entry["state"])
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    journal = Journal()
+    netns = {f"uid-{i}": tmp_path / f"netns-{i}" for i in range(8)}
+    for path in netns.values():
+        path.touch()
+    pods = FakePods(journal, {path: uid for uid, path in netns.items()})
+    ztunnel = FakeZtunnel(journal)
+    annotator = FakeAnnotator(journal)
+    resolver = FakeResolver(netns)
+    mode = InpodMode(pods, FakeHost(journal), resolver, ztunnel, annotator)
+    status = FakeStatus()
+    agent = NodeAgent(
+        AgentOptions(node="node-1", zds_socket=tmp_path / "zds.sock", drift_interval=3600),
+        {"inpod": mode},
+        ztunnel,
+        status,
+        "iptables-nft",
+    )
+    agent.start()
+    try:
+        yield Node(agent, journal, pods, ztunnel, annotator, status, resolver)
+    finally:
+        agent.stop()
+
+
+def test_a_pod_is_enrolled_in_istios_order_and_removed_in_reverse(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    assert node.journal.of("uid-0") == ["rules", "zds-add", "ipset", "annotation=enabled"]
+    assert node.status.read()["backend"] == "iptables-nft"
+
+    node.spec([])
+    wait_for("pod-0 gone from status", lambda: node.state(0) is None)
+    assert node.journal.of("uid-0")[4:] == [
+        "ipset-removed",
+        "rules-removed",
+        "zds-del",
+        "annotation=None",
+    ]
+
+
+def test_a_pass_over_an_enrolled_pod_changes_nothing_outside_the_kernel(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    node.spec([0])  # a new generation, the same pod: rules re-checked, nothing else
+    wait_for("the pass", lambda: node.journal.of("uid-0").count("rules") == 2)
+    wait_for("InSync", lambda: node.status.read().get("observedGeneration") == 2)
+    assert node.journal.of("uid-0").count("annotation=enabled") == 1
+    assert node.journal.of("uid-0").count("zds-add") == 1
+
+
+def test_a_pod_that_fails_fails_alone_and_is_retried(node: Node) -> None:
+    del node.resolver.netns["uid-1"]
+    node.pods.refuse.add("uid-2")
+    node.spec([0, 1, 2, 3])
+    wait_for("healthy pods Enrolled", lambda: node.state(0) == node.state(3) == "Enrolled")
+    lost = wait_for("pod-1 Failed", lambda: node.status.workload("pod-1"))
+    refused = wait_for("pod-2 Failed", lambda: node.status.workload("pod-2"))
+    assert (lost["state"], lost["reason"]) == ("Failed", "NetnsNotFound")
+    assert "10.244.0.3" in lost["message"]
+    assert (refused["state"], refused["reason"]) == ("Failed", "RuleRejected")
+    assert "uid-2" not in node.annotator.values  # never announced as redirected
+    assert node.status.condition("Ready") == ("False", "NotReady")
+
+    node.pods.refuse.clear()  # the kernel takes it now: the retry succeeds on its own
+    wait_for("pod-2 Enrolled after a retry", lambda: node.state(2) == "Enrolled")
+
+
+def test_without_ztunnel_a_pod_is_pending_and_completes_once_ztunnel_is_back(node: Node) -> None:
+    node.ztunnel.connected = False
+    node.spec([0])
+    entry = wait_for("pod-0 Pending", lambda: node.state(0) == "Pending")
+    assert entry
+    assert node.annotator.values["uid-0"] == "pending"
+    assert node.status.workload("pod-0")["reason"] == "ZtunnelNotConnected"  # type: ignore[index]
+    node.ztunnel.connected = True
+    node.agent.ztunnel_changed()
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    assert node.annotator.values["uid-0"] == "enabled"
+
+
+def test_an_unsupported_redirect_mode_keeps_every_pod_as_it_was(node: Node) -> None:
+    node.spec([0, 1])
+    wait_for("both Enrolled", lambda: node.state(0) == node.state(1) == "Enrolled")
+    calls = len(node.journal.events)
+
+    node.spec([0, 1], mode="node")
+    wait_for(
+        "Ready=False RedirectModeNotSupported",
+        lambda: node.status.condition("Ready") == ("False", "RedirectModeNotSupported"),
+    )
+    assert node.status.read()["mode"] == "node"
+    assert node.status.condition("InSync") == ("False", "RedirectModeNotSupported")
+    node.spec([], mode="node")  # even a spec that lists no pods removes nothing
+    wait_for("status caught up", lambda: node.status.read()["observedGeneration"] == 3)
+    assert len(node.journal.events) == calls
+    assert [node.state(0), node.state(1)] == ["Enrolled", "Enrolled"]
+    assert node.annotator.values == {"uid-0": "enabled", "uid-1": "enabled"}
+
+    node.spec([0], mode="inpod")  # back to a mode the agent has: reconciling resumes
+    wait_for("pod-1 un-enrolled", lambda: node.state(1) is None)
+    assert node.status.condition("Ready") == ("True", "AllEnrolled")
+
+
+# -- the race: ztunnel reconnecting while pods come and go ---------------------------------------
+
+
+@dataclass
+class ZtunnelPeer:
+    """One ztunnel process as the stand-in behaves: its snapshot replaces what it holds."""
+
+    socket_path: Path
+    inode_of: dict[str, int]
+    held: set[str] = field(default_factory=set)
+    named: set[str] = field(default_factory=set)
+    wrong_fd: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def handle(self, request: Any, fd: int | None) -> str:
+        time.sleep(0.002)  # a slow ztunnel: snapshots take long enough to race with
+        with self.lock:
+            if isinstance(request, AddWorkload):
+                assert fd is not None
+                if os.fstat(fd).st_ino != self.inode_of[request.uid]:
+                    self.wrong_fd.append(request.uid)
+                self.held.add(request.uid)
+                self.named.add(request.uid)
+            elif isinstance(request, KeepWorkload):
+                self.named.add(request.uid)
+            elif isinstance(request, DelWorkload):
+                self.held.discard(request.uid)
+            elif isinstance(request, SnapshotSent):
+                self.held &= self.named
+        if fd is not None:
+            os.close(fd)
+        return ""
+
+    def start(self) -> ZtunnelPeer:
+        client = ZdsClient(self.socket_path, self.handle)
+        assert client.connect(self.stop)
+        threading.Thread(target=client.serve, args=(self.stop,), daemon=True).start()
+        return self
+
+    def holding(self) -> set[str]:
+        with self.lock:
+            return set(self.held)
+
+
+def test_ztunnel_reconnecting_during_churn_ends_holding_exactly_the_enrolled_pods(
+    tmp_path: Path,
+) -> None:
+    count = 40
+    journal = Journal()
+    netns = {f"uid-{i}": tmp_path / f"netns-{i}" for i in range(count)}
+    for path in netns.values():
+        path.touch()
+    rng = random.Random(1337)
+    pods = FakePods(journal, {p: u for u, p in netns.items()}, delay=lambda: rng.random() / 500)
+    zds = ZdsServer(tmp_path / "ztunnel.sock")
+    mode = InpodMode(pods, FakeHost(journal), FakeResolver(netns), zds, FakeAnnotator(journal))
+    status = FakeStatus()
+    agent = NodeAgent(
+        AgentOptions(node="node-1", zds_socket=zds.socket_path, drift_interval=3600),
+        {"inpod": mode},
+        zds,
+        status,
+        "iptables-nft",
+    )
+    zds.on_change = agent.ztunnel_changed
+    inodes = {u: p.stat().st_ino for u, p in netns.items()}
+    agent.start()
+    zds.start()
+    peers: list[ZtunnelPeer] = []
+    try:
+        wanted: list[int] = []
+        for generation in range(1, 13):
+            # A new ztunnel connects (the old one goes) while a different half of the pods
+            # enters and the rest leaves.
+            wanted = sorted(rng.sample(range(count), count // 2))
+            peers.append(ZtunnelPeer(zds.socket_path, inodes).start())
+            agent.on_object(node_object(generation, wanted))
+            time.sleep(rng.random() / 20)  # pacing the churn, not waiting for anything
+            for old in peers[:-1]:
+                old.stop.set()
+        final = {f"uid-{i}" for i in wanted}
+        peer = peers[-1]
+        wait_for(
+            "every wanted pod Enrolled and no other in status",
+            lambda: (
+                {e["uid"] for e in status.read().get("workloads") or []} == final
+                and status.read().get("enrolled") == len(final)
+            ),
+            timeout=30,
+        )
+        wait_for("ztunnel to hold exactly the enrolled pods", lambda: peer.holding() == final)
+        assert peer.wrong_fd == []
+        assert {e.uid for e in zds.wanted()} == final
+    finally:
+        for each in peers:
+            each.stop.set()
+        agent.stop()
+        zds.stop()
+
+
+def test_merge_patch_helper_agrees_with_the_projects_merge_patch() -> None:
+    before = {"a": 1, "b": {"c": 2, "d": 3}}
+    after = {"a": 1, "b": {"c": 4}}
+    assert _apply_merge_patch(before, merge_patch(before, after)) == after
