@@ -19,7 +19,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python tools/check_layers.py
+	$(BIN)/lint-imports
 
 unit: setup
 	$(BIN)/pytest -q tests/unit
