@@ -44,6 +44,13 @@ def annotation(cluster: SandboxCluster, namespace: str, name: str) -> str | None
     return ((pod.get("metadata") or {}).get("annotations") or {}).get(REDIRECTION)
 
 
+def wait_enabled(cluster: SandboxCluster, namespace: str, *pods: str) -> None:
+    wait_for(
+        f"{', '.join(pods)} enabled",
+        lambda: all(annotation(cluster, namespace, p) == "enabled" for p in pods),
+    )
+
+
 def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]:
     netns = cluster.pod_netns(pod)
 
@@ -111,14 +118,7 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         }
 
         label(sandbox, namespace, "ambient")
-        wait_for(
-            "both pods enabled",
-            lambda: (
-                annotation(sandbox, namespace, "client")
-                == annotation(sandbox, namespace, "server")
-                == "enabled"
-            ),
-        )
+        wait_enabled(sandbox, namespace, "client", "server")
         wait_for(
             "status counts",
             lambda: (
@@ -374,14 +374,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
     sandbox.create_pod(namespace, "server", node="node-2")
     client = sandbox.wait_running(namespace, "client")
     server = sandbox.wait_running(namespace, "server")
-    wait_for(
-        "both enabled",
-        lambda: (
-            annotation(sandbox, namespace, "client")
-            == annotation(sandbox, namespace, "server")
-            == "enabled"
-        ),
-    )
+    wait_enabled(sandbox, namespace, "client", "server")
     before = {
         name: kernel_state(sandbox, pod) for name, pod in (("client", client), ("server", server))
     }

@@ -26,10 +26,10 @@ from ambient_cni.api.models import Backend
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
 from ambient_cni.dataplane.redirection import PodRedirect
-from ambient_cni.mergepatch import merge_patch
 from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo
 from ambient_cni_sandbox.zds_client import ZdsClient
 from tests.unit.fake_kernel import FakeAddressSets
+from tests.unit.test_mergepatch import apply as apply_merge_patch
 
 DEADLINE = 10.0
 
@@ -174,7 +174,7 @@ class FakeStatus:
 
     def write(self, patch: dict[str, Any]) -> bool:
         with self.lock:
-            self.document = _apply_merge_patch(self.document, patch)
+            self.document = apply_merge_patch(self.document, patch)
         return True
 
     def read(self) -> dict[str, Any]:
@@ -192,18 +192,6 @@ class FakeStatus:
             if c["type"] == kind:
                 return c["status"], c["reason"]
         return "?", "?"
-
-
-def _apply_merge_patch(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = _apply_merge_patch(result.get(key), value)
-    return result
 
 
 # -- a node with pods ---------------------------------------------------------------------------
@@ -453,9 +441,3 @@ def test_ztunnel_reconnecting_during_churn_ends_holding_exactly_the_enrolled_pod
             each.stop.set()
         agent.stop()
         zds.stop()
-
-
-def test_merge_patch_helper_agrees_with_the_projects_merge_patch() -> None:
-    before = {"a": 1, "b": {"c": 2, "d": 3}}
-    after = {"a": 1, "b": {"c": 4}}
-    assert _apply_merge_patch(before, merge_patch(before, after)) == after

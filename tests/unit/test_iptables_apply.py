@@ -37,6 +37,15 @@ def iptables() -> FakeIptables:
     return FakeIptables()
 
 
+def enrolled(iptables: FakeIptables, pod: Path) -> tuple[IptablesChains, list[str]]:
+    """Our rules applied to a fresh namespace; returns the chains and the rules it holds."""
+    chains = IptablesChains(NFT, iptables)
+    chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)
+    before = iptables.rules(pod)
+    iptables.calls.clear()
+    return chains, before
+
+
 @pytest.fixture
 def pod(tmp_path: Path) -> Path:
     # A real file, so the fast-path memory (keyed by inode) tells pods apart.
@@ -71,10 +80,7 @@ def test_a_fresh_namespace_takes_one_restore_and_nothing_else(
 def test_a_namespace_already_right_is_read_once_and_left_alone(
     iptables: FakeIptables, pod: Path
 ) -> None:
-    chains = IptablesChains(NFT, iptables)
-    chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)
-    before = iptables.rules(pod)
-    iptables.calls.clear()
+    chains, before = enrolled(iptables, pod)
     assert chains.ensure(at(iptables, pod), 4, DEFAULT) is False
     assert iptables.calls_in(pod) == ["save"]
     # Even when asked to try the fast path (an agent restart): its -N fails, nothing changes.
@@ -112,10 +118,7 @@ def test_a_half_applied_namespace_is_completed_exactly(iptables: FakeIptables, p
 def test_a_refused_ruleset_fails_in_scratch_and_never_touches_the_pod(
     iptables: FakeIptables, pod: Path
 ) -> None:
-    chains = IptablesChains(NFT, iptables)
-    chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)
-    before = iptables.rules(pod)
-    iptables.calls.clear()
+    chains, before = enrolled(iptables, pod)
     iptables.refuse = "tun-too-long-name"
     bad = pod_ruleset(PodRedirect(virtual_interfaces=("tun-too-long-name",)))
     with pytest.raises(DataplaneError) as caught:
