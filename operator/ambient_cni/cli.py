@@ -49,6 +49,12 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="namespace of the leader-election Lease (default: $POD_NAMESPACE or istio-system)",
     )
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
+    ctl.add_argument(
+        "--orphan-grace",
+        type=float,
+        default=60.0,
+        help="seconds an AmbientNodeConfig whose Node does not exist is kept before deletion",
+    )
     ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     ctl.set_defaults(run=_run_controller)
 
@@ -145,6 +151,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         leader_election=args.leader_election,
         lease_namespace=args.lease_namespace,
         min_write_interval=args.min_write_interval,
+        orphan_grace=args.orphan_grace,
         log_level=args.log_level,
     )
     return run(options)

@@ -14,6 +14,9 @@ SHORT_NAME: Final = "anc"
 CATEGORY: Final = "ambient"
 API_VERSION: Final = f"{GROUP}/{VERSION}"
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"
+# On an AmbientNodeConfig whose Node does not exist (the controller deletes it after a grace
+# period); `kubectl wait ... -l '!cni.ambient.dev/orphaned'` leaves such objects out.
+ORPHANED_LABEL: Final = f"{GROUP}/orphaned"
 
 # -- Istio's selection labels and annotations (reference section 1) -------------------
 DATAPLANE_MODE_LABEL: Final = "istio.io/dataplane-mode"

@@ -1,8 +1,10 @@
 """The controller process: kopf watches feed the index; the writer writes specs.
 
 kopf is used only with event handlers, which write nothing to the objects
-they watch: no finalizers, no progress annotations, no Events. Every replica
-watches and indexes (a warm standby); only the holder of the Lease writes.
+they watch: no finalizers, no progress annotations. The one thing the
+controller says about a pod is a warning Event when one of its annotations
+is ignored, once per change. Every replica watches and indexes (a warm
+standby); only the holder of the Lease writes.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from ambient_cni.api import names
+from ambient_cni.controller import metrics
+from ambient_cni.controller.events import PodEvents
 from ambient_cni.controller.index import ClusterIndex
 from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
-from ambient_cni.selection import knobs, pod_view
+from ambient_cni.selection import PodView, knobs, pod_view
 
 log = logging.getLogger("ambient_cni.controller")
 
@@ -44,6 +48,7 @@ class ControllerOptions:
     lease_name: str = "ambient-cni-controller"
     debounce: float = 0.1
     min_write_interval: float = 1.0
+    orphan_grace: float = 60.0  # seconds an AmbientNodeConfig without a Node is kept
     log_level: str = "info"
 
 
@@ -64,9 +69,12 @@ class Controller:
             options.planner,
             debounce=options.debounce,
             min_interval=options.min_write_interval,
+            orphan_grace=options.orphan_grace,
         )
         self.primed = threading.Event()
         self.leading = threading.Event()
+        self.events = PodEvents(api, self.leading)
+        self._warned: dict[str, tuple[str, ...]] = {}  # pod uid -> the warnings last given
         self._started = False
         self._start_lock = threading.Lock()
 
@@ -115,14 +123,30 @@ class Controller:
 
     def on_pod(self, pod: dict[str, Any], *, deleted: bool = False) -> None:
         if deleted:
-            self.writer.mark(self.index.delete_pod(str(pod["metadata"]["uid"])))
+            uid = str(pod["metadata"]["uid"])
+            self._warned.pop(uid, None)
+            self.writer.mark(self.index.delete_pod(uid))
             return
         view = pod_view(pod)
-        affected = self.index.set_pod(view)
-        if affected:  # changed: say once per change, not on every event
-            for warning in knobs(view)[1]:
+        self._warn_once(view)
+        self.writer.mark(self.index.set_pod(view))
+
+    def _warn_once(self, view: PodView) -> None:
+        """A log line and an Event per ignored annotation value, once per change of it (a
+        pod changes for many other reasons: status, our own annotation)."""
+        warnings = knobs(view)[1]
+        before = self._warned.get(view.uid, ())
+        if warnings == before:
+            return
+        if warnings:
+            self._warned[view.uid] = warnings
+        else:
+            self._warned.pop(view.uid, None)
+        for warning in warnings:
+            if warning not in before:
                 log.warning("pod %s/%s: %s", view.namespace, view.name, warning)
-        self.writer.mark(affected)
+                metrics.POD_WARNINGS.inc()
+                self.events.warn(view, "AnnotationIgnored", warning)
 
     def on_namespace(self, ns: dict[str, Any], *, deleted: bool = False) -> None:
         name = str(ns["metadata"]["name"])
@@ -182,6 +206,7 @@ def run(options: ControllerOptions) -> int:
     stop = threading.Event()  # ends our own threads
     lost = threading.Event()
     start_http_server(options.metrics_port, options.listen_address)
+    controller.events.start()
 
     def lose() -> None:
         lost.set()
@@ -214,6 +239,7 @@ def run(options: ControllerOptions) -> int:
     )
     stop.set()
     controller.writer.stop()
+    controller.events.stop()
     if elector is not None and not lost.is_set():
         elector.release()
     if lost.is_set():

@@ -28,3 +28,12 @@ RECONCILE_SECONDS = Histogram(
     "From the first event that made a node's spec stale to its spec being written or confirmed",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
+POD_WARNINGS = Counter(
+    "ambient_cni_controller_pod_warnings_total",
+    "Warnings about a pod's annotations (each a log line and an Event on the pod)",
+)
+ORPHANS = Counter(
+    "ambient_cni_controller_orphans_total",
+    "AmbientNodeConfigs found without a Node, by what was done",
+    ["action"],  # marked | deleted | adopted (its Node appeared)
+)

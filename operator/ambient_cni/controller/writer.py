@@ -10,6 +10,7 @@ AmbientNodeConfig watch, so a restart or a no-op event costs no write.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -48,6 +49,7 @@ class SpecWriter:
         debounce: float = 0.1,
         min_interval: float = 1.0,
         workers: int = 2,
+        orphan_grace: float = 60.0,
     ):
         self.custom = CustomObjectsApi(api)
         self.index = index
@@ -55,6 +57,9 @@ class SpecWriter:
         self.debounce = debounce
         self.min_interval = min_interval
         self.workers = workers
+        self.orphan_grace = orphan_grace
+        self._orphans: dict[str, float] = {}  # node -> when its object was found without a Node
+        self._marked: set[str] = set()  # orphans whose label and condition are written
         self.queue: WorkQueue[str] = WorkQueue()
         self._lock = threading.Lock()
         self._observed: dict[str, tuple[dict[str, Any] | None, int]] = {}  # node -> (spec, rv)
@@ -111,7 +116,11 @@ class SpecWriter:
             wait = self._last_write.get(node, float("-inf")) + self.min_interval - time.monotonic()
         node_uid = self.index.node_uid(node)
         if node_uid is None:
-            return  # the Node is gone; garbage collection removes its object
+            if observed is not None:
+                self._orphaned(node)
+            return  # no object, no Node: nothing to do (garbage collection removed it)
+        if node in self._orphans:
+            self._adopted(node)
         desired = plan_node(
             node, self.index.pods_on(node), self.index.namespace_labels(), self.config
         ).to_wire()
@@ -134,6 +143,90 @@ class SpecWriter:
             self._last_write[node] = time.monotonic()
             self._failures.pop(node, None)
         _observe_latency(since)
+
+    # -- objects without a Node ---------------------------------------------------------
+
+    def _orphaned(self, node: str) -> None:
+        """Say so in its status and a label, then delete it once the grace period is over (its
+        Node may yet register: a node joining, a kubelet re-registering)."""
+        now = time.monotonic()
+        with self._lock:
+            found = self._orphans.setdefault(node, now)
+            marked = node in self._marked
+        left = found + self.orphan_grace - now
+        if left <= 0:
+            self._delete_orphan(node)
+            return
+        if not marked:
+            self._mark_orphan(node, left)
+            with self._lock:
+                self._marked.add(node)
+        self.queue.add_after(node, left)
+
+    def _mark_orphan(self, node: str, left: float) -> None:
+        message = (
+            f"Node {node} does not exist: this object is deleted in {left:.0f} s "
+            "unless the Node appears"
+        )
+        condition = {
+            "type": "Ready",
+            "status": "False",
+            "reason": "NodeNotFound",
+            "message": message,
+            "lastTransitionTime": _utc_now(),
+        }
+        self.custom.patch_cluster_custom_object(
+            names.GROUP,
+            names.VERSION,
+            names.PLURAL,
+            node,
+            as_body({"metadata": {"labels": {names.ORPHANED_LABEL: "true"}}}),
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+        self.custom.patch_cluster_custom_object_status(
+            names.GROUP,
+            names.VERSION,
+            names.PLURAL,
+            node,
+            as_body({"status": {"conditions": [condition]}}),
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+        metrics.ORPHANS.labels("marked").inc()
+        log.warning("%s %s: %s", names.KIND, node, message)
+
+    def _delete_orphan(self, node: str) -> None:
+        try:
+            self.custom.delete_cluster_custom_object(
+                names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        with self._lock:
+            self._orphans.pop(node, None)
+            self._marked.discard(node)
+            self._observed[node] = (None, 0)
+        metrics.ORPHANS.labels("deleted").inc()
+        log.warning("deleted %s %s: its Node does not exist", names.KIND, node)
+
+    def _adopted(self, node: str) -> None:
+        """Its Node appeared within the grace period: the object is an ordinary one again."""
+        self.custom.patch_cluster_custom_object(
+            names.GROUP,
+            names.VERSION,
+            names.PLURAL,
+            node,
+            as_body({"metadata": {"labels": {names.ORPHANED_LABEL: None}}}),
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+        with self._lock:
+            self._orphans.pop(node, None)
+            self._marked.discard(node)
+        metrics.ORPHANS.labels("adopted").inc()
+        log.info("%s %s: its Node appeared", names.KIND, node)
 
     def _create(self, node: str, node_uid: str, spec: dict[str, Any]) -> Obj:
         body = {
@@ -219,6 +312,15 @@ class SpecWriter:
         with self._lock:
             self._stale_since.setdefault(node, since if since is not None else time.monotonic())
         self.queue.add_after(node, delay)
+
+
+def _utc_now() -> str:
+    return (
+        datetime.datetime.now(datetime.UTC)
+        .replace(microsecond=0)
+        .isoformat()
+        .replace("+00:00", "Z")
+    )
 
 
 def _observe_latency(since: float | None) -> None:
