@@ -111,7 +111,26 @@ class SandboxCluster:
         token = self.kubectl(
             "create", "token", account, "-n", namespace, "--duration=4h"
         ).stdout.strip()
-        path = Path(self.state.state_dir) / "users" / f"sa-{namespace}-{account}.kubeconfig"
+        return self._token_kubeconfig(f"sa-{namespace}-{account}", account, token)
+
+    def pod_bound_kubeconfig(self, namespace: str, account: str, pod: str) -> Path:
+        """A kubeconfig with a token bound to a pod, as a kubelet hands its pods: the API
+        server names the pod's node in the token's user (authentication.kubernetes.io/
+        node-name) and the token dies with the pod."""
+        token = self.kubectl(
+            "create",
+            "token",
+            account,
+            "-n",
+            namespace,
+            "--bound-object-kind=Pod",
+            f"--bound-object-name={pod}",
+            "--duration=4h",
+        ).stdout.strip()
+        return self._token_kubeconfig(f"pod-{namespace}-{pod}", account, token)
+
+    def _token_kubeconfig(self, label: str, user: str, token: str) -> Path:
+        path = Path(self.state.state_dir) / "users" / f"{label}.kubeconfig"
         path.parent.mkdir(mode=0o700, exist_ok=True)
         ca = (Path(self.state.state_dir) / "pki" / "ca.crt").read_bytes()
         config = {
@@ -126,8 +145,8 @@ class SandboxCluster:
                     },
                 }
             ],
-            "users": [{"name": account, "user": {"token": token}}],
-            "contexts": [{"name": self.name, "context": {"cluster": self.name, "user": account}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": self.name, "context": {"cluster": self.name, "user": user}}],
             "current-context": self.name,
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -173,6 +192,7 @@ class SandboxCluster:
         host_network: bool = False,
         restart_policy: str = "Always",
         env: Mapping[str, str] | None = None,
+        service_account: str | None = None,
     ) -> Obj:
         container: dict[str, Any] = {"name": "main", "image": "sandbox/echo"}
         if command is not None:
@@ -190,6 +210,8 @@ class SandboxCluster:
         }
         if node:
             spec["nodeName"] = node
+        if service_account:
+            spec["serviceAccountName"] = service_account
         if host_network:
             spec["hostNetwork"] = True
         body = {

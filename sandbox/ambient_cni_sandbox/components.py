@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,32 @@ def agent(
     )
 
 
+def agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> dict[str, Path]:
+    """Per node, a kubeconfig whose token is bound to a stand-in pod of the agent's DaemonSet
+    on that node, as a kubelet hands its pods their tokens: the API server then names the
+    node in the token's user, which the chart's admission policy holds the agent to."""
+    kubeconfigs = {}
+    for node in cluster.node_names:
+        name = f"{account}-{node}"
+        if cluster.pod(namespace, name) is None:
+            cluster.create_pod(
+                namespace,
+                name,
+                node=node,
+                service_account=account,
+                # Not the DaemonSet's own label: its controller would adopt and delete it.
+                labels={"app": "ambient-cni-agent-stand-in"},
+                command=[sys.executable, "-c", "import signal; signal.pause()"],
+            )
+        kubeconfigs[node] = cluster.pod_bound_kubeconfig(namespace, account, name)
+    return kubeconfigs
+
+
+def remove_agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> None:
+    for node in cluster.node_names:
+        cluster.delete_pod(namespace, f"{account}-{node}", grace=0)
+
+
 def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-system") -> str:
     """The ztunnel stand-in as a pod labelled app=ztunnel on `node`; returns the pod name."""
     name = f"ztunnel-{node}"
@@ -193,15 +219,22 @@ class Mesh:
         cluster: SandboxCluster,
         *agent_args: str,
         controller_kubeconfig: Path | None = None,
-        agent_kubeconfig: Path | None = None,
+        agent_kubeconfig: Path | Mapping[str, Path] | None = None,
         install_crds: bool = True,
+        controller_args: Sequence[str] = (),
     ):
+        """`agent_kubeconfig`: one for every agent, or one per node (see `agent_pods`)."""
         self.cluster = cluster
         self.install_crds = install_crds
-        self.controller = controller(cluster, kubeconfig=controller_kubeconfig)
+        self.controller = controller(cluster, *controller_args, kubeconfig=controller_kubeconfig)
+
+        def credentials(node: str) -> Path | None:
+            if isinstance(agent_kubeconfig, Mapping):
+                return agent_kubeconfig[node]
+            return agent_kubeconfig
+
         self.agents = {
-            n: agent(cluster, n, *agent_args, kubeconfig=agent_kubeconfig)
-            for n in cluster.node_names
+            n: agent(cluster, n, *agent_args, kubeconfig=credentials(n)) for n in cluster.node_names
         }
 
     def start(self) -> None:

@@ -10,20 +10,24 @@ admin's, does the whole job.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
 from pyhelm3 import Client
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body
+from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client
+from ambient_cni_sandbox import components
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import Mesh
 
@@ -41,7 +45,10 @@ SANDBOX_VALUES: dict[str, Any] = {
 
 # The README's commands, run verbatim here (helm and kubectl from the sandbox, its kubeconfig).
 README_STATUS = "kubectl get ambientnodeconfigs"
-README_WAIT = "kubectl wait --for=condition=Ready ambientnodeconfigs --all --timeout=60s"
+README_WAIT = (
+    "kubectl wait --for=condition=Ready ambientnodeconfigs -l '!cni.ambient.dev/orphaned' "
+    "--timeout=60s"
+)
 README_UPGRADE = "helm upgrade ambient charts/istio-cni -n istio-system --reuse-values"
 README_UNINSTALL = "helm uninstall ambient -n istio-system"
 
@@ -107,7 +114,8 @@ def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
         "--drift-interval=2",
         f"--daemonset={NAMESPACE}/{AGENT_SA}",
         controller_kubeconfig=sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA),
-        agent_kubeconfig=sandbox.service_account_kubeconfig(NAMESPACE, AGENT_SA),
+        # Tokens bound to a pod on each node, as the DaemonSet's pods get them.
+        agent_kubeconfig=components.agent_pods(sandbox, NAMESPACE, AGENT_SA),
         install_crds=False,
     )
     state.mesh.start()
@@ -115,6 +123,7 @@ def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
         yield state
     finally:
         state.mesh.stop()
+        components.remove_agent_pods(sandbox, NAMESPACE, AGENT_SA)
         run_readme(sandbox, README_UNINSTALL)
 
 
@@ -273,9 +282,12 @@ def test_the_charts_service_accounts_do_the_whole_job(
         (CONTROLLER_SA, "patch", "pods", False),
         (CONTROLLER_SA, "update", "nodes", False),
         (CONTROLLER_SA, "patch", "namespaces", False),
-        (CONTROLLER_SA, "patch", "ambientnodeconfigs/status", False),
+        # RBAC allows it; the admission policy holds it to orphans (tested below).
+        (CONTROLLER_SA, "patch", "ambientnodeconfigs/status", True),
         (CONTROLLER_SA, "patch", "ambientnodeconfigs", True),
-        (CONTROLLER_SA, "delete", "ambientnodeconfigs", False),
+        (CONTROLLER_SA, "delete", "ambientnodeconfigs", True),  # orphans, after a grace period
+        (CONTROLLER_SA, "delete", "pods", False),
+        (CONTROLLER_SA, "create", "events", True),
     ],
 )
 def test_the_charts_roles_allow_no_more(
@@ -299,6 +311,73 @@ def test_the_charts_roles_allow_no_more(
         args.append(f"--subresource={subresource}")
     result = sandbox.kubectl(*args, check=False)
     assert result.stdout.strip() == ("yes" if allowed else "no"), result.stdout + result.stderr
+
+
+def refusal(call: Callable[[], Any]) -> str:
+    """The API server's message for a request it must refuse (403), with a real token."""
+    with pytest.raises(ApiException) as caught:
+        call()
+    assert caught.value.status == 403, caught.value.body
+    return str(json.loads(caught.value.body or "{}").get("message", ""))
+
+
+def test_each_agent_writes_only_its_own_node_and_only_the_redirection_annotation(
+    sandbox: SandboxCluster, installed: Installed, namespace: str
+) -> None:
+    tokens = components.agent_pods(sandbox, NAMESPACE, AGENT_SA)
+    pods_1 = CoreV1Api(new_api_client(tokens["node-1"]))
+    ancs_1 = CustomObjectsApi(new_api_client(tokens["node-1"]))
+    sandbox.create_pod(namespace, "mine", node="node-1")
+    sandbox.create_pod(namespace, "theirs", node="node-2")
+    sandbox.wait_running(namespace, "mine")
+    sandbox.wait_running(namespace, "theirs")
+    key = names.REDIRECTION_ANNOTATION
+
+    def pod_status(api: CoreV1Api, pod: str, patch: dict[str, Any]) -> None:
+        api.patch_namespaced_pod_status(
+            pod, namespace, as_body(patch), _content_type=MERGE_PATCH, _preload_content=False
+        )
+
+    def anc_status(api: CustomObjectsApi, node: str) -> None:
+        api.patch_cluster_custom_object_status(
+            names.GROUP,
+            names.VERSION,
+            names.PLURAL,
+            node,
+            as_body({"status": {"lastSyncTime": "2026-01-01T00:00:00Z"}}),
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+        )
+
+    enabled = {"metadata": {"annotations": {key: "enabled"}}}
+    assert "may write pods on its own node only; theirs is on node-2" in refusal(
+        lambda: pod_status(pods_1, "theirs", enabled)
+    )
+    for patch in (
+        {"metadata": {"annotations": {"example.com/other": "x"}}},
+        {"metadata": {"labels": {names.DATAPLANE_MODE_LABEL: "none"}}},
+        {"status": {"podIP": "10.9.9.9"}},
+    ):
+        assert "only the ambient.istio.io/redirection annotation" in refusal(
+            lambda patch=patch: pod_status(pods_1, "mine", patch)  # type: ignore[misc]
+        )
+    assert "enabled or pending only" in refusal(
+        lambda: pod_status(pods_1, "mine", {"metadata": {"annotations": {key: "disabled"}}})
+    )
+    pod_status(pods_1, "mine", enabled)  # its own node, its one annotation: allowed
+    pod_status(pods_1, "mine", {"metadata": {"annotations": {key: None}}})
+    assert "its own node's AmbientNodeConfig only, not of node-2" in refusal(
+        lambda: anc_status(ancs_1, "node-2")
+    )
+    anc_status(ancs_1, "node-1")
+    # A token of the agent's account not bound to a pod on a node says nothing of its node.
+    unbound = CoreV1Api(new_api_client(sandbox.service_account_kubeconfig(NAMESPACE, AGENT_SA)))
+    assert "not bound to a pod on a node" in refusal(lambda: pod_status(unbound, "mine", enabled))
+    # The controller writes status only to mark an orphan.
+    controller = CustomObjectsApi(
+        new_api_client(sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA))
+    )
+    assert "only to mark it orphaned" in refusal(lambda: anc_status(controller, "node-1"))
 
 
 def test_upgrade_restarts_agents_without_interrupting_traffic(
