@@ -8,17 +8,15 @@ hostNetwork, sidecar pods, ztunnel and node agent pods, terminal pods,
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import names
-from .api.models import Workload
+from .api.models import MAX_VIRTUAL_INTERFACES, Workload, is_interface_name
 
 Obj = Mapping[str, Any]
-INTERFACE_NAME = re.compile(r"^[^\s/:]{1,15}$")  # Linux IFNAMSIZ, no path or alias separators
 
 
 class SelectionConfig(BaseModel):
@@ -157,23 +155,33 @@ def _boolean(pod: PodView, key: str, warnings: list[str]) -> bool | None:
     return None
 
 
+def _interfaces(pod: PodView, warnings: list[str]) -> list[str]:
+    """The interface names of the annotation; one bad name drops the whole value (nothing
+    half-applied), with a warning that names the annotation and the value."""
+    key = names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION
+    raw = pod.annotations.get(key)
+    if raw is None:
+        return []
+    items = list(dict.fromkeys(part.strip() for part in raw.split(",") if part.strip()))
+    bad = [item for item in items if not is_interface_name(item)]
+    if bad or len(items) > MAX_VIRTUAL_INTERFACES:
+        why = (
+            f"{bad[0]!r} is not an interface name (at most 15 of A-Z a-z 0-9 _ . -, "
+            "not starting with . or -)"
+            if bad
+            else f"more than {MAX_VIRTUAL_INTERFACES} interfaces"
+        )
+        warnings.append(f"{key}={raw!r} ignored: {why}")
+        return []
+    return items
+
+
 def knobs(pod: PodView) -> tuple[Knobs, tuple[str, ...]]:
     """The per-pod annotations, parsed; malformed values are ignored with a warning."""
     warnings: list[str] = []
     dns = _boolean(pod, names.DNS_CAPTURE_ANNOTATION, warnings)
     bypass = _boolean(pod, names.BYPASS_INBOUND_CAPTURE_ANNOTATION, warnings)
-    interfaces: list[str] = []
-    raw = pod.annotations.get(names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION, "")
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        if not INTERFACE_NAME.match(item):
-            warnings.append(
-                f"{names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION}: {item!r} ignored: "
-                "not an interface name"
-            )
-        elif item not in interfaces:
-            interfaces.append(item)
+    interfaces = _interfaces(pod, warnings)
     return (
         Knobs(
             dns_capture=dns,

@@ -224,10 +224,23 @@ def test_a_chain_flushed_by_hand_is_repaired(
         check=True,
     )
     assert kernel_state(sandbox, pod)["istio_rules"] != rules
+    agent = mesh.agents["node-1"]
+    repairs = agent.metric('ambient_cni_agent_repairs_total{kind="rules"}')
     wait_for(
         "the drift check to repair it",
         lambda: kernel_state(sandbox, pod)["istio_rules"] == rules,
         timeout=15,
+    )
+    # And says so: in its log, a counter, and the pod's status.
+    repair = wait_for(
+        "lastRepair in status",
+        lambda: (workload_status(mesh, "node-1", "victim") or {}).get("lastRepair"),
+    )
+    assert repair["reason"] == "DriftRepaired"
+    assert "nat: 6 of our rules missing" in repair["message"]
+    assert agent.metric('ambient_cni_agent_repairs_total{kind="rules"}') == repairs + 1
+    assert f"repaired {namespace}/victim: IPv4 nat: 6 of our rules missing" in (
+        agent.log_path.read_text()
     )
 
 
@@ -260,31 +273,6 @@ def workload_status(mesh: Mesh, node: str, name: str) -> dict[str, Any] | None:
         if entry["name"] == name:
             return dict(entry)
     return None
-
-
-def test_a_rule_the_kernel_refuses_fails_that_pod_with_its_message(
-    sandbox: SandboxCluster, mesh: Mesh, namespace: str
-) -> None:
-    sandbox.create_pod(namespace, "fine", node="node-1")
-    # Selection passes the name on; iptables refuses the quote.
-    sandbox.create_pod(
-        namespace,
-        "odd",
-        node="node-1",
-        annotations={"istio.io/reroute-virtual-interfaces": 'tun"0'},
-    )
-    odd = sandbox.wait_running(namespace, "odd")
-    sandbox.wait_running(namespace, "fine")
-    label(sandbox, namespace, "ambient")
-    wait_for("fine enabled", lambda: annotation(sandbox, namespace, "fine") == "enabled")
-    entry = wait_for(
-        "odd reported Failed",
-        lambda: (e := workload_status(mesh, "node-1", "odd")) and e["state"] == "Failed" and e,
-    )
-    assert entry["reason"] == "RuleRejected"
-    assert "interface name" in entry["message"]  # iptables' own words
-    assert kernel_state(sandbox, odd) == {"istio_rules": [], "ip_rules": [], "table_100": ""}
-    assert annotation(sandbox, namespace, "odd") is None
 
 
 def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(

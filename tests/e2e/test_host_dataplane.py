@@ -35,18 +35,18 @@ def sh(netns: str, *argv: str) -> str:
 
 def test_ensure_is_idempotent_and_uninstall_leaves_nothing(host: tuple[HostDataplane, str]) -> None:
     dataplane, netns = host
-    assert dataplane.ensure() is True
+    assert bool(dataplane.ensure()) is True
     assert dataplane.verify()
     nat = sh(netns, "iptables-save", "-t", "nat")
     assert "-A POSTROUTING -j ISTIO_POSTRT" in nat
     assert "--match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127" in nat
     assert "istio-inpod-probes-v6" in sh(netns, "ip6tables-save", "-t", "nat")
-    assert dataplane.ensure() is False
+    assert bool(dataplane.ensure()) is False
     assert sh(netns, "iptables-save", "-t", "nat").count("-A ") == nat.count("-A ")
 
     sh(netns, "iptables", "-t", "nat", "-F", "ISTIO_POSTRT")  # drift
     assert not dataplane.verify()
-    assert dataplane.ensure() is True
+    assert bool(dataplane.ensure()) is True
     assert dataplane.verify()
 
     dataplane.addresses.add(["10.244.0.5"], "uid-a")

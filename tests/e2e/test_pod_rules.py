@@ -59,7 +59,7 @@ def policy_routing(netns: str, family: int = 4) -> tuple[str, str]:
 
 def test_ensure_applies_once_and_is_idempotent(rules: IptablesPodDataplane, pod_netns: str) -> None:
     redirect = PodRedirect()
-    assert rules.ensure(pod_netns, [redirect]) is True
+    assert bool(rules.ensure(pod_netns, [redirect])) is True
     assert rules.verify(pod_netns, [redirect])
     count = rule_count(pod_netns)
     assert count == pod_ruleset(redirect).count("\n-A ")  # every rendered rule, read back
@@ -67,7 +67,7 @@ def test_ensure_applies_once_and_is_idempotent(rules: IptablesPodDataplane, pod_
     assert "fwmark 0x111/0xfff lookup 100" in rule
     assert route.startswith("local default dev lo")
 
-    assert rules.ensure(pod_netns, [redirect]) is False
+    assert bool(rules.ensure(pod_netns, [redirect])) is False
     assert rule_count(pod_netns) == count
     assert len(policy_routing(pod_netns)[0].splitlines()) == 1
 
@@ -78,7 +78,7 @@ def test_drift_is_detected_and_repaired(rules: IptablesPodDataplane, pod_netns: 
     count = rule_count(pod_netns)
     sh(pod_netns, "iptables", "-t", "nat", "-F", "ISTIO_OUTPUT")
     assert not rules.verify(pod_netns, [redirect])
-    assert rules.ensure(pod_netns, [redirect]) is True
+    assert bool(rules.ensure(pod_netns, [redirect])) is True
     assert rules.verify(pod_netns, [redirect])
     assert rule_count(pod_netns) == count
 
@@ -86,7 +86,7 @@ def test_drift_is_detected_and_repaired(rules: IptablesPodDataplane, pod_netns: 
 def test_changing_knobs_replaces_the_ruleset(rules: IptablesPodDataplane, pod_netns: str) -> None:
     rules.ensure(pod_netns, [PodRedirect()])
     no_dns = PodRedirect(dns_capture=False, bypass_inbound=True)
-    assert rules.ensure(pod_netns, [no_dns]) is True
+    assert bool(rules.ensure(pod_netns, [no_dns])) is True
     assert rules.verify(pod_netns, [no_dns])
     saved = sh(pod_netns, "iptables-save")
     assert set(our_rules(saved)) == {"mangle", "nat"}  # raw held only DNS rules
@@ -106,7 +106,7 @@ def test_remove_leaves_nothing(rules: IptablesPodDataplane, pod_netns: str) -> N
 
 def test_ipv6_ruleset_and_routing(rules: IptablesPodDataplane, pod_netns: str) -> None:
     redirect = PodRedirect(family=6)
-    assert rules.ensure(pod_netns, [redirect]) is True
+    assert bool(rules.ensure(pod_netns, [redirect])) is True
     assert rules.verify(pod_netns, [redirect])
     rule, route = policy_routing(pod_netns, 6)
     assert "fwmark 0x111/0xfff lookup 100" in rule
@@ -116,17 +116,32 @@ def test_ipv6_ruleset_and_routing(rules: IptablesPodDataplane, pod_netns: str) -
 def test_a_rule_the_kernel_refuses_fails_clearly_and_changes_nothing(
     rules: IptablesPodDataplane, pod_netns: str
 ) -> None:
+    # No input reaches iptables unchecked any more, so the kernel is made to refuse a
+    # ruleset here by hand: it matches on an ipset that does not exist.
     rules.ensure(pod_netns, [PodRedirect()])
     before = sh(pod_netns, "iptables-save")
-    bad = PodRedirect(virtual_interfaces=("an-interface-name-too-long",))
-    with pytest.raises(DataplaneError) as caught:
-        rules.ensure(pod_netns, [bad])
-    assert caught.value.reason == "RuleRejected"
-    assert (
-        "an-interface-name-too-long" in caught.value.message or "IFNAMSIZ" in caught.value.message
+    refused = pod_ruleset(PodRedirect()).replace(
+        "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+        "-A ISTIO_OUTPUT -m set --match-set acni-no-such-set dst -j ACCEPT",
     )
+    path = Path("/run/netns", pod_netns)
+    with pytest.raises(DataplaneError) as caught:
+        rules.runner.within(path, lambda run: rules.chains.ensure(run, 4, refused))
+    assert caught.value.reason == "RuleRejected"
+    assert "acni-no-such-set" in caught.value.message  # the kernel's own words
     assert sh(pod_netns, "iptables-save").count("-A ") == before.count("-A ")
     assert rules.verify(pod_netns, [PodRedirect()])
+
+
+def test_a_name_that_is_not_an_interface_never_reaches_the_kernel(
+    rules: IptablesPodDataplane, pod_netns: str
+) -> None:
+    before = sh(pod_netns, "iptables-save")
+    hostile = PodRedirect.model_construct(virtual_interfaces=("eth0\n-A ISTIO_OUTPUT -j DROP",))
+    with pytest.raises(DataplaneError) as caught:
+        rules.ensure(pod_netns, [hostile])
+    assert caught.value.reason == "UnsafeInput"
+    assert sh(pod_netns, "iptables-save") == before
 
 
 def test_a_missing_netns_is_reported_as_such(rules: IptablesPodDataplane) -> None:

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
-from ambient_cni.dataplane.interfaces import Completed, Exec
+from ambient_cni.dataplane.interfaces import NO_CHANGES, Change, Changes, Completed, Exec
 
 T = TypeVar("T")
 BUILTIN = {
@@ -155,7 +155,7 @@ class FakeIptables:
         rule = kernel_spelling(f"-A {chain} {body}".rstrip())
         if op in ("-A", "-I"):
             if self.refuse and self.refuse in body:
-                raise RestoreError(f"interface name `{self.refuse}' must be shorter than IFNAMSIZ")
+                raise RestoreError(f"interface name `{self.refuse}' refused by the kernel")
             if self.lose and self.lose in body:
                 return
             if op == "-A":
@@ -189,12 +189,12 @@ class FakeRouting:
     present_in: set[str] = field(default_factory=set)
     calls: list[tuple[str, str]] = field(default_factory=list)
 
-    def ensure(self, netns: Path | None, families: Sequence[Family]) -> bool:
+    def ensure(self, netns: Path | None, families: Sequence[Family]) -> Changes:
         self.calls.append(("ensure", str(netns)))
         if str(netns) in self.present_in:
-            return False
+            return NO_CHANGES
         self.present_in.add(str(netns))
-        return True
+        return Changes((Change("routing", "ip rule and table 100 route added"),))
 
     def present(self, netns: Path | None, families: Sequence[Family]) -> bool:
         return str(netns) in self.present_in

@@ -25,6 +25,7 @@ from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api.models import Backend
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
+from ambient_cni.dataplane.interfaces import NO_CHANGES, Change, Changes
 from ambient_cni.dataplane.redirection import PodRedirect
 from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent, WorkloadInfo
 from ambient_cni_sandbox.zds_client import ZdsClient
@@ -67,26 +68,38 @@ class FakePods:
     journal: Journal
     netns_of: dict[Path, str]  # netns -> uid, for the journal
     refuse: set[str] = field(default_factory=set)  # uids whose ruleset the kernel refuses
+    drifted: set[str] = field(default_factory=set)  # uids whose rules someone changed
+    missing: set[Path] = field(default_factory=set)  # namespaces that are gone
+    applied: set[str] = field(default_factory=set)
     delay: Callable[[], float] = lambda: 0.0
 
     @property
     def backend(self) -> Backend:
         return "iptables-nft"
 
-    def ensure(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
+    def ensure(self, netns: Path, redirects: Sequence[PodRedirect]) -> Changes:
         time.sleep(self.delay())
         uid = self.netns_of[netns]
         if uid in self.refuse:
             raise DataplaneError("RuleRejected", "iptables-restore: line 3 failed")
         self.journal.note("rules", uid)
-        return True
+        if uid not in self.applied:
+            self.applied.add(uid)
+            return Changes((Change("rules", "IPv4: the ruleset applied"),))
+        if uid in self.drifted:
+            self.drifted.discard(uid)
+            return Changes((Change("rules", "IPv4 nat: 9 of our rules missing: replaced"),))
+        return NO_CHANGES
 
     def verify(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
         return True
 
     def remove(self, netns: Path, families: Sequence[Family] = (4, 6)) -> bool:
         time.sleep(self.delay())
+        if netns in self.missing:
+            raise DataplaneError("NetnsNotFound", f"network namespace {netns}: gone")
         self.journal.note("rules-removed", self.netns_of[netns])
+        self.applied.discard(self.netns_of[netns])
         return True
 
 
@@ -114,8 +127,8 @@ class FakeHost:
 
         return Noting()
 
-    def ensure(self) -> bool:
-        return False
+    def ensure(self) -> Changes:
+        return NO_CHANGES
 
     def verify(self) -> bool:
         return True
@@ -156,13 +169,32 @@ class FakeZtunnel:
 
 
 @dataclass
-class FakeAnnotator:
+class FakePodApi:
     journal: Journal
     values: dict[str, str | None] = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)  # pods deleted from the API server
 
     def annotate(self, workload: Any, value: str | None) -> None:
         self.journal.note(f"annotation={value}", workload.uid)
         self.values[workload.uid] = value
+
+    def exists(self, workload: Any) -> bool:
+        return workload.uid not in self.gone
+
+
+@dataclass
+class FakeHandles:
+    held_paths: dict[str, Path] = field(default_factory=dict)
+
+    def hold(self, uid: str, netns: Path) -> Path:
+        self.held_paths[uid] = netns
+        return netns
+
+    def held(self, uid: str) -> Path | None:
+        return self.held_paths.get(uid)
+
+    def release(self, uid: str) -> None:
+        self.held_paths.pop(uid, None)
 
 
 @dataclass
@@ -170,12 +202,16 @@ class FakeStatus:
     """The status subresource: merge patches applied to a document."""
 
     document: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+    writes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def write(self, patch: dict[str, Any]) -> bool:
+    def write(self, patch: dict[str, Any]) -> dict[str, Any] | None:
         with self.lock:
             self.document = apply_merge_patch(self.document, patch)
-        return True
+            self.version += 1
+            self.writes += 1
+            return {"metadata": {"resourceVersion": str(self.version)}, "status": self.document}
 
     def read(self) -> dict[str, Any]:
         with self.lock:
@@ -223,14 +259,27 @@ class Node:
     journal: Journal
     pods: FakePods
     ztunnel: FakeZtunnel
-    annotator: FakeAnnotator
+    annotator: FakePodApi
     status: FakeStatus
     resolver: FakeResolver
+    handles: FakeHandles
     generation: int = 0
+    indexes: tuple[int, ...] = ()
 
     def spec(self, indexes: Iterable[int], *, mode: str = "inpod") -> None:
         self.generation += 1
-        self.agent.on_object(node_object(self.generation, indexes, mode))
+        self.indexes = tuple(indexes)
+        self.agent.on_object(node_object(self.generation, self.indexes, mode))
+
+    def status_edited(self, status: dict[str, Any]) -> None:
+        """Someone else writes the status; the watch brings it to the agent."""
+        with self.status.lock:
+            self.status.document = status
+            self.status.version += 1
+            version = self.status.version
+        obj = node_object(self.generation, self.indexes)
+        obj["metadata"]["resourceVersion"] = str(version)
+        self.agent.on_object({**obj, "status": status})
 
     def state(self, index: int) -> str | None:
         entry = self.status.workload(f"pod-{index}")
@@ -245,9 +294,17 @@ def node(tmp_path: Path) -> Iterator[Node]:
         path.touch()
     pods = FakePods(journal, {path: uid for uid, path in netns.items()})
     ztunnel = FakeZtunnel(journal)
-    annotator = FakeAnnotator(journal)
+    annotator = FakePodApi(journal)
     resolver = FakeResolver(netns)
-    mode = InpodMode(pods, FakeHost(journal), resolver, ztunnel, annotator)
+    handles = FakeHandles()
+    mode = InpodMode(
+        pods=pods,
+        host=FakeHost(journal),
+        resolver=resolver,
+        handles=handles,
+        ztunnel=ztunnel,
+        pod_api=annotator,
+    )
     status = FakeStatus()
     agent = NodeAgent(
         AgentOptions(node="node-1", zds_socket=tmp_path / "zds.sock", drift_interval=3600),
@@ -258,7 +315,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     )
     agent.start()
     try:
-        yield Node(agent, journal, pods, ztunnel, annotator, status, resolver)
+        yield Node(agent, journal, pods, ztunnel, annotator, status, resolver, handles)
     finally:
         agent.stop()
 
@@ -271,9 +328,10 @@ def test_a_pod_is_enrolled_in_istios_order_and_removed_in_reverse(node: Node) ->
 
     node.spec([])
     wait_for("pod-0 gone from status", lambda: node.state(0) is None)
+    # The rules first: until they are verifiably out, nothing else is taken away.
     assert node.journal.of("uid-0")[4:] == [
-        "ipset-removed",
         "rules-removed",
+        "ipset-removed",
         "zds-del",
         "annotation=None",
     ]
@@ -317,6 +375,73 @@ def test_without_ztunnel_a_pod_is_pending_and_completes_once_ztunnel_is_back(nod
     node.agent.ztunnel_changed()
     wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
     assert node.annotator.values["uid-0"] == "enabled"
+
+
+def test_status_edited_by_anyone_is_rewritten_from_what_is_true(node: Node) -> None:
+    node.spec([0, 1])
+    wait_for("both Enrolled", lambda: node.state(0) == node.state(1) == "Enrolled")
+    node.status_edited({"failed": 0, "enrolled": 42, "workloads": None})
+    wait_for(
+        "status true again",
+        lambda: (
+            node.status.read().get("enrolled") == 2
+            and [node.state(0), node.state(1)] == ["Enrolled", "Enrolled"]
+        ),
+    )
+    node.status_edited({})  # the object was re-created: a whole status at once
+    wait_for(
+        "a complete status",
+        lambda: (
+            node.status.read().get("enrolled") == 2
+            and node.status.read().get("ztunnel", {}).get("connected") is True
+        ),
+    )
+
+
+def test_a_missing_object_holds_every_pod(node: Node) -> None:
+    node.spec([0, 1])
+    wait_for("both Enrolled", lambda: node.state(0) == node.state(1) == "Enrolled")
+    calls = len(node.journal.events)
+    node.agent.on_object(None)
+    node.agent.ztunnel_changed()  # a pass is asked for while the object is away
+    node.spec([0, 1])  # the controller re-creates it
+    wait_for("both still Enrolled", lambda: node.status.read().get("enrolled") == 2)
+    assert [e for e in node.journal.events[calls:] if e[0] != "rules"] == []
+    assert node.annotator.values == {"uid-0": "enabled", "uid-1": "enabled"}
+
+
+def test_a_pod_whose_netns_cannot_be_found_stays_removing_until_it_is_gone(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    # The agent lost track of the netns (a restart with the bind mount gone, say).
+    node.handles.release("uid-0")
+    del node.resolver.netns["uid-0"]
+    node.spec([])
+    entry = wait_for(
+        "Removing with NetnsNotFound",
+        lambda: (e := node.status.workload("pod-0")) and e["reason"] == "NetnsNotFound" and e,
+    )
+    assert entry["state"] == "Removing"
+    assert "rules-removed" not in node.journal.of("uid-0")
+    assert node.annotator.values["uid-0"] == "enabled"  # still redirected, and said so
+    assert node.ztunnel.holds("uid-0")
+    node.annotator.gone.add("uid-0")  # the pod is deleted: its netns goes with its sandbox
+    node.spec([])  # a new generation: a pass now rather than at the next backoff
+    wait_for("pod-0 forgotten", lambda: node.state(0) is None)
+    assert not node.ztunnel.holds("uid-0")
+
+
+def test_a_drift_repair_is_reported_with_what_was_wrong(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    assert "lastRepair" not in (node.status.workload("pod-0") or {})
+    node.pods.drifted.add("uid-0")
+    node.agent.ztunnel_changed()  # any pass over the pod finds it
+    repair = wait_for(
+        "lastRepair in status", lambda: (node.status.workload("pod-0") or {}).get("lastRepair")
+    )
+    assert repair["reason"] == "DriftRepaired"
+    assert repair["message"] == "IPv4 nat: 9 of our rules missing: replaced"
 
 
 def test_an_unsupported_redirect_mode_keeps_every_pod_as_it_was(node: Node) -> None:
@@ -398,7 +523,14 @@ def test_ztunnel_reconnecting_during_churn_ends_holding_exactly_the_enrolled_pod
     rng = random.Random(1337)
     pods = FakePods(journal, {p: u for u, p in netns.items()}, delay=lambda: rng.random() / 500)
     zds = ZdsServer(tmp_path / "ztunnel.sock")
-    mode = InpodMode(pods, FakeHost(journal), FakeResolver(netns), zds, FakeAnnotator(journal))
+    mode = InpodMode(
+        pods=pods,
+        host=FakeHost(journal),
+        resolver=FakeResolver(netns),
+        handles=FakeHandles(),
+        ztunnel=zds,
+        pod_api=FakePodApi(journal),
+    )
     status = FakeStatus()
     agent = NodeAgent(
         AgentOptions(node="node-1", zds_socket=zds.socket_path, drift_interval=3600),

@@ -72,7 +72,7 @@ def test_a_fresh_namespace_takes_one_restore_and_nothing_else(
     iptables: FakeIptables, pod: Path
 ) -> None:
     chains = IptablesChains(NFT, iptables)
-    assert chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True) is True
+    assert bool(chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)) is True
     assert iptables.calls_in(pod) == ["restore"]
     assert chains.read(at(iptables, pod), 4) == chains.learn(4, DEFAULT)
 
@@ -81,10 +81,10 @@ def test_a_namespace_already_right_is_read_once_and_left_alone(
     iptables: FakeIptables, pod: Path
 ) -> None:
     chains, before = enrolled(iptables, pod)
-    assert chains.ensure(at(iptables, pod), 4, DEFAULT) is False
+    assert bool(chains.ensure(at(iptables, pod), 4, DEFAULT)) is False
     assert iptables.calls_in(pod) == ["save"]
     # Even when asked to try the fast path (an agent restart): its -N fails, nothing changes.
-    assert chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True) is False
+    assert bool(chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)) is False
     assert iptables.rules(pod) == before
 
 
@@ -98,7 +98,10 @@ def test_drift_is_replaced_in_one_restore_and_foreign_rules_survive(
     table.rules = [r for r in table.rules if not r.startswith("-A ISTIO_OUTPUT")]  # flushed
     iptables.calls.clear()
 
-    assert chains.ensure(at(iptables, pod), 4, DEFAULT) is True
+    changes = chains.ensure(at(iptables, pod), 4, DEFAULT)
+    assert [(c.kind, c.what) for c in changes.items] == [
+        ("rules", "IPv4 nat: 6 of our rules missing: replaced in one transaction")
+    ]
     assert iptables.calls_in(pod) == ["save", "restore", "save"]  # read, replace, verify
     assert chains.read(at(iptables, pod), 4) == chains.learn(4, DEFAULT)
     assert "nat: -A PREROUTING -j CNI_HOSTPORT" in iptables.rules(pod)
@@ -111,7 +114,7 @@ def test_a_half_applied_namespace_is_completed_exactly(iptables: FakeIptables, p
     nat_only = "*nat\n" + DEFAULT.split("*nat\n")[1].split("*raw")[0]
     assert iptables.restore(iptables.state.setdefault((str(pod), 4), {}), nat_only).returncode == 0
     # The fast path commits mangle, then fails on nat's -N; the replace path finishes.
-    assert chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True) is True
+    assert bool(chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)) is True
     assert chains.read(at(iptables, pod), 4) == chains.learn(4, DEFAULT)
 
 
@@ -119,12 +122,12 @@ def test_a_refused_ruleset_fails_in_scratch_and_never_touches_the_pod(
     iptables: FakeIptables, pod: Path
 ) -> None:
     chains, before = enrolled(iptables, pod)
-    iptables.refuse = "tun-too-long-name"
-    bad = pod_ruleset(PodRedirect(virtual_interfaces=("tun-too-long-name",)))
+    iptables.refuse = "tun-refused"
+    bad = pod_ruleset(PodRedirect(virtual_interfaces=("tun-refused",)))
     with pytest.raises(DataplaneError) as caught:
         chains.ensure(at(iptables, pod), 4, bad, try_fresh=True)
     assert caught.value.reason == "RuleRejected"
-    assert "must be shorter than IFNAMSIZ" in caught.value.message  # the kernel's own words
+    assert "refused by the kernel" in caught.value.message  # the kernel's own words
     assert not caught.value.retryable
     assert iptables.calls_in(pod) == []
     assert iptables.rules(pod) == before
@@ -157,7 +160,7 @@ def test_changing_knobs_drops_the_tables_the_new_ruleset_no_longer_uses(
     chains = IptablesChains(NFT, iptables)
     chains.ensure(at(iptables, pod), 4, DEFAULT, try_fresh=True)
     no_dns = pod_ruleset(PodRedirect(dns_capture=False))
-    assert chains.ensure(at(iptables, pod), 4, no_dns) is True
+    assert bool(chains.ensure(at(iptables, pod), 4, no_dns)) is True
     assert set(chains.read(at(iptables, pod), 4)) == {"mangle", "nat"}
     assert not [r for r in iptables.rules(pod) if r.startswith("raw:")]
 
@@ -180,11 +183,11 @@ def test_the_pod_dataplane_tries_the_fast_path_once_per_namespace(
 ) -> None:
     routing = FakeRouting()
     pods = IptablesPodDataplane(NFT, iptables, routing)
-    assert pods.ensure(pod, [PodRedirect(), PodRedirect(family=6)]) is True
+    assert bool(pods.ensure(pod, [PodRedirect(), PodRedirect(family=6)])) is True
     assert iptables.calls_in(pod) == ["restore", "restore"]  # one per family
     assert pods.verify(pod, [PodRedirect(), PodRedirect(family=6)])
     iptables.calls.clear()
-    assert pods.ensure(pod, [PodRedirect(), PodRedirect(family=6)]) is False
+    assert bool(pods.ensure(pod, [PodRedirect(), PodRedirect(family=6)])) is False
     assert iptables.calls_in(pod) == ["save", "save"]
     assert routing.calls == [("ensure", "None")] * 2  # "here": inside the pod, same thread
     assert iptables.entered.count(str(pod)) == 3  # ensure, verify, ensure: one entry each
@@ -193,9 +196,9 @@ def test_the_pod_dataplane_tries_the_fast_path_once_per_namespace(
 def test_a_refused_ruleset_leaves_the_pods_routing_alone(iptables: FakeIptables, pod: Path) -> None:
     routing = FakeRouting()
     pods = IptablesPodDataplane(NFT, iptables, routing)
-    iptables.refuse = "tun-too-long-name"
+    iptables.refuse = "tun-refused"
     with pytest.raises(DataplaneError):
-        pods.ensure(pod, [PodRedirect(virtual_interfaces=("tun-too-long-name",))])
+        pods.ensure(pod, [PodRedirect(virtual_interfaces=("tun-refused",))])
     assert routing.calls == []
     assert not pods.verify(pod, [PodRedirect()])
 
@@ -205,11 +208,11 @@ def test_the_host_learns_its_rule_with_the_sets_it_matches_in_scratch(
 ) -> None:
     sets = FakeAddressSets()
     host = IptablesHostDataplane(NFT, iptables, sets)
-    assert host.ensure() is True
+    assert bool(host.ensure()) is True
     # Sets made on the host, and in each family's scratch namespace before learning there.
     assert sets.created_in == ["None", "scratch-0", "scratch-1"]
     assert host.verify()
-    assert host.ensure() is False
+    assert bool(host.ensure()) is False
     assert "nat: -A POSTROUTING -j ISTIO_POSTRT" in iptables.rules("host")
     assert host.uninstall() is True
     assert iptables.rules("host") == []

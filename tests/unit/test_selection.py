@@ -147,12 +147,27 @@ def test_excluded_namespaces_and_system_namespace_are_configurable() -> None:
             ("tun0", "eth1"),
             0,
         ),
+        # One bad name drops the whole value, with one warning.
         (
             {"istio.io/reroute-virtual-interfaces": "ok,a/b,waytoolonginterfacename"},
             None,
             None,
-            ("ok",),
-            2,
+            (),
+            1,
+        ),
+        ({"istio.io/reroute-virtual-interfaces": 'a"b'}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": "!"}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": "-jDROP"}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": "eth0+"}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": "eth0\n-A X"}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": ".."}, None, None, (), 1),
+        ({"istio.io/reroute-virtual-interfaces": "tün0"}, None, None, (), 1),
+        (
+            {"istio.io/reroute-virtual-interfaces": "eth0.100,wg_0,veth-a"},
+            None,
+            None,
+            ("eth0.100", "wg_0", "veth-a"),
+            0,
         ),
     ],
 )
@@ -174,6 +189,14 @@ def test_knobs(
         interfaces,
     )
     assert len(found) == warnings
+
+
+def test_a_dropped_value_is_named_in_its_warning() -> None:
+    _, found = knobs(pod(annotations={"istio.io/reroute-virtual-interfaces": 'tun0,a"b'}))
+    assert found == (
+        "istio.io/reroute-virtual-interfaces='tun0,a\"b' ignored: 'a\"b' is not an interface "
+        "name (at most 15 of A-Z a-z 0-9 _ . -, not starting with . or -)",
+    )
 
 
 def test_odd_annotations_still_enrol_with_warnings() -> None:

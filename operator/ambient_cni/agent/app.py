@@ -23,8 +23,8 @@ from prometheus_client import start_http_server
 from ambient_cni.agent import metrics
 from ambient_cni.agent.daemonset_watch import DaemonSetWatch
 from ambient_cni.agent.inpod import InpodMode
-from ambient_cni.agent.kube_writers import KubePodAnnotator, KubeStatusWriter
-from ambient_cni.agent.podnetns import PodNetnsResolver
+from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
+from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api import names
@@ -101,13 +101,14 @@ def run(
     dataplane = factory.build(options.backend, options.host_netns)
     zds = ZdsServer(options.zds_socket)
     inpod = InpodMode(
-        dataplane.pods,
-        dataplane.host,
-        PodNetnsResolver(
+        pods=dataplane.pods,
+        host=dataplane.host,
+        resolver=PodNetnsResolver(
             proc=options.proc, netns_dir=options.netns_dir, netns_prefix=options.netns_prefix
         ),
-        zds,
-        KubePodAnnotator(api),
+        handles=HeldNetns(),
+        ztunnel=zds,
+        pod_api=KubePodApi(api),
     )
     agent = NodeAgent(
         options,

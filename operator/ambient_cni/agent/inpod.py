@@ -16,11 +16,12 @@ from ambient_cni.api import names
 from ambient_cni.api.models import Backend, RedirectMode, Workload
 from ambient_cni.dataplane.address_sets import canonical_ip, prune
 from ambient_cni.dataplane.errors import DataplaneError
-from ambient_cni.dataplane.interfaces import HostDataplane, PodDataplane
+from ambient_cni.dataplane.interfaces import Changes, HostDataplane, PodDataplane
 from ambient_cni.dataplane.redirection import family_of, pod_redirects
 from ambient_cni.zds import WorkloadInfo
 
-from .interfaces import NetnsNotFoundError, NetnsResolver, PodAnnotator, ZdsError, Ztunnel
+from . import metrics
+from .interfaces import NetnsHandles, NetnsNotFoundError, NetnsResolver, PodApi, ZdsError, Ztunnel
 from .mode import HostReport, NodeDefaults, PodState, Step
 
 log = logging.getLogger("ambient_cni.agent.inpod")
@@ -39,17 +40,21 @@ def workload_info(workload: Workload) -> WorkloadInfo:
 class InpodMode:
     def __init__(
         self,
+        *,
         pods: PodDataplane,
         host: HostDataplane,
         resolver: NetnsResolver,
+        handles: NetnsHandles,
         ztunnel: Ztunnel,
-        annotator: PodAnnotator,
+        pod_api: PodApi,
     ):
         self.pods = pods
         self.host = host
         self.resolver = resolver
+        self.handles = handles
         self.ztunnel = ztunnel
-        self.annotator = annotator
+        self.pod_api = pod_api
+        self._host_ok = False
 
     @property
     def name(self) -> RedirectMode:
@@ -65,13 +70,20 @@ class InpodMode:
         workload = pod.workload
         # (1) the redirection in the pod's netns
         try:
-            netns = self.resolver.resolve(workload.uid, workload.ips)
+            netns = self.handles.hold(
+                workload.uid, self.resolver.resolve(workload.uid, workload.ips)
+            )
         except NetnsNotFoundError as exc:
-            return _failed(pod, "NetnsNotFound", str(exc))
+            held = self.handles.held(workload.uid)  # unmounted, while its process lives
+            if held is None:
+                return _failed(pod, "NetnsNotFound", str(exc))
+            netns = held
         try:
-            self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
+            changes = self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
         except DataplaneError as exc:
             return _failed(pod, exc.reason, exc.message)
+        if changes and pod.outcome.state == "Enrolled":
+            pod = _repaired(pod, changes)
         pod = dataclasses.replace(pod, netns=netns)
         # (2) ztunnel takes the pod
         if not self.ztunnel.holds(workload.uid):
@@ -91,46 +103,82 @@ class InpodMode:
         return Step(pod.with_outcome("Enrolled", "Enrolled", None))
 
     def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
+        """Out only when the kernel says so: a pod whose netns cannot be found stays
+        `Removing` (and redirected, and announced as such) until it is found, or until the
+        pod is gone from the API server and its netns with it."""
         workload = pod.workload
         pod = pod.with_outcome("Removing", "Removing", None)
+        netns = self.handles.held(workload.uid)
+        if netns is None and self.pod_api.exists(workload):
+            try:
+                netns = self.resolver.resolve(workload.uid, workload.ips)
+            except NetnsNotFoundError as exc:
+                return _still_redirected(pod, str(exc))
+        if netns is not None:
+            families = tuple(sorted({family_of(ip) for ip in workload.ips}))
+            try:
+                self.pods.remove(netns, families)
+            except DataplaneError as exc:
+                if exc.reason != "NetnsNotFound" or self.pod_api.exists(workload):
+                    return _still_redirected(pod, exc.message, exc.reason)
         self.host.addresses.delete(
             [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
         )
-        if pod.netns is not None and pod.netns.exists():
-            families = tuple(sorted({family_of(ip) for ip in workload.ips}))
-            try:
-                self.pods.remove(pod.netns, families)
-            except DataplaneError as exc:
-                if exc.reason != "NetnsNotFound":  # a deleted pod: nothing left to remove
-                    return Step(
-                        pod.with_outcome("Removing", exc.reason, exc.message), RETRY_REMOVING
-                    )
         self.ztunnel.delete(workload.uid)
         self._annotate(pod, None)
+        self.handles.release(workload.uid)
         log.info("un-enrolled %s/%s", workload.namespace, workload.name)
         return Step(None)
 
     def _annotate(self, pod: PodState, value: str | None) -> PodState:
         if pod.annotation == value and value is not None:
             return pod
-        self.annotator.annotate(pod.workload, value)
+        self.pod_api.annotate(pod.workload, value)
         return dataclasses.replace(pod, annotation=value)
 
     # -- the node ------------------------------------------------------------------------------
 
     def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
         try:
-            changed = self.host.ensure()
+            changes = self.host.ensure()
             if prune_to is not None:
                 prune(self.host.addresses, prune_to)
         except DataplaneError as exc:
+            self._host_ok = False
             return HostReport(ok=False, message=f"{exc.reason}: {exc.message}")
-        if changed:
-            log.info("host probe rules and ipsets applied")
-        return HostReport(ok=True, changed=changed)
+        if changes and self._host_ok:
+            for change in changes.items:
+                metrics.REPAIRS.labels(change.kind).inc()
+            log.warning("repaired the host's rules: %s", changes.describe())
+        elif changes:
+            log.info("host probe rules and ipsets applied: %s", changes.describe())
+        self._host_ok = True
+        return HostReport(ok=True, changed=bool(changes))
 
     def uninstall_host(self) -> bool:
         return self.host.uninstall()
+
+
+def _repaired(pod: PodState, changes: Changes) -> PodState:
+    """An enrolled pod's redirection was changed behind the agent's back and is right again."""
+    workload = pod.workload
+    for change in changes.items:
+        metrics.REPAIRS.labels(change.kind).inc()
+    what = changes.describe()
+    log.warning("repaired %s/%s: %s", workload.namespace, workload.name, what)
+    return pod.with_repair("DriftRepaired", what)
+
+
+def _still_redirected(pod: PodState, message: str, reason: str = "NetnsNotFound") -> Step:
+    workload = pod.workload
+    log.warning(
+        "%s/%s: cannot take its redirection out yet (%s: %s); it stays redirected",
+        workload.namespace,
+        workload.name,
+        reason,
+        message,
+    )
+    return Step(pod.with_outcome("Removing", reason, message), RETRY_REMOVING)
 
 
 def _failed(pod: PodState, reason: str, message: str) -> Step:

@@ -1,7 +1,7 @@
 """The agent's seams to the world outside the kernel: ztunnel, the API server, pod netns lookup.
 
-Each is a small Protocol with one real implementation (ZdsServer,
-KubePodAnnotator, KubeStatusWriter, PodNetnsResolver); tests pass fakes.
+Each is a small Protocol with one real implementation (ZdsServer, KubePodApi,
+KubeStatusWriter, PodNetnsResolver, HeldNetns); tests pass fakes.
 """
 
 from __future__ import annotations
@@ -45,17 +45,24 @@ class Ztunnel(Protocol):
         ...
 
 
-class PodAnnotator(Protocol):
+class PodApi(Protocol):
+    """The agent's view of its pods in the API server."""
+
     def annotate(self, workload: Workload, value: str | None) -> None:
         """Make the pod's `ambient.istio.io/redirection` annotation `value` (None: remove ours).
         Never overwrites a user's `disabled`; a pod that is gone or replaced is left alone."""
         ...
 
+    def exists(self, workload: Workload) -> bool:
+        """Whether this very pod (same UID) is still in the API server."""
+        ...
+
 
 class StatusWriter(Protocol):
-    def write(self, patch: dict[str, Any]) -> bool:
-        """Merge-patch the node's AmbientNodeConfig status; False if the object is gone.
-        Raises StatusWriteError when the API server refuses or cannot be reached."""
+    def write(self, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the node's AmbientNodeConfig status; returns the object as the server
+        now holds it, None if it is gone. Raises StatusWriteError when the API server
+        refuses or cannot be reached."""
         ...
 
 
@@ -65,6 +72,20 @@ class StatusWriteError(RuntimeError):
 
 class NetnsNotFoundError(LookupError):
     pass
+
+
+class NetnsHandles(Protocol):
+    """Open handles on enrolled pods' network namespaces, as Istio's agent keeps them: a pod's
+    rules can be taken out even after its netns was unmounted while its process lives."""
+
+    def hold(self, uid: str, netns: Path) -> Path:
+        """Hold `netns` for the pod (again, if it is another namespace now); returns a path
+        to it that lasts as long as the hold."""
+        ...
+
+    def held(self, uid: str) -> Path | None: ...
+
+    def release(self, uid: str) -> None: ...
 
 
 class NetnsResolver(Protocol):

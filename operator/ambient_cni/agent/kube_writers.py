@@ -16,24 +16,33 @@ from .interfaces import StatusWriteError
 OURS = (names.REDIRECTION_ENABLED, names.REDIRECTION_PENDING)
 
 
-class KubePodAnnotator:
-    """`ambient.istio.io/redirection` through `pods/status`, as Istio's agent writes it."""
+class KubePodApi:
+    """Reads pods; writes `ambient.istio.io/redirection` through `pods/status`, as Istio's agent
+    does (the chart's admission policy lets the agent write nothing else there)."""
 
     def __init__(self, api: ApiClient):
         self.core = CoreV1Api(api)
 
-    def annotate(self, workload: Workload, value: str | None) -> None:
+    def _read(self, workload: Workload) -> dict[str, Any] | None:
+        """The pod's metadata, None if it is gone or another pod now has its name."""
         try:
             pod = self.core.read_namespaced_pod(
                 workload.name, workload.namespace, _preload_content=False
             )
         except ApiException as exc:
             if exc.status == 404:
-                return
+                return None
             raise
-        meta = raw(pod)["metadata"]
-        if meta.get("uid") != workload.uid:
-            return  # a new pod with the same name
+        meta: dict[str, Any] = raw(pod)["metadata"]
+        return meta if meta.get("uid") == workload.uid else None
+
+    def exists(self, workload: Workload) -> bool:
+        return self._read(workload) is not None
+
+    def annotate(self, workload: Workload, value: str | None) -> None:
+        meta = self._read(workload)
+        if meta is None:
+            return
         current = (meta.get("annotations") or {}).get(names.REDIRECTION_ANNOTATION)
         if current in (names.REDIRECTION_DISABLED, value):
             return
@@ -52,18 +61,19 @@ class KubeStatusWriter:
         self.custom = CustomObjectsApi(api)
         self.node = node
 
-    def write(self, patch: dict[str, Any]) -> bool:
+    def write(self, patch: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            self.custom.patch_cluster_custom_object_status(
+            written = self.custom.patch_cluster_custom_object_status(
                 names.GROUP,
                 names.VERSION,
                 names.PLURAL,
                 self.node,
                 as_body({"status": patch}),
                 _content_type=MERGE_PATCH,
+                _preload_content=False,
             )
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return None
             raise StatusWriteError(f"writing status of {self.node}: {exc.reason}") from exc
-        return True
+        return raw(written)

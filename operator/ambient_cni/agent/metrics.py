@@ -25,3 +25,16 @@ WATCH_BYTES = Counter(
     "ambient_cni_agent_watch_bytes_total",
     "Bytes of AmbientNodeConfig lists and watch events received from the API server",
 )
+REPAIRS = Counter(
+    "ambient_cni_agent_repairs_total",
+    "Redirection found changed behind the agent's back and put right, by what was changed",
+    ["kind"],  # rules | routing | host-rules
+)
+OBJECT_MISSING = Gauge(
+    "ambient_cni_agent_object_missing",
+    "1 while this node's AmbientNodeConfig does not exist (every pod is held as it is)",
+)
+OBJECT_MISSING_SECONDS = Counter(
+    "ambient_cni_agent_object_missing_seconds_total",
+    "Seconds this node's AmbientNodeConfig did not exist, counted when it comes back",
+)

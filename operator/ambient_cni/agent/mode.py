@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from ambient_cni.api.models import Backend, RedirectMode, Workload, WorkloadState
+from ambient_cni.api.models import Backend, RedirectMode, Repair, Workload, WorkloadState
 
 from .status import PodOutcome
 
@@ -47,10 +47,23 @@ class PodState:
         old = self.outcome
         if (old.state, old.reason, old.message) == (state, reason, message):
             return self
-        return dataclasses.replace(self, outcome=outcome(self.workload, state, reason, message))
+        changed = outcome(self.workload, state, reason, message, old.last_repair)
+        return dataclasses.replace(self, outcome=changed)
+
+    def with_repair(self, reason: str, message: str) -> PodState:
+        repair = Repair(time=now(), reason=reason, message=message[:4096])
+        return dataclasses.replace(
+            self, outcome=self.outcome.model_copy(update={"last_repair": repair})
+        )
 
 
-def outcome(workload: Workload, state: str, reason: str | None, message: str | None) -> PodOutcome:
+def outcome(
+    workload: Workload,
+    state: str,
+    reason: str | None,
+    message: str | None,
+    last_repair: Repair | None = None,
+) -> PodOutcome:
     return PodOutcome.model_validate(
         {
             "uid": workload.uid,
@@ -60,6 +73,7 @@ def outcome(workload: Workload, state: str, reason: str | None, message: str | N
             "reason": reason,
             "message": message,
             "since": now(),
+            "last_repair": last_repair,
         }
     )
 

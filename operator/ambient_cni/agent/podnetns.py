@@ -151,3 +151,45 @@ class PodNetnsResolver:
             path = self.netns_dir / name
             for ip in netns_addresses(path):
                 self._by_ip.setdefault(ip, path)
+
+
+class HeldNetns:
+    """An open fd on each enrolled pod's network namespace (Istio's agent keeps them too).
+
+    The path handed out, /proc/<agent pid>/fd/<fd>, reaches the namespace for as long as it
+    is held, even after its bind mount is gone, and other processes may open it too (an
+    iptables lock file). Released when the pod is fully out.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, tuple[int, int]] = {}  # uid -> (fd, inode)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _path(fd: int) -> Path:
+        return Path(f"/proc/{os.getpid()}/fd/{fd}")
+
+    def hold(self, uid: str, netns: Path) -> Path:
+        inode = os.stat(netns).st_ino
+        with self._lock:
+            known = self._fds.get(uid)
+        if known is not None and known[1] == inode:
+            return self._path(known[0])
+        fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            old = self._fds.get(uid)
+            self._fds[uid] = (fd, inode)
+        if old is not None:
+            os.close(old[0])
+        return self._path(fd)
+
+    def held(self, uid: str) -> Path | None:
+        with self._lock:
+            known = self._fds.get(uid)
+        return None if known is None else self._path(known[0])
+
+    def release(self, uid: str) -> None:
+        with self._lock:
+            known = self._fds.pop(uid, None)
+        if known is not None:
+            os.close(known[0])

@@ -75,7 +75,14 @@ class _HostState:
 class _Desired:
     spec: AmbientNodeConfigSpec | None = None
     generation: int = 0
+
+
+@dataclass(frozen=True)
+class _ServerStatus:
+    """The object's status as the API server last said it, with the version that said so."""
+
     status: dict[str, Any] = field(default_factory=dict)
+    version: int = 0
 
 
 class NodeAgent:
@@ -99,7 +106,8 @@ class NodeAgent:
         self._desired = _Desired()
         self._records: dict[str, PodState] = {}
         self._host = _HostState()
-        self._written_status: dict[str, Any] | None = None
+        self._server = _ServerStatus()
+        self._missing_since: float | None = None
         self._status_written_at = float("-inf")
         self._refused_mode: RedirectMode | None = None
         self._stop = threading.Event()
@@ -108,35 +116,61 @@ class NodeAgent:
     # -- inputs -----------------------------------------------------------------------------------
 
     def on_object(self, obj: Mapping[str, Any] | None) -> None:
-        """The node's AmbientNodeConfig changed (None: it is gone)."""
+        """The node's AmbientNodeConfig changed (None: it is gone).
+
+        A missing object means "not known yet", not "nothing wanted": every pod is held as
+        it is until a spec says otherwise (the controller re-creates a deleted object).
+        """
         with self._lock:
             before = self._desired
             if obj is None:
                 self._desired = _Desired()
+                self._server = _ServerStatus()
+                self._went_missing()
             else:
                 try:
                     spec = AmbientNodeConfigSpec.model_validate(obj.get("spec") or {})
                 except ValueError as exc:
                     log.error("ignoring an invalid spec for %s: %s", self.options.node, exc)
                     return
+                self._came_back()
                 self._desired = _Desired(
-                    spec=spec,
-                    generation=int(obj["metadata"].get("generation") or 0),
-                    status=obj.get("status") or {},
+                    spec=spec, generation=int(obj["metadata"].get("generation") or 0)
                 )
-                if self._written_status is None:  # after a restart: what the last agent wrote
-                    self._written_status = self._desired.status
+                self._saw_status(obj)
                 self._note_mode(spec.redirect_mode)
-            spec_changed = (before.spec, before.generation) != (
-                self._desired.spec,
-                self._desired.generation,
-            )
+            spec_changed = before != self._desired
             keys = set(self._records) | {w.uid for w in self._desired_workloads()}
         if spec_changed:
             self._reconcile_all(keys)
         else:
-            # Only status changed (our own writes come back this way): no pod needs a pass.
+            # Only status changed (our own writes come back this way; or someone else's):
+            # no pod needs a pass, status is compared again.
             self._status_soon()
+
+    def _saw_status(self, obj: Mapping[str, Any]) -> None:
+        """Keep the status the server holds, unless we know a newer one (caller holds the
+        lock): an event can arrive after our own write's answer."""
+        version = _version(obj)
+        if version >= self._server.version:
+            self._server = _ServerStatus(dict(obj.get("status") or {}), version)
+
+    def _went_missing(self) -> None:
+        if self._missing_since is None:
+            self._missing_since = time.monotonic()
+            metrics.OBJECT_MISSING.set(1)
+            log.warning(
+                "AmbientNodeConfig %s is gone: holding every pod as it is until it is back",
+                self.options.node,
+            )
+
+    def _came_back(self) -> None:
+        if self._missing_since is not None:
+            gone = time.monotonic() - self._missing_since
+            self._missing_since = None
+            metrics.OBJECT_MISSING.set(0)
+            metrics.OBJECT_MISSING_SECONDS.inc(gone)
+            log.info("AmbientNodeConfig %s is back after %.1f s", self.options.node, gone)
 
     def _note_mode(self, mode: RedirectMode) -> None:
         """Log a change between a mode this agent has and one it lacks, once (caller holds
@@ -213,6 +247,7 @@ class NodeAgent:
             for key in keys:
                 self.pods.add(key)
             self.host.add("host")
+            self._status_soon()  # and status against the server's, in case it was edited
 
     # -- the node ---------------------------------------------------------------------------------
 
@@ -297,7 +332,7 @@ class NodeAgent:
                 for r in records
                 if r.workload.uid in desired
             ) and desired <= {r.workload.uid for r in records}
-            previous = AmbientNodeConfigStatus.model_validate(self._written_status or {}).conditions
+            previous = _conditions(self._server.status)
             host = self._host
         ztunnel = spec.ztunnel
         facts = NodeFacts(
@@ -327,10 +362,9 @@ class NodeAgent:
         metrics.ZTUNNEL_CONNECTED.set(1 if facts.ztunnel_connected else 0)
         for state in ("Enrolled", "Pending", "Failed", "Removing"):
             metrics.WORKLOADS.labels(state).set(sum(1 for o in outcomes if o.state == state))
-        comparable = {k: v for k, v in status.items() if k != "lastSyncTime"}
         with self._lock:
-            before = self._written_status or {}
-        if {k: v for k, v in before.items() if k != "lastSyncTime"} == comparable:
+            before = self._server.status
+        if _without_sync_time(before) == _without_sync_time(status):
             return
         try:
             written = self.status_writer.write(merge_patch(before, status))
@@ -338,12 +372,32 @@ class NodeAgent:
             log.warning("%s", exc)
             self.status.add_after("status", STATUS_RETRY)
             return
-        if not written:
+        if written is None:
             return  # the object is gone; its successor brings a spec and a new pass
         with self._lock:
-            self._written_status = status
+            self._saw_status(written)
         self._status_written_at = time.monotonic()
         metrics.STATUS_WRITES.inc()
+
+
+def _without_sync_time(status: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in status.items() if k != "lastSyncTime"}
+
+
+def _conditions(status: Mapping[str, Any]) -> list[Condition]:
+    """The conditions the server holds, for their transition times; none if unreadable (a
+    status edited by hand is rewritten whole)."""
+    try:
+        return list(AmbientNodeConfigStatus.model_validate(status).conditions)
+    except ValueError:
+        return []
+
+
+def _version(obj: Mapping[str, Any]) -> int:
+    try:
+        return int(obj["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def _ips_held(records: Mapping[str, PodState], but: str) -> set[str]:

@@ -14,6 +14,7 @@ from ambient_cni.api.models import (
     ConditionStatus,
     ConditionType,
     RedirectMode,
+    Repair,
     WorkloadState,
     WorkloadStatus,
     ZtunnelStatus,
@@ -32,6 +33,7 @@ class PodOutcome(BaseModel):
     reason: str | None = None
     message: str | None = None
     since: datetime.datetime
+    last_repair: Repair | None = None
 
 
 class NodeFacts(BaseModel):
@@ -144,6 +146,7 @@ def render(
                 reason=p.reason,
                 message=p.message,
                 since=p.since,
+                last_repair=p.last_repair,
             )
             for p in pods
         ],

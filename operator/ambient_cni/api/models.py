@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
@@ -35,8 +36,24 @@ IP = Annotated[
     ),
 ]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
+
+# A network interface name this project will put into a rule: what the kernel allows
+# (at most 15 bytes, IFNAMSIZ) narrowed to what cannot be read as anything but a name by
+# iptables or nft: ASCII letters, digits, "_", "." and "-", never first "-" or ".", so no
+# whitespace, quotes, "/", ":", "!", "+" (an iptables wildcard), "." or "..".
+INTERFACE_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$"
+_INTERFACE_NAME = re.compile(INTERFACE_NAME_PATTERN)
+InterfaceName = Annotated[str, Field(min_length=1, max_length=15, pattern=INTERFACE_NAME_PATTERN)]
+
+
+def is_interface_name(value: str) -> bool:
+    """Whether `value` is an InterfaceName (fullmatch: `$` would let a trailing newline in)."""
+    return _INTERFACE_NAME.fullmatch(value) is not None
+
+
 Time = Annotated[datetime.datetime, WithJsonSchema({"type": "string", "format": "date-time"})]
 
+MAX_VIRTUAL_INTERFACES = 16
 # Far above any node's pod capacity; the bound lets the API server cost its CEL rules.
 MAX_WORKLOADS = 1024
 
@@ -83,7 +100,9 @@ class Workload(Wire):
     bypass_inbound_capture: bool | None = Field(
         default=None, description="Leaves inbound traffic unredirected (ingress mode)."
     )
-    reroute_virtual_interfaces: list[Name] = Field(default_factory=list, max_length=16)
+    reroute_virtual_interfaces: list[InterfaceName] = Field(
+        default_factory=list, max_length=MAX_VIRTUAL_INTERFACES
+    )
 
     def to_wire(self) -> dict[str, Any]:
         data = super().to_wire()
@@ -124,6 +143,14 @@ class ZtunnelStatus(Wire):
     since: Time | None = None
 
 
+class Repair(Wire):
+    """The last time the agent found a workload's redirection changed behind its back."""
+
+    time: Time
+    reason: Name
+    message: str = Field(default="", max_length=4096)
+
+
 class WorkloadStatus(Wire):
     uid: Name
     name: Name
@@ -132,6 +159,7 @@ class WorkloadStatus(Wire):
     reason: str | None = None
     message: str | None = None
     since: Time | None = None
+    last_repair: Repair | None = None
 
 
 class Condition(Wire):

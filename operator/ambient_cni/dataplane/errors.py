@@ -18,3 +18,8 @@ def first_error(stderr: str, tool: str = "iptables-restore") -> str:
     """The first lines of a tool's complaint, joined: what status shows a person."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return "; ".join(lines[:3]) or f"{tool} failed without a message"
+
+
+class UnsafeInput(ValueError):
+    """A renderer was handed something it will not put into a rule (a name that is not a
+    kernel interface name, say): it emits only tokens it constructed or checked itself."""

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from ambient_cni.api.models import Backend
 
@@ -20,6 +20,36 @@ from .constants import Family
 from .redirection import PodRedirect
 
 T = TypeVar("T")
+
+
+ChangeKind = Literal["rules", "routing", "host-rules"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One thing an ensure had to change, said for a person."""
+
+    kind: ChangeKind
+    what: str
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What an ensure changed; empty (and false) when the kernel already held it all."""
+
+    items: tuple[Change, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def __add__(self, other: Changes) -> Changes:
+        return Changes(self.items + other.items)
+
+    def describe(self) -> str:
+        return "; ".join(change.what for change in self.items)
+
+
+NO_CHANGES = Changes()
 
 
 @dataclass(frozen=True)
@@ -63,8 +93,8 @@ class Routing(Protocol):
     """The pod's policy routing: `ip rule fwmark 0x111/0xfff pref 32764 lookup 100` and the
     local default route in table 100, per IP family. `netns` None: the caller's own."""
 
-    def ensure(self, netns: Path | None, families: Sequence[Family]) -> bool:
-        """Add what is missing; True if anything changed."""
+    def ensure(self, netns: Path | None, families: Sequence[Family]) -> Changes:
+        """Add what is missing; says what that was."""
         ...
 
     def present(self, netns: Path | None, families: Sequence[Family]) -> bool: ...
@@ -80,10 +110,10 @@ class PodDataplane(Protocol):
     @property
     def backend(self) -> Backend: ...
 
-    def ensure(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
-        """Make the pod's redirection exactly right (one PodRedirect per IP family); True if
-        anything changed. Raises DataplaneError, having changed nothing when the kernel
-        refuses the ruleset."""
+    def ensure(self, netns: Path, redirects: Sequence[PodRedirect]) -> Changes:
+        """Make the pod's redirection exactly right (one PodRedirect per IP family); says what
+        had to change. Raises DataplaneError, having changed nothing when the kernel refuses
+        the ruleset."""
         ...
 
     def verify(self, netns: Path, redirects: Sequence[PodRedirect]) -> bool:
@@ -130,8 +160,8 @@ class HostDataplane(Protocol):
     @property
     def addresses(self) -> AddressSets: ...
 
-    def ensure(self) -> bool:
-        """Create the sets and make the host rules exactly right; True if anything changed."""
+    def ensure(self) -> Changes:
+        """Create the sets and make the host rules exactly right; says what had to change."""
         ...
 
     def verify(self) -> bool: ...

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from .constants import Family
 from .errors import DataplaneError, first_error
-from .interfaces import Completed, Exec, Runner
+from .interfaces import NO_CHANGES, Change, ChangeKind, Changes, Completed, Exec, Runner
 from .iptables_flavour import Flavour
-from .iptables_state import Tables, our_rules, removal_input, replace_input
+from .iptables_state import Tables, differences, our_rules, removal_input, replace_input
 
 # Prepares a scratch namespace before a ruleset is learnt there (e.g. creates the
 # address sets the ruleset matches on).
@@ -77,8 +77,9 @@ class IptablesChains:
         try_fresh: bool = False,
         prepare: Prepare | None = None,
         rejected: str = "RuleRejected",
-    ) -> bool:
-        """Make our chains exactly `ruleset`; True if anything changed.
+        kind: ChangeKind = "rules",
+    ) -> Changes:
+        """Make our chains exactly `ruleset`; says what had to change.
 
         `try_fresh`: first try the ruleset as it is, one process. It creates its
         chains with -N, so it fails on a namespace that already has them (a table
@@ -87,16 +88,18 @@ class IptablesChains:
         """
         want = self.learn(family, ruleset, prepare=prepare, rejected=rejected)
         if try_fresh and self._restore_status(run, family, ruleset).returncode == 0:
-            return True
+            return Changes((Change(kind, f"IPv{family}: the ruleset applied"),))
         saved = self._save(run, family)
-        if our_rules(saved) == want:
-            return False
+        have = our_rules(saved)
+        if have == want:
+            return NO_CHANGES
         self._restore(run, family, replace_input(saved, ruleset), rejected)
         if self.read(run, family) != want:
             raise DataplaneError(
                 "RulesNotApplied", "the rules read back differ from those applied", retryable=True
             )
-        return True
+        wrong = "; ".join(differences(have, want))
+        return Changes((Change(kind, f"IPv{family} {wrong}: replaced in one transaction"),))
 
     def remove(self, run: Exec, family: Family, *, failed: str = "RuleRemovalFailed") -> bool:
         """Remove our chains and the jumps to them; True if anything was there."""

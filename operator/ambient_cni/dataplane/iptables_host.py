@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .constants import Family
-from .interfaces import AddressSets, Exec, Runner
+from .interfaces import NO_CHANGES, AddressSets, Changes, Exec, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
 from .iptables_rules import host_ruleset
@@ -34,17 +34,19 @@ class IptablesHostDataplane:
     def _prepare(self, scratch: Path) -> None:
         self._addresses.at(scratch).create()  # the SNAT rule matches on the set
 
-    def ensure(self) -> bool:
+    def ensure(self) -> Changes:
         self._addresses.create()
         rulesets = {family: host_ruleset(family) for family in FAMILIES}
         for family, ruleset in rulesets.items():
             self.chains.learn(family, ruleset, prepare=self._prepare, rejected="HostRuleRejected")
 
-        def apply(run: Exec) -> bool:
-            changed = False
+        def apply(run: Exec) -> Changes:
+            changes = NO_CHANGES
             for family, ruleset in rulesets.items():
-                changed |= self.chains.ensure(run, family, ruleset, rejected="HostRuleRejected")
-            return changed
+                changes += self.chains.ensure(
+                    run, family, ruleset, rejected="HostRuleRejected", kind="host-rules"
+                )
+            return changes
 
         return self.runner.within(self.host_netns, apply)
 

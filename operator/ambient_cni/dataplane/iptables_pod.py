@@ -14,7 +14,8 @@ from ambient_cni.api.models import Backend
 from ambient_cni.netns import netns_path
 
 from .constants import Family
-from .interfaces import Exec, Routing, Runner
+from .errors import DataplaneError, UnsafeInput
+from .interfaces import NO_CHANGES, Changes, Exec, Routing, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
 from .iptables_rules import pod_ruleset
@@ -32,6 +33,13 @@ def _inode(path: Path) -> int:
         return -1
 
 
+def _render(redirect: PodRedirect) -> str:
+    try:
+        return pod_ruleset(redirect)
+    except UnsafeInput as exc:
+        raise DataplaneError("UnsafeInput", str(exc)) from exc
+
+
 class IptablesPodDataplane:
     def __init__(self, flavour: Flavour, runner: Runner, routing: Routing):
         self.flavour = flavour
@@ -46,9 +54,9 @@ class IptablesPodDataplane:
     def backend(self) -> Backend:
         return self.flavour.backend
 
-    def ensure(self, netns: str | Path, redirects: Sequence[PodRedirect]) -> bool:
+    def ensure(self, netns: str | Path, redirects: Sequence[PodRedirect]) -> Changes:
         path = netns_path(netns)
-        rulesets = [(r.family, pod_ruleset(r)) for r in redirects]
+        rulesets = [(r.family, _render(r)) for r in redirects]
         for family, ruleset in rulesets:
             # In a scratch namespace: a ruleset the kernel refuses fails before the pod's.
             self.chains.learn(family, ruleset)
@@ -56,21 +64,21 @@ class IptablesPodDataplane:
         with self._lock:
             fresh = {family for family, _ in rulesets if (inode, family) not in self._touched}
 
-        def apply(run: Exec) -> bool:
-            changed = False
+        def apply(run: Exec) -> Changes:
+            changes = NO_CHANGES
             for family, ruleset in rulesets:
-                changed |= self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
-            return self.routing.ensure(None, [f for f, _ in rulesets]) or changed
+                changes += self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
+            return changes + self.routing.ensure(None, [f for f, _ in rulesets])
 
-        changed = self.runner.within(path, apply)
+        changes = self.runner.within(path, apply)
         with self._lock:
             if len(self._touched) >= TOUCHED_LIMIT:  # only a hint: pods come and go
                 self._touched.clear()
             self._touched.update((inode, family) for family, _ in rulesets)
-        return changed
+        return changes
 
     def verify(self, netns: str | Path, redirects: Sequence[PodRedirect]) -> bool:
-        wanted = {r.family: self.chains.learn(r.family, pod_ruleset(r)) for r in redirects}
+        wanted = {r.family: self.chains.learn(r.family, _render(r)) for r in redirects}
 
         def check(run: Exec) -> bool:
             rules_right = all(self.chains.read(run, f) == want for f, want in wanted.items())

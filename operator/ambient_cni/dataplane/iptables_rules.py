@@ -7,6 +7,8 @@ and 2.2 (the host). One ruleset per IP family is applied in one
 
 from __future__ import annotations
 
+from ambient_cni.api.models import is_interface_name
+
 from .constants import (
     CONN_MARK,
     DNS_PORT,
@@ -23,6 +25,7 @@ from .constants import (
     ZTUNNEL_MARK,
     Family,
 )
+from .errors import UnsafeInput
 from .redirection import PodRedirect
 
 ZTUNNEL = f"0x{ZTUNNEL_MARK:x}/0x{MARK_MASK:x}"
@@ -39,6 +42,14 @@ def _chains_and_jumps(*, prerouting_first: bool) -> list[str]:
     ]
 
 
+def _interface(name: str) -> str:
+    """A virtual interface name, checked again here: whatever built the PodRedirect, no
+    text reaches iptables-restore that is not a plain interface name."""
+    if not is_interface_name(name):
+        raise UnsafeInput(f"virtual interface {name[:64]!r} is not an interface name")
+    return name
+
+
 def pod_ruleset(redirect: PodRedirect) -> str:
     """The whole in-pod ruleset for one family, as iptables-restore input."""
     loopback = LOOPBACK[redirect.family]
@@ -53,7 +64,7 @@ def pod_ruleset(redirect: PodRedirect) -> str:
     ]
 
     nat = _chains_and_jumps(prerouting_first=False)
-    for interface in redirect.virtual_interfaces:
+    for interface in map(_interface, redirect.virtual_interfaces):
         nat += [
             f"-A {pre} -i {interface} -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}",
             f"-A {pre} -i {interface} -p tcp -j RETURN",

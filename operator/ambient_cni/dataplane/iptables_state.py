@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .constants import OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN
 
 OUR_CHAINS = (PREROUTING_CHAIN, OUTPUT_CHAIN, POSTROUTING_CHAIN)
@@ -81,3 +83,20 @@ def _blocks(restore_input: str) -> list[str]:
             blocks.append("\n".join(current) + "\n")
             current = []
     return blocks
+
+
+def differences(have: Tables, want: Tables) -> list[str]:
+    """What differs between two sets of our rules, per table, for a person: "nat: 10 of our
+    rules missing", "raw: 2 unexpected"."""
+    found: list[str] = []
+    for table in sorted(set(have) | set(want)):
+        present, wanted = Counter(have.get(table, [])), Counter(want.get(table, []))
+        missing = sum((wanted - present).values())
+        unexpected = sum((present - wanted).values())
+        parts = [f"{missing} of our rules missing"] if missing else []
+        parts += [f"{unexpected} unexpected"] if unexpected else []
+        if not parts and have.get(table) != want.get(table):
+            parts = ["out of order"]
+        if parts:
+            found.append(f"{table}: {', '.join(parts)}")
+    return found

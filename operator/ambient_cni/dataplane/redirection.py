@@ -6,7 +6,7 @@ import ipaddress
 
 from pydantic import BaseModel, ConfigDict
 
-from ambient_cni.api.models import Workload
+from ambient_cni.api.models import InterfaceName, Workload
 
 from .constants import Family
 
@@ -19,7 +19,7 @@ class PodRedirect(BaseModel):
     family: Family = 4
     dns_capture: bool = True
     bypass_inbound: bool = False
-    virtual_interfaces: tuple[str, ...] = ()
+    virtual_interfaces: tuple[InterfaceName, ...] = ()
 
 
 def family_of(ip: str) -> Family:

@@ -18,9 +18,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .constants import CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, Family
+from .interfaces import Change, Changes
 from .runner import in_netns
 
 RT_SCOPE_HOST = 254  # local routes are host-scoped
+RULE = f"fwmark 0x{CONN_MARK:x}/0x{MARK_MASK:x} pref {RULE_PRIORITY} lookup {ROUTE_TABLE}"
 
 
 def _af(family: Family) -> int:
@@ -70,19 +72,19 @@ def _applicable(families: Sequence[Family]) -> list[Family]:
 
 
 class PolicyRouting:
-    def ensure(self, netns: Path | None, families: Sequence[Family]) -> bool:
-        def ensure() -> bool:
-            changed = False
+    def ensure(self, netns: Path | None, families: Sequence[Family]) -> Changes:
+        def ensure() -> Changes:
+            done: list[Change] = []
             with IPRoute() as ipr:
                 lo = ipr.link_lookup(ifname="lo")[0]
                 for family in _applicable(families):
                     if not _our_rules(ipr, family):
                         ipr.rule("add", **_rule_spec(family))
-                        changed = True
+                        done.append(Change("routing", f"IPv{family}: ip rule {RULE} added"))
                     if not ipr.route("dump", family=_af(family), table=ROUTE_TABLE):
                         ipr.route("replace", oif=lo, **_route_spec(family))
-                        changed = True
-            return changed
+                        done.append(Change("routing", f"IPv{family}: table 100 route added"))
+            return Changes(tuple(done))
 
         return in_netns(netns, ensure)
 
