@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -25,16 +24,10 @@ from ambient_cni.api import names
 from ambient_cni.kube import Obj, raw
 
 from .cluster import SandboxCluster, wait_for
+from .ports import free_port
 from .processes import is_running, spawn_daemon, terminate
 
 CONTROLLER_USER = "ambient-cni-controller"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Component:

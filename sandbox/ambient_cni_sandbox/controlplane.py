@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import socket
 import ssl
 import subprocess
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from . import pki
+from .ports import free_port
 from .processes import spawn_daemon, terminate
 from .topology import KUBERNETES_SERVICE_IP, SERVICE_CIDR
 
@@ -41,14 +41,7 @@ class Ports:
 
     @staticmethod
     def pick() -> Ports:
-        return Ports(_free_port(), _free_port(), _free_port(), _free_port())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        return Ports(free_port(), free_port(), free_port(), free_port())
 
 
 # Writes only (reads would flood the log): enough to count who changed what.
