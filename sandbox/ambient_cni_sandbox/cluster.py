@@ -20,7 +20,7 @@ import yaml
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from ambient_cni.kube import Obj, as_body, new_api_client, raw
+from ambient_cni.kube import MERGE_PATCH, Obj, as_body, new_api_client, raw
 from ambient_cni.netns import run_in_netns
 
 from . import pki
@@ -162,6 +162,17 @@ class SandboxCluster:
             "metadata": {"name": name, "labels": dict(labels or {})},
         }
         return raw(self.core.create_namespace(body=as_body(body), _preload_content=False))
+
+    def label_namespace(self, name: str, key: str, value: str | None) -> None:
+        """Set (None: remove) one label of a namespace."""
+        self.core.patch_namespace(
+            name, as_body({"metadata": {"labels": {key: value}}}), _content_type=MERGE_PATCH
+        )
+
+    def pod_annotation(self, namespace: str, name: str, key: str) -> str | None:
+        pod = self.pod(namespace, name) or {}
+        value = ((pod.get("metadata") or {}).get("annotations") or {}).get(key)
+        return None if value is None else str(value)
 
     def namespace(self, name: str) -> Obj | None:
         try:

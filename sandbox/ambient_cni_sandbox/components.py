@@ -265,6 +265,14 @@ class Mesh:
                 return None
             raise
 
+    def workload(self, node: str, name: str) -> dict[str, Any] | None:
+        """A workload's entry in its node's status, by pod name."""
+        status = (self.anc(node) or {}).get("status") or {}
+        for entry in status.get("workloads") or []:
+            if entry["name"] == name:
+                return dict(entry)
+        return None
+
     def connections(self, node: str) -> list[dict[str, Any]]:
         """What node's ztunnel stand-in relayed, one record per closed connection."""
         path = ztunnel_log(self.cluster, node)

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body
 from ambient_cni.netns import netns_inode
 from ambient_cni_sandbox import components
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
@@ -31,23 +30,10 @@ def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
         running.stop()
 
 
-def label(cluster: SandboxCluster, namespace: str, value: str | None) -> None:
-    cluster.core.patch_namespace(
-        namespace,
-        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": value}}}),
-        _content_type=MERGE_PATCH,
-    )
-
-
-def annotation(cluster: SandboxCluster, namespace: str, name: str) -> str | None:
-    pod = cluster.pod(namespace, name) or {}
-    return ((pod.get("metadata") or {}).get("annotations") or {}).get(REDIRECTION)
-
-
 def wait_enabled(cluster: SandboxCluster, namespace: str, *pods: str) -> None:
     wait_for(
         f"{', '.join(pods)} enabled",
-        lambda: all(annotation(cluster, namespace, p) == "enabled" for p in pods),
+        lambda: all(cluster.pod_annotation(namespace, p, REDIRECTION) == "enabled" for p in pods),
     )
 
 
@@ -117,7 +103,7 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
             for n, p in before.items()
         }
 
-        label(sandbox, namespace, "ambient")
+        sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
         wait_enabled(sandbox, namespace, "client", "server")
         wait_for(
             "status counts",
@@ -163,12 +149,12 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         assert plain.json()["client"].split(":")[0] == pod_ip(before["plain-client"])
         assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
 
-        label(sandbox, namespace, None)
+        sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
         wait_for(
             "annotations removed",
             lambda: (
-                annotation(sandbox, namespace, "client") is None
-                and annotation(sandbox, namespace, "server") is None
+                sandbox.pod_annotation(namespace, "client", REDIRECTION) is None
+                and sandbox.pod_annotation(namespace, "server", REDIRECTION) is None
             ),
         )
         for name in ("client", "server"):
@@ -204,10 +190,13 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
 def test_a_chain_flushed_by_hand_is_repaired(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
-    label(sandbox, namespace, "ambient")
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "victim", node="node-1")
     pod = sandbox.wait_running(namespace, "victim")
-    wait_for("enabled", lambda: annotation(sandbox, namespace, "victim") == "enabled")
+    wait_for(
+        "enabled",
+        lambda: sandbox.pod_annotation(namespace, "victim", REDIRECTION) == "enabled",
+    )
     rules = kernel_state(sandbox, pod)["istio_rules"]
     subprocess.run(
         [
@@ -234,7 +223,7 @@ def test_a_chain_flushed_by_hand_is_repaired(
     # And says so: in its log, a counter, and the pod's status.
     repair = wait_for(
         "lastRepair in status",
-        lambda: (workload_status(mesh, "node-1", "victim") or {}).get("lastRepair"),
+        lambda: (mesh.workload("node-1", "victim") or {}).get("lastRepair"),
     )
     assert repair["reason"] == "DriftRepaired"
     assert "nat: 6 of our rules missing" in repair["message"]
@@ -253,8 +242,11 @@ def test_a_workload_without_a_netns_fails_alone(
     sandbox.wait_running(namespace, "healthy")
     # The process keeps its namespace, but nothing can find it any more.
     subprocess.run(["ip", "netns", "delete", sandbox.pod_netns(lost)], check=True)
-    label(sandbox, namespace, "ambient")
-    wait_for("healthy enabled", lambda: annotation(sandbox, namespace, "healthy") == "enabled")
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
+    wait_for(
+        "healthy enabled",
+        lambda: sandbox.pod_annotation(namespace, "healthy", REDIRECTION) == "enabled",
+    )
 
     def lost_state() -> dict[str, Any] | None:
         for entry in ((mesh.anc("node-2") or {}).get("status") or {}).get("workloads") or []:
@@ -265,23 +257,19 @@ def test_a_workload_without_a_netns_fails_alone(
     entry = wait_for("lost reported Failed", lost_state)
     assert entry["reason"] == "NetnsNotFound"
     assert pod_ip(lost) in entry["message"]
-    assert annotation(sandbox, namespace, "lost") is None
-
-
-def workload_status(mesh: Mesh, node: str, name: str) -> dict[str, Any] | None:
-    for entry in ((mesh.anc(node) or {}).get("status") or {}).get("workloads") or []:
-        if entry["name"] == name:
-            return dict(entry)
-    return None
+    assert sandbox.pod_annotation(namespace, "lost", REDIRECTION) is None
 
 
 def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
-    label(sandbox, namespace, "ambient")
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "early", node="node-2")
     sandbox.wait_running(namespace, "early")
-    wait_for("early enabled", lambda: annotation(sandbox, namespace, "early") == "enabled")
+    wait_for(
+        "early enabled",
+        lambda: sandbox.pod_annotation(namespace, "early", REDIRECTION) == "enabled",
+    )
 
     sandbox.delete_pod(SYSTEM, "ztunnel-node-2", grace=0)
     sandbox.wait_pod_gone(SYSTEM, "ztunnel-node-2")
@@ -296,15 +284,20 @@ def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(
     wait_for("ZtunnelConnected=False", lambda: ztunnel_condition() == "False")
     sandbox.create_pod(namespace, "late", node="node-2")
     sandbox.wait_running(namespace, "late")
-    wait_for("late pending", lambda: annotation(sandbox, namespace, "late") == "pending")
-    assert annotation(sandbox, namespace, "early") == "enabled"  # running pods keep working
+    wait_for(
+        "late pending",
+        lambda: sandbox.pod_annotation(namespace, "late", REDIRECTION) == "pending",
+    )
+    assert (
+        sandbox.pod_annotation(namespace, "early", REDIRECTION) == "enabled"
+    )  # running pods keep working
     wait_for("status shows it", lambda: status_counts(mesh, "node-2")[1] == 1)
 
     components.start_ztunnel(sandbox, "node-2")
     wait_for("ZtunnelConnected=True", lambda: ztunnel_condition() == "True")
     wait_for(
         "late enabled after the snapshot",
-        lambda: annotation(sandbox, namespace, "late") == "enabled",
+        lambda: sandbox.pod_annotation(namespace, "late", REDIRECTION) == "enabled",
     )
     wait_for("no pending left", lambda: status_counts(mesh, "node-2")[1] == 0)
 
@@ -312,10 +305,13 @@ def test_ztunnel_gone_makes_new_pods_pending_and_its_return_enables_them(
 def test_a_killed_agent_restarts_without_duplicates_and_reconverges(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
-    label(sandbox, namespace, "ambient")
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "steady", node="node-1")
     pod = sandbox.wait_running(namespace, "steady")
-    wait_for("enabled", lambda: annotation(sandbox, namespace, "steady") == "enabled")
+    wait_for(
+        "enabled",
+        lambda: sandbox.pod_annotation(namespace, "steady", REDIRECTION) == "enabled",
+    )
     before = kernel_state(sandbox, pod)
     host_before = ipset_members(sandbox, "node-1")
 
@@ -357,7 +353,7 @@ def condition(mesh: Mesh, node: str, kind: str) -> tuple[str, str]:
 def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
-    label(sandbox, namespace, "ambient")
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "client", node="node-1")
     sandbox.create_pod(namespace, "server", node="node-2")
     client = sandbox.wait_running(namespace, "client")
@@ -379,7 +375,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
             lambda: [condition(mesh, n, "Ready") for n in ("node-1", "node-2")] == [refused] * 2,
         )
         # Even a spec that lists no pod at all removes nothing while the mode is refused.
-        label(sandbox, namespace, None)
+        sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
 
         def spec_empty_and_seen(node: str) -> bool:
             obj = mesh.anc(node) or {}
@@ -397,7 +393,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
             n: kernel_state(sandbox, p) for n, p in (("client", client), ("server", server))
         } == before
         assert {node: ipset_members(sandbox, node) for node in ("node-1", "node-2")} == sets_before
-        assert annotation(sandbox, namespace, "client") == "enabled"
+        assert sandbox.pod_annotation(namespace, "client", REDIRECTION) == "enabled"
         assert status_counts(mesh, "node-1")[0] == 1
         # Traffic still goes through both ztunnels.
         seen = len(mesh.connections("node-2"))
@@ -410,5 +406,8 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
         legacy.stop()
         mesh.controller.start()
     # Back in a mode the agent has: the unlabelled namespace's pods leave the mesh.
-    wait_for("annotations removed", lambda: annotation(sandbox, namespace, "client") is None)
+    wait_for(
+        "annotations removed",
+        lambda: sandbox.pod_annotation(namespace, "client", REDIRECTION) is None,
+    )
     assert kernel_state(sandbox, client) == {"istio_rules": [], "ip_rules": [], "table_100": ""}

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body, raw
+from ambient_cni.kube import raw
 from ambient_cni.netns import pids_in_netns
 from ambient_cni_sandbox.cluster import SandboxCluster, wait_for
 from ambient_cni_sandbox.components import Mesh
@@ -37,31 +37,18 @@ def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
         running.stop()
 
 
-def label(cluster: SandboxCluster, namespace: str, value: str | None) -> None:
-    cluster.core.patch_namespace(
-        namespace,
-        as_body({"metadata": {"labels": {names.DATAPLANE_MODE_LABEL: value}}}),
-        _content_type=MERGE_PATCH,
-    )
-
-
-def annotation(cluster: SandboxCluster, namespace: str, name: str) -> str | None:
-    pod = cluster.pod(namespace, name) or {}
-    return ((pod.get("metadata") or {}).get("annotations") or {}).get(names.REDIRECTION_ANNOTATION)
-
-
-def workload(mesh: Mesh, node: str, name: str) -> dict[str, Any] | None:
-    for entry in ((mesh.anc(node) or {}).get("status") or {}).get("workloads") or []:
-        if entry["name"] == name:
-            return dict(entry)
-    return None
-
-
 def istio_rules(netns_args: list[str]) -> list[str]:
     saved = subprocess.run(
         [*netns_args, "iptables-save"], capture_output=True, text=True, check=True
     ).stdout
     return [line for line in saved.splitlines() if "ISTIO" in line]
+
+
+def in_process_netns(cluster: SandboxCluster, pod: dict[str, Any]) -> list[str]:
+    """A command prefix entering the pod's netns through its process: it still works once
+    the named netns is unmounted."""
+    pid = pids_in_netns(cluster.pod_netns(pod))[0]
+    return ["nsenter", f"--net=/proc/{pid}/ns/net"]
 
 
 def holds_for(what: str, check: Callable[[], bool], seconds: float) -> None:
@@ -75,8 +62,11 @@ def holds_for(what: str, check: Callable[[], bool], seconds: float) -> None:
 def enrolled_pod(cluster: SandboxCluster, namespace: str, name: str, node: str) -> dict[str, Any]:
     cluster.create_pod(namespace, name, node=node)
     pod = cluster.wait_running(namespace, name)
-    label(cluster, namespace, names.DATAPLANE_MODE_AMBIENT)
-    wait_for(f"{name} enabled", lambda: annotation(cluster, namespace, name) == "enabled")
+    cluster.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, names.DATAPLANE_MODE_AMBIENT)
+    wait_for(
+        f"{name} enabled",
+        lambda: cluster.pod_annotation(namespace, name, names.REDIRECTION_ANNOTATION) == "enabled",
+    )
     return pod
 
 
@@ -119,9 +109,12 @@ def test_a_hostile_annotation_is_dropped_once_with_an_event_and_never_reaches_a_
     key = names.REROUTE_VIRTUAL_INTERFACES_ANNOTATION
     sandbox.create_pod(namespace, "odd", node="node-1", annotations={key: INJECTION})
     odd = sandbox.wait_running(namespace, "odd")
-    label(sandbox, namespace, names.DATAPLANE_MODE_AMBIENT)
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, names.DATAPLANE_MODE_AMBIENT)
     # The pod enrols, without its bad value: the whole default ruleset, no more.
-    wait_for("odd enabled", lambda: annotation(sandbox, namespace, "odd") == "enabled")
+    wait_for(
+        "odd enabled",
+        lambda: sandbox.pod_annotation(namespace, "odd", names.REDIRECTION_ANNOTATION) == "enabled",
+    )
     rules = istio_rules(["ip", "netns", "exec", sandbox.pod_netns(odd)])
     assert len([r for r in rules if r.startswith("-A")]) == 18
     assert not [r for r in rules if "DNAT" in r or "-i " in r]
@@ -194,7 +187,7 @@ def test_a_deleted_object_takes_nothing_out(
         holds_for(
             "the pod kept as it was",
             lambda: (
-                annotation(sandbox, namespace, "kept") == "enabled"
+                sandbox.pod_annotation(namespace, "kept", names.REDIRECTION_ANNOTATION) == "enabled"
                 and istio_rules(["ip", "netns", "exec", sandbox.pod_netns(pod)]) == before
                 and agent.metric(removed) == removed_before
             ),
@@ -203,7 +196,7 @@ def test_a_deleted_object_takes_nothing_out(
     finally:
         mesh.controller.start()
     wait_for("the object back", lambda: mesh.anc("node-1"))
-    wait_for("counted again", lambda: workload(mesh, "node-1", "kept"))
+    wait_for("counted again", lambda: mesh.workload("node-1", "kept"))
     assert agent.metric("ambient_cni_agent_object_missing") == 0
     assert agent.metric("ambient_cni_agent_object_missing_seconds_total") > 0
     assert istio_rules(["ip", "netns", "exec", sandbox.pod_netns(pod)]) == before
@@ -217,42 +210,43 @@ def test_rules_come_out_of_a_netns_that_was_unmounted_while_its_pod_lives(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
     pod = enrolled_pod(sandbox, namespace, "hidden", "node-2")
-    netns = sandbox.pod_netns(pod)
-    pid = pids_in_netns(netns)[0]
-    real = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    netns, real = sandbox.pod_netns(pod), in_process_netns(sandbox, pod)
     assert istio_rules(real)
     subprocess.run(["ip", "netns", "delete", netns], check=True)  # unmounted; the process lives
-    label(sandbox, namespace, None)
-    wait_for("the annotation removed", lambda: annotation(sandbox, namespace, "hidden") is None)
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
+    wait_for(
+        "the annotation removed",
+        lambda: sandbox.pod_annotation(namespace, "hidden", names.REDIRECTION_ANNOTATION) is None,
+    )
     assert istio_rules(real) == []  # out of the pod's real netns, not just said to be
-    wait_for("gone from status", lambda: workload(mesh, "node-2", "hidden") is None)
+    wait_for("gone from status", lambda: mesh.workload("node-2", "hidden") is None)
 
 
 def test_a_pod_the_agent_cannot_find_stays_removing_and_redirected_until_it_is_gone(
     sandbox: SandboxCluster, mesh: Mesh, namespace: str
 ) -> None:
     pod = enrolled_pod(sandbox, namespace, "lost", "node-2")
-    netns = sandbox.pod_netns(pod)
-    pid = pids_in_netns(netns)[0]
-    real = ["nsenter", f"--net=/proc/{pid}/ns/net"]
+    netns, real = sandbox.pod_netns(pod), in_process_netns(sandbox, pod)
     rules = istio_rules(real)
     agent = mesh.agents["node-2"]
     agent.kill()  # a restarted agent holds no handle on it
     subprocess.run(["ip", "netns", "delete", netns], check=True)
     agent.start(timeout=60)
-    label(sandbox, namespace, None)
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
     wait_for(
         "Removing with NetnsNotFound",
         lambda: (
-            (e := workload(mesh, "node-2", "lost"))
+            (e := mesh.workload("node-2", "lost"))
             and (e["state"], e["reason"]) == ("Removing", "NetnsNotFound")
         ),
     )
-    assert annotation(sandbox, namespace, "lost") == "enabled"  # it still is redirected
+    assert (
+        sandbox.pod_annotation(namespace, "lost", names.REDIRECTION_ANNOTATION) == "enabled"
+    )  # it still is redirected
     assert istio_rules(real) == rules
     sandbox.delete_pod(namespace, "lost", grace=0)
     sandbox.wait_pod_gone(namespace, "lost")
-    wait_for("gone from status", lambda: workload(mesh, "node-2", "lost") is None, timeout=60)
+    wait_for("gone from status", lambda: mesh.workload("node-2", "lost") is None, timeout=60)
 
 
 # -- orphans -------------------------------------------------------------------------------------
