@@ -10,7 +10,7 @@ say() { printf '[bootstrap] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 # -- Debian packages: the kernel tools the sandbox and the dataplane drive ------
-DEB_PACKAGES=(iproute2 iptables ipset nftables)
+DEB_PACKAGES=(iproute2 iptables ipset nftables python3-nftables)
 missing=()
 for pkg in "${DEB_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -41,6 +41,12 @@ if [[ ! -e $stamp ]]; then
     .venv/bin/python -m pip install -q -e '.[dev]' -e ./sandbox
     rm -f .venv/.ambient-cni-* && touch "$stamp"
 fi
+# libnftables' own Python binding (Debian's python3-nftables) is built for Debian's Python;
+# it is pure Python over ctypes, so the venv imports it through a link to its package.
+NFT_BINDING=/usr/lib/python3/dist-packages/nftables
+site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+[[ -d $NFT_BINDING ]] || die "python3-nftables is installed but $NFT_BINDING is missing"
+[[ -L $site_packages/nftables ]] || ln -sfn "$NFT_BINDING" "$site_packages/nftables"
 
 # -- Go: the machine's toolchain builds the control plane (GOTOOLCHAIN=local) -------
 if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
