@@ -45,3 +45,9 @@ def raw(response: Any) -> Obj:
     """Decode a `_preload_content=False` response."""
     data: Obj = json.loads(response.data)
     return data
+
+
+def discard(response: Any) -> None:
+    """Read an unpreloaded answer to its end, so its connection goes back to the pool: left
+    unread, it is not reused, and each next request pays a new TLS handshake."""
+    _ = response.data

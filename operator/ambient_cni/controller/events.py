@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from kubernetes.client import ApiClient, CoreV1Api
 from kubernetes.client.exceptions import ApiException
 
-from ambient_cni.kube import as_body
+from ambient_cni.kube import as_body, discard
 from ambient_cni.selection import PodView
 from ambient_cni.workqueue import WorkQueue
 
@@ -75,7 +75,10 @@ class PodEvents:
             "lastTimestamp": now,
             "count": 1,
         }
-        self.core.create_namespaced_event(warning.namespace, as_body(body), _preload_content=False)
+        answer = self.core.create_namespaced_event(
+            warning.namespace, as_body(body), _preload_content=False
+        )
+        discard(answer)
         self._attempts.pop(warning, None)
 
     def _failed(self, warning: PodWarning, exc: Exception) -> None:

@@ -24,7 +24,7 @@ from ambient_cni.api import names
 from ambient_cni.controller import metrics
 from ambient_cni.controller.index import ClusterIndex
 from ambient_cni.controller.planner import PlannerConfig, plan_node
-from ambient_cni.kube import MERGE_PATCH, Obj, as_body, raw
+from ambient_cni.kube import MERGE_PATCH, Obj, as_body, discard, raw
 from ambient_cni.mergepatch import merge_patch
 from ambient_cni.workqueue import WorkQueue
 
@@ -175,7 +175,7 @@ class SpecWriter:
             "message": message,
             "lastTransitionTime": _utc_now(),
         }
-        self.custom.patch_cluster_custom_object(
+        answer = self.custom.patch_cluster_custom_object(
             names.GROUP,
             names.VERSION,
             names.PLURAL,
@@ -184,7 +184,8 @@ class SpecWriter:
             _content_type=MERGE_PATCH,
             _preload_content=False,
         )
-        self.custom.patch_cluster_custom_object_status(
+        discard(answer)
+        answer = self.custom.patch_cluster_custom_object_status(
             names.GROUP,
             names.VERSION,
             names.PLURAL,
@@ -193,14 +194,16 @@ class SpecWriter:
             _content_type=MERGE_PATCH,
             _preload_content=False,
         )
+        discard(answer)
         metrics.ORPHANS.labels("marked").inc()
         log.warning("%s %s: %s", names.KIND, node, message)
 
     def _delete_orphan(self, node: str) -> None:
         try:
-            self.custom.delete_cluster_custom_object(
+            answer = self.custom.delete_cluster_custom_object(
                 names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
             )
+            discard(answer)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -213,7 +216,7 @@ class SpecWriter:
 
     def _adopted(self, node: str) -> None:
         """Its Node appeared within the grace period: the object is an ordinary one again."""
-        self.custom.patch_cluster_custom_object(
+        answer = self.custom.patch_cluster_custom_object(
             names.GROUP,
             names.VERSION,
             names.PLURAL,
@@ -222,6 +225,7 @@ class SpecWriter:
             _content_type=MERGE_PATCH,
             _preload_content=False,
         )
+        discard(answer)
         with self._lock:
             self._orphans.pop(node, None)
             self._marked.discard(node)
