@@ -8,47 +8,64 @@ None: the caller's own); no process is started.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELROUTE, RTM_DELRULE, RTM_NEWROUTE, RTM_NEWRULE
+from pyroute2.netlink.rtnl.fibmsg import fibmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from .constants import CONN_MARK, MARK_MASK, ROUTE_TABLE, RULE_PRIORITY, Family
 from .interfaces import Change, Changes
+from .rtnetlink import created, deleted, encoded, rtnetlink
 from .runner import in_netns
 
 RT_SCOPE_HOST = 254  # local routes are host-scoped
+RTN_LOCAL = 2
+RTPROT_BOOT = 3
+FR_ACT_TO_TBL = 1
 RULE = f"fwmark 0x{CONN_MARK:x}/0x{MARK_MASK:x} pref {RULE_PRIORITY} lookup {ROUTE_TABLE}"
+
+
+# The messages never change but for their sequence: encoded once (pyroute2's encoding of a
+# message costs more than the kernel's work on it).
+@functools.cache
+def _rule_message(family: Family, kind: int) -> bytes:
+    message = fibmsg()
+    message["header"]["type"] = kind
+    message["family"] = _af(family)
+    message["action"] = FR_ACT_TO_TBL
+    message["table"] = ROUTE_TABLE
+    message["attrs"] = [
+        ("FRA_PRIORITY", RULE_PRIORITY),
+        ("FRA_FWMARK", CONN_MARK),
+        ("FRA_FWMASK", MARK_MASK),
+        ("FRA_TABLE", ROUTE_TABLE),
+    ]
+    return encoded(message)
+
+
+@functools.cache
+def _route_message(family: Family, lo: int, kind: int) -> bytes:
+    message = rtmsg()
+    message["header"]["type"] = kind
+    message["family"] = _af(family)
+    message["dst_len"] = 0  # the default route: 0.0.0.0/0 or ::/0
+    message["table"] = ROUTE_TABLE
+    # Made as boot routes; deleted whatever made them (0 matches any protocol).
+    message["proto"] = RTPROT_BOOT if kind == RTM_NEWROUTE else 0
+    message["scope"] = RT_SCOPE_HOST
+    message["type"] = RTN_LOCAL
+    message["attrs"] = [("RTA_TABLE", ROUTE_TABLE), ("RTA_OIF", lo)]
+    return encoded(message)
 
 
 def _af(family: Family) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
-
-
-def _rule_spec(family: Family) -> dict[str, Any]:
-    """ip rule fwmark 0x111/0xfff pref 32764 lookup 100, as added and as deleted."""
-    return {
-        "family": _af(family),
-        "fwmark": CONN_MARK,
-        "fwmask": MARK_MASK,
-        "priority": RULE_PRIORITY,
-        "table": ROUTE_TABLE,
-    }
-
-
-def _route_spec(family: Family) -> dict[str, Any]:
-    """The local default route in table 100, as added and as deleted."""
-    return {
-        "family": _af(family),
-        "dst": "0.0.0.0/0" if family == 4 else "::/0",
-        "type": "local",
-        "scope": RT_SCOPE_HOST,
-        "table": ROUTE_TABLE,
-    }
 
 
 def _ipv6_on_loopback() -> bool:
@@ -73,16 +90,19 @@ def _applicable(families: Sequence[Family]) -> list[Family]:
 
 class PolicyRouting:
     def ensure(self, netns: Path | None, families: Sequence[Family]) -> Changes:
+        """Create the rule and the route "exclusively": the kernel refuses a copy (EEXIST), so
+        a request both checks and adds, and nothing is ever added twice.
+
+        Sent on one plain rtnetlink socket (rtnetlink.py says why)."""
+
         def ensure() -> Changes:
             done: list[Change] = []
-            with IPRoute() as ipr:
-                lo = ipr.link_lookup(ifname="lo")[0]
+            with rtnetlink() as sock:
+                lo = socket.if_nametoindex("lo")
                 for family in _applicable(families):
-                    if not _our_rules(ipr, family):
-                        ipr.rule("add", **_rule_spec(family))
+                    if created(sock, _rule_message(family, RTM_NEWRULE)):
                         done.append(Change("routing", f"IPv{family}: ip rule {RULE} added"))
-                    if not ipr.route("dump", family=_af(family), table=ROUTE_TABLE):
-                        ipr.route("replace", oif=lo, **_route_spec(family))
+                    if created(sock, _route_message(family, lo, RTM_NEWROUTE)):
                         done.append(Change("routing", f"IPv{family}: table 100 route added"))
             return Changes(tuple(done))
 
@@ -102,16 +122,13 @@ class PolicyRouting:
     def remove(self, netns: Path | None, families: Sequence[Family]) -> bool:
         def remove() -> bool:
             removed = False
-            with IPRoute() as ipr:
+            with rtnetlink() as sock:
+                lo = socket.if_nametoindex("lo")
                 for family in families:
-                    for _rule in _our_rules(ipr, family):
-                        with contextlib.suppress(NetlinkError):
-                            ipr.rule("del", **_rule_spec(family))
-                            removed = True
-                    for _route in ipr.route("dump", family=_af(family), table=ROUTE_TABLE):
-                        with contextlib.suppress(NetlinkError):
-                            ipr.route("del", **_route_spec(family))
-                            removed = True
+                    # Every copy of the rule (an older agent may have left two).
+                    while deleted(sock, _rule_message(family, RTM_DELRULE)):
+                        removed = True
+                    removed |= deleted(sock, _route_message(family, lo, RTM_DELROUTE))
             return removed
 
         return in_netns(netns, remove)
