@@ -81,12 +81,19 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--backend",
         choices=BACKEND_CHOICES,
         default="auto",
-        help="dataplane backend; auto follows what the node's rules already use",
+        help="dataplane backend; auto follows what the node's rules already use "
+        "(iptables-nft when it has none)",
     )
     agent.add_argument(
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
     )
     agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
+    agent.add_argument(
+        "--kubelet-uid",
+        type=int,
+        help="the user kubelet runs as (the nftables backend's probe rule matches it); "
+        "default: found in --proc",
+    )
     agent.add_argument("--workers", type=int, default=4, help="pods reconciled at once (default 4)")
     agent.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
     agent.add_argument("--metrics-port", type=int, default=15014)
@@ -117,6 +124,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         backend=args.backend,
         drift_interval=args.drift_interval,
         workers=args.workers,
+        kubelet_uid=args.kubelet_uid,
     )
     if args.uninstall:
         return uninstall(options)

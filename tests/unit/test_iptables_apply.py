@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ambient_cni.dataplane.errors import DataplaneError
-from ambient_cni.dataplane.interfaces import Exec
+from ambient_cni.dataplane.interfaces import NO_CHANGES, Exec
 from ambient_cni.dataplane.iptables_chains import IptablesChains
 from ambient_cni.dataplane.iptables_flavour import Flavour, detect_flavour
 from ambient_cni.dataplane.iptables_host import IptablesHostDataplane
@@ -182,7 +182,7 @@ def test_the_pod_dataplane_tries_the_fast_path_once_per_namespace(
     iptables: FakeIptables, pod: Path
 ) -> None:
     routing = FakeRouting()
-    pods = IptablesPodDataplane(NFT, iptables, routing)
+    pods = IptablesPodDataplane(NFT, iptables, routing, lambda: NO_CHANGES)
     assert bool(pods.ensure(pod, [PodRedirect(), PodRedirect(family=6)])) is True
     assert iptables.calls_in(pod) == ["restore", "restore"]  # one per family
     assert pods.verify(pod, [PodRedirect(), PodRedirect(family=6)])
@@ -195,7 +195,7 @@ def test_the_pod_dataplane_tries_the_fast_path_once_per_namespace(
 
 def test_a_refused_ruleset_leaves_the_pods_routing_alone(iptables: FakeIptables, pod: Path) -> None:
     routing = FakeRouting()
-    pods = IptablesPodDataplane(NFT, iptables, routing)
+    pods = IptablesPodDataplane(NFT, iptables, routing, lambda: NO_CHANGES)
     iptables.refuse = "tun-refused"
     with pytest.raises(DataplaneError):
         pods.ensure(pod, [PodRedirect(virtual_interfaces=("tun-refused",))])

@@ -59,7 +59,7 @@ MAX_WORKLOADS = 1024
 
 RedirectMode = Literal["inpod", "node"]
 # Only the backends that exist; dataplane/factory.py builds each.
-Backend = Literal["iptables-nft", "iptables-legacy"]
+Backend = Literal["iptables-nft", "iptables-legacy", "nftables"]
 WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ConditionType = Literal["Ready", "ZtunnelConnected", "HostRulesReady", "InSync"]

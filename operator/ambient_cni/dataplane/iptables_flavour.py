@@ -28,7 +28,8 @@ class Flavour:
         return "iptables-nft" if self.name == "nft" else "iptables-legacy"
 
 
-def _count_rules(runner: Runner, flavour: Flavour, host_netns: Path | None) -> int:
+def count_rules(runner: Runner, flavour: Flavour, host_netns: Path | None) -> int:
+    """Rules of this flavour on the host (-1: its tools are not installed)."""
     total = 0
     for family in (4, 6):
         try:
@@ -41,6 +42,6 @@ def _count_rules(runner: Runner, flavour: Flavour, host_netns: Path | None) -> i
 
 def detect_flavour(runner: Runner, host_netns: Path | None = None) -> Flavour:
     """The flavour the host already uses (more rules wins); nft when neither has rules."""
-    legacy = _count_rules(runner, Flavour("legacy"), host_netns)
-    nft = _count_rules(runner, Flavour("nft"), host_netns)
+    legacy = count_rules(runner, Flavour("legacy"), host_netns)
+    nft = count_rules(runner, Flavour("nft"), host_netns)
     return Flavour("legacy") if legacy > max(nft, 0) else Flavour("nft")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ambient_cni.api.models import Backend
@@ -19,6 +19,7 @@ from .interfaces import NO_CHANGES, Changes, Exec, Routing, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
 from .iptables_rules import pod_ruleset
+from .nft_pod import remove_nft_tables_here
 from .redirection import PodRedirect
 
 # Namespaces remembered as already applied to; past this, forget them all (the cost of
@@ -41,8 +42,17 @@ def _render(redirect: PodRedirect) -> str:
 
 
 class IptablesPodDataplane:
-    def __init__(self, flavour: Flavour, runner: Runner, routing: Routing):
+    def __init__(
+        self,
+        flavour: Flavour,
+        runner: Runner,
+        routing: Routing,
+        other_backends_leftovers: Callable[[], Changes] = remove_nft_tables_here,
+    ):
+        """`other_backends_leftovers` runs inside a namespace the first time it is ensured, to
+        take out what another backend left there."""
         self.flavour = flavour
+        self.leftovers = other_backends_leftovers
         self.runner = runner
         self.chains = IptablesChains(flavour, runner)
         self.routing = routing
@@ -68,7 +78,10 @@ class IptablesPodDataplane:
             changes = NO_CHANGES
             for family, ruleset in rulesets:
                 changes += self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
-            return changes + self.routing.ensure(None, [f for f, _ in rulesets])
+            changes += self.routing.ensure(None, [f for f, _ in rulesets])
+            if fresh:  # first time here: what the nftables backend left (a node switched)
+                changes += self.leftovers()
+            return changes
 
         changes = self.runner.within(path, apply)
         with self._lock:
