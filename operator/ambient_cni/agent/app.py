@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client import CustomObjectsApi
+from kubernetes.client import CoreV1Api, CustomObjectsApi
 from prometheus_client import start_http_server
 
 from ambient_cni.agent import metrics
@@ -60,9 +60,18 @@ def _count_received(objects: int, size: int) -> None:
     metrics.WATCH_BYTES.inc(size)
 
 
+def _backend_options(options: AgentOptions) -> factory.BackendOptions:
+    return factory.BackendOptions(
+        host_netns=options.host_netns,
+        proc=options.proc,
+        kubelet_uid=options.kubelet_uid,
+        workers=options.workers,
+    )
+
+
 def uninstall(options: AgentOptions) -> int:
     """Remove the host's probe rules and ipsets (pod rules are left to their pods)."""
-    removed = factory.build(options.backend, options.host_netns).host.uninstall()
+    removed = factory.build(options.backend, _backend_options(options)).host.uninstall()
     log.info("host rules and ipsets %s", "removed" if removed else "were already absent")
     return 0
 
@@ -98,8 +107,15 @@ def run(
 ) -> int:
     configure_json_logging(logging.getLevelName(log_level.upper()))
     api = new_api_client(kubeconfig)
-    dataplane = factory.build(options.backend, options.host_netns)
+    dataplane = factory.build(options.backend, _backend_options(options))
     zds = ZdsServer(options.zds_socket)
+    # The pods on this node, to annotate them without reading each first.
+    pods: Reflector = Reflector(
+        f"pods@{options.node}",
+        CoreV1Api(api).list_pod_for_all_namespaces,
+        lambda _uid: None,
+        field_selector=f"spec.nodeName={options.node}",
+    )
     inpod = InpodMode(
         pods=dataplane.pods,
         host=dataplane.host,
@@ -108,7 +124,7 @@ def run(
         ),
         handles=HeldNetns(),
         ztunnel=zds,
-        pod_api=KubePodApi(api),
+        pod_api=KubePodApi(api, pods),
     )
     agent = NodeAgent(
         options,
@@ -140,6 +156,7 @@ def run(
     daemonset = DaemonSetWatch(api, options.daemonset) if options.daemonset else None
     agent.start()
     reflector.start(stop)
+    pods.start(stop)
     if daemonset is not None:
         daemonset.start(stop)
     serving = threading.Thread(

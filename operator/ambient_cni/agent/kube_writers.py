@@ -2,29 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any
+import threading
+from typing import Any, Protocol
 
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.api import names
 from ambient_cni.api.models import Workload
-from ambient_cni.kube import MERGE_PATCH, as_body, raw
+from ambient_cni.kube import MERGE_PATCH, as_body, discard, raw
 
 from .interfaces import StatusWriteError
 
 OURS = (names.REDIRECTION_ENABLED, names.REDIRECTION_PENDING)
 
 
+class PodCache(Protocol):
+    """A watched copy of the pods on this node, by UID (a reflector)."""
+
+    synced: threading.Event
+
+    def get(self, key: str) -> dict[str, Any] | None: ...
+
+
+# Tries of an annotation write whose pod changed between its read and the write.
+CONFLICT_TRIES = 3
+
+
 class KubePodApi:
     """Reads pods; writes `ambient.istio.io/redirection` through `pods/status`, as Istio's agent
-    does (the chart's admission policy lets the agent write nothing else there)."""
+    does (the chart's admission policy lets the agent write nothing else there).
 
-    def __init__(self, api: ApiClient):
+    With `pods`, a watched copy of the node's pods, a pod is read from it rather than
+    from the server (Istio's agent has the same informer): a pod enrolled costs one
+    request, the patch, and a pod already annotated none. Every patch carries the
+    resourceVersion it was decided on, so a pod changed meanwhile (a user's `disabled`,
+    a copy not yet current) is a conflict, read again from the server and decided anew.
+    """
+
+    def __init__(self, api: ApiClient, pods: PodCache | None = None):
         self.core = CoreV1Api(api)
+        self.pods = pods
 
     def _read(self, workload: Workload) -> dict[str, Any] | None:
-        """The pod's metadata, None if it is gone or another pod now has its name."""
+        """The pod's metadata from the server, None if it is gone or another pod now has its
+        name."""
         try:
             pod = self.core.read_namespaced_pod(
                 workload.name, workload.namespace, _preload_content=False
@@ -36,22 +58,49 @@ class KubePodApi:
         meta: dict[str, Any] = raw(pod)["metadata"]
         return meta if meta.get("uid") == workload.uid else None
 
+    def _cached(self, workload: Workload) -> dict[str, Any] | None:
+        if self.pods is None or not self.pods.synced.is_set():
+            return None
+        pod = self.pods.get(workload.uid)
+        return None if pod is None else dict(pod["metadata"])
+
     def exists(self, workload: Workload) -> bool:
-        return self._read(workload) is not None
+        # Only a pod the copy has is taken from it: one it lacks may not have arrived yet.
+        return self._cached(workload) is not None or self._read(workload) is not None
 
     def annotate(self, workload: Workload, value: str | None) -> None:
-        meta = self._read(workload)
-        if meta is None:
+        meta = self._cached(workload) or self._read(workload)
+        for attempt in range(1, CONFLICT_TRIES + 1):
+            if meta is None:
+                return
+            current = (meta.get("annotations") or {}).get(names.REDIRECTION_ANNOTATION)
+            if current in (names.REDIRECTION_DISABLED, value):
+                return
+            if value is None and current not in OURS:
+                return
+            patch = {
+                "metadata": {
+                    "resourceVersion": meta["resourceVersion"],
+                    "annotations": {names.REDIRECTION_ANNOTATION: value},
+                }
+            }
+            try:
+                answer = self.core.patch_namespaced_pod_status(
+                    workload.name,
+                    workload.namespace,
+                    as_body(patch),
+                    _content_type=MERGE_PATCH,
+                    _preload_content=False,  # no V1Pod built from the answer, which is not used
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                if exc.status != 409 or attempt == CONFLICT_TRIES:
+                    raise
+                meta = self._read(workload)  # changed since it was read: read it again
+                continue
+            discard(answer)
             return
-        current = (meta.get("annotations") or {}).get(names.REDIRECTION_ANNOTATION)
-        if current in (names.REDIRECTION_DISABLED, value):
-            return
-        if value is None and current not in OURS:
-            return
-        patch = {"metadata": {"annotations": {names.REDIRECTION_ANNOTATION: value}}}
-        self.core.patch_namespaced_pod_status(
-            workload.name, workload.namespace, as_body(patch), _content_type=MERGE_PATCH
-        )
 
 
 class KubeStatusWriter:
