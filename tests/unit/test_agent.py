@@ -173,8 +173,10 @@ class FakePodApi:
     journal: Journal
     values: dict[str, str | None] = field(default_factory=dict)
     gone: set[str] = field(default_factory=set)  # pods deleted from the API server
+    delay: float = 0.0  # an API round trip
 
     def annotate(self, workload: Any, value: str | None) -> None:
+        time.sleep(self.delay)
         self.journal.note(f"annotation={value}", workload.uid)
         self.values[workload.uid] = value
 
@@ -335,6 +337,19 @@ def test_a_pod_is_enrolled_in_istios_order_and_removed_in_reverse(node: Node) ->
         "zds-del",
         "annotation=None",
     ]
+
+
+def test_a_burst_puts_every_pods_rules_in_before_any_api_write(node: Node) -> None:
+    # The kernel's part is quick; an API write is slower. Without the pods' kernel steps
+    # first, the last pods' rules would wait behind the first pods' writes.
+    node.pods.delay = lambda: 0.002
+    node.annotator.delay = 0.02
+    node.spec(range(8))
+    wait_for("all Enrolled", lambda: all(node.state(i) == "Enrolled" for i in range(8)))
+    events = [what for what, _ in node.journal.events]
+    last_rules = max(i for i, what in enumerate(events) if what == "rules")
+    first_write = min(i for i, what in enumerate(events) if what.startswith("annotation="))
+    assert last_rules < first_write
 
 
 def test_a_pass_over_an_enrolled_pod_changes_nothing_outside_the_kernel(node: Node) -> None:

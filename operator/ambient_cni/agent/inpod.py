@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping, Set
+from pathlib import Path
 
 from ambient_cni.api import names
 from ambient_cni.api.models import Backend, RedirectMode, Workload
@@ -67,6 +68,13 @@ class InpodMode:
     # -- one pod ------------------------------------------------------------------------------
 
     def enrol(self, pod: PodState, defaults: NodeDefaults) -> Step:
+        """In two steps: (1) the redirection in the kernel, then, once the pods queued
+        meanwhile had theirs, (2)-(4): ztunnel, the probe set and the annotation."""
+        if pod.kernel_done != "in" or pod.netns is None:
+            return self._redirect(pod, defaults)
+        return self._announce(dataclasses.replace(pod, kernel_done=None), pod.netns)
+
+    def _redirect(self, pod: PodState, defaults: NodeDefaults) -> Step:
         workload = pod.workload
         # (1) the redirection in the pod's netns
         try:
@@ -84,7 +92,10 @@ class InpodMode:
             return _failed(pod, exc.reason, exc.message)
         if changes and pod.outcome.state == "Enrolled":
             pod = _repaired(pod, changes)
-        pod = dataclasses.replace(pod, netns=netns)
+        return Step(dataclasses.replace(pod, netns=netns, kernel_done="in"), more=True)
+
+    def _announce(self, pod: PodState, netns: Path) -> Step:
+        workload = pod.workload
         # (2) ztunnel takes the pod
         if not self.ztunnel.holds(workload.uid):
             if not self.ztunnel.connected and pod.outcome.state == "Enrolled":
@@ -105,9 +116,22 @@ class InpodMode:
     def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
         """Out only when the kernel says so: a pod whose netns cannot be found stays
         `Removing` (and redirected, and announced as such) until it is found, or until the
-        pod is gone from the API server and its netns with it."""
+        pod is gone from the API server and its netns with it. In two steps, as enrol:
+        the rules first, then the probe set, ztunnel and the annotation."""
+        if pod.kernel_done != "out":
+            return self._unredirect(pod.with_outcome("Removing", "Removing", None))
         workload = pod.workload
-        pod = pod.with_outcome("Removing", "Removing", None)
+        self.host.addresses.delete(
+            [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
+        )
+        self.ztunnel.delete(workload.uid)
+        self._annotate(pod, None)
+        self.handles.release(workload.uid)
+        log.info("un-enrolled %s/%s", workload.namespace, workload.name)
+        return Step(None)
+
+    def _unredirect(self, pod: PodState) -> Step:
+        workload = pod.workload
         netns = self.handles.held(workload.uid)
         if netns is None and self.pod_api.exists(workload):
             try:
@@ -121,14 +145,7 @@ class InpodMode:
             except DataplaneError as exc:
                 if exc.reason != "NetnsNotFound" or self.pod_api.exists(workload):
                     return _still_redirected(pod, exc.message, exc.reason)
-        self.host.addresses.delete(
-            [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
-        )
-        self.ztunnel.delete(workload.uid)
-        self._annotate(pod, None)
-        self.handles.release(workload.uid)
-        log.info("un-enrolled %s/%s", workload.namespace, workload.name)
-        return Step(None)
+        return Step(dataclasses.replace(pod, kernel_done="out"), more=True)
 
     def _annotate(self, pod: PodState, value: str | None) -> PodState:
         if pod.annotation == value and value is not None:

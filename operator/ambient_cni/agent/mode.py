@@ -14,7 +14,7 @@ import datetime
 from collections.abc import Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ambient_cni.api.models import Backend, RedirectMode, Repair, Workload, WorkloadState
 
@@ -35,6 +35,8 @@ class PodState:
     annotation: str | None = None  # what we last wrote to ambient.istio.io/redirection
     failures: int = 0  # passes in a row that asked for a retry
     generation: int = -1  # the spec generation it was last reconciled against
+    # This pass did the kernel's part, to bring the pod in or take it out; the rest is next.
+    kernel_done: Literal["in", "out"] | None = None
 
     @classmethod
     def new(cls, workload: Workload) -> PodState:
@@ -81,10 +83,13 @@ def outcome(
 @dataclass(frozen=True)
 class Step:
     """Where one pass left a pod: `state` None means it is fully out and forgotten; `retry`
-    is the base delay before another pass (doubled for each retry in a row)."""
+    is the base delay before another pass (doubled for each retry in a row); `more` asks
+    for the pass to go on once the pods already waiting had theirs (a mode may do the
+    kernel's part for a whole burst of pods first)."""
 
     state: PodState | None
     retry: float | None = None
+    more: bool = False
 
 
 @dataclass(frozen=True)

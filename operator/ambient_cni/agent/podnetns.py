@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from pyroute2 import IPRoute
-
-from ambient_cni.netns import NetnsError, run_in_netns
+from ambient_cni.dataplane.errors import DataplaneError
+from ambient_cni.dataplane.rtnetlink import addresses
+from ambient_cni.netns import NetnsError, NetnsWorkers
 
 from .interfaces import NetnsNotFoundError
 
@@ -28,7 +27,8 @@ _POD_UID = re.compile(
 )
 
 
-# Seconds one /proc scan serves a burst of lookups; a pod missed is retried after a second.
+# Seconds one /proc scan (or named-netns scan) serves a burst of lookups without reading
+# again; a pod missed is retried after a second.
 PROC_SCAN_TTL = 0.5
 
 
@@ -38,22 +38,8 @@ def pod_uid_from_cgroup(text: str) -> str | None:
     return match.group(1).replace("_", "-").lower() if match else None
 
 
-def _addresses() -> set[str]:
-    with IPRoute() as ipr:
-        found: set[str] = set()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for addr in ipr.get_addr(family=family):
-                value = addr.get_attr("IFA_ADDRESS")
-                if value:
-                    found.add(str(value))
-        return found
-
-
-def netns_addresses(path: Path) -> set[str]:
-    try:
-        return run_in_netns(path, _addresses)
-    except (NetnsError, OSError):
-        return set()
+# Failures of a namespace's address listing that mean "not this one".
+NOT_FOUND = (NetnsError, OSError, DataplaneError)
 
 
 class PodNetnsResolver:
@@ -63,7 +49,10 @@ class PodNetnsResolver:
         proc: Path = Path("/proc"),
         netns_dir: Path = Path("/run/netns"),
         netns_prefix: str = "",
+        workers: NetnsWorkers | None = None,
     ):
+        """`workers` enter namespaces to list their addresses (by default, two of its own)."""
+        self.workers = workers or NetnsWorkers(2, name="netns-lookup")
         self.proc = proc
         self.netns_dir = netns_dir
         self.netns_prefix = netns_prefix  # only named namespaces starting with it (sandbox nodes)
@@ -75,15 +64,17 @@ class PodNetnsResolver:
         self._named_scans = 0
         self._proc_cache: dict[str, list[Path]] = {}
         self._proc_scanned_at = -PROC_SCAN_TTL
+        self._named_scanned_at = -PROC_SCAN_TTL
 
     def resolve(self, uid: str, ips: Iterable[str]) -> Path:
         wanted = set(ips)
         for candidate in self._candidates(uid):
-            if netns_addresses(candidate) & wanted:
+            if self._addresses(candidate) & wanted:
                 return candidate
-        for ip in wanted:  # the cache first, then a fresh scan
+        fresh = time.monotonic() - self._named_scanned_at < PROC_SCAN_TTL
+        for ip in wanted:  # the cache first (read again unless just scanned), then a new scan
             cached = self._by_ip.get(ip)
-            if cached is not None and ip in netns_addresses(cached):
+            if cached is not None and (fresh or ip in self._addresses(cached)):
                 return cached
         scans_before = self._named_scans
         with self._named_lock:
@@ -142,15 +133,26 @@ class PodNetnsResolver:
             return index
 
     def _scan_named(self) -> None:
+        self._named_scanned_at = time.monotonic()
         self._by_ip.clear()
         try:
             names = sorted(n for n in os.listdir(self.netns_dir) if n.startswith(self.netns_prefix))
         except OSError:
             return
-        for name in names:
-            path = self.netns_dir / name
-            for ip in netns_addresses(path):
+        paths = [self.netns_dir / name for name in names]
+        for path, found in zip(paths, self.workers.run_each(paths, addresses), strict=True):
+            if isinstance(found, NOT_FOUND):
+                continue  # gone meanwhile, or not a namespace
+            if isinstance(found, Exception):
+                raise found
+            for ip in found:
                 self._by_ip.setdefault(ip, path)
+
+    def _addresses(self, path: Path) -> set[str]:
+        try:
+            return self.workers.run(path, addresses)
+        except NOT_FOUND:
+            return set()
 
 
 class HeldNetns:

@@ -62,6 +62,7 @@ class AgentOptions:
     backend: str = "auto"  # auto, or one of dataplane.factory.BACKENDS
     drift_interval: float = 10.0
     workers: int = 4
+    kubelet_uid: int | None = None  # for the nftables probe rule; found in `proc` if None
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,8 @@ class NodeAgent:
         if not report.ok:
             self.host.add_after("host", HOST_RETRY)
         if changed:
+            if not report.ok:
+                log.error("the node's own rules are not in place: %s", report.message)
             self._status_soon()
 
     # -- one pod ----------------------------------------------------------------------------------
@@ -286,22 +289,24 @@ class NodeAgent:
             return  # a mode this agent lacks: every pod is kept exactly as it is
         started = time.monotonic()
         if desired is not None:
-            pod = dataclasses.replace(record, workload=desired) if record else PodState.new(desired)
+            pod = PodState.new(desired) if record is None else _with_workload(record, desired)
             step = mode.enrol(pod, defaults)
-            metrics.POD_RECONCILES.labels((step.state or pod).outcome.state).inc()
+            if not step.more:
+                metrics.POD_RECONCILES.labels((step.state or pod).outcome.state).inc()
         elif record is not None:
             step = mode.unenrol(record, held)
-            metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
+            if not step.more:
+                metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
         else:
             return
-        self._store(uid, step, generation if desired is not None else None)
+        self._store(uid, step, generation if desired is not None and not step.more else None)
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
 
     def _store(self, uid: str, step: Step, generation: int | None) -> None:
         """Keep the pod's new state and schedule its retry: the one place records change."""
         state = step.state
-        if state is not None:
+        if state is not None and not step.more:
             failures = state.failures + 1 if step.retry is not None else 0
             state = dataclasses.replace(state, failures=failures)
             if generation is not None:
@@ -311,7 +316,11 @@ class NodeAgent:
                 self._records.pop(uid, None)
             else:
                 self._records[uid] = state
-        if state is not None and step.retry is not None:
+        if state is not None and step.more:
+            # The pod's next step, after the pods already queued: in a burst every pod's
+            # rules reach the kernel before any pod's API writes hold them up.
+            self.pods.add(uid)
+        elif state is not None and step.retry is not None:
             self.pods.add_after(uid, min(step.retry * 2 ** (state.failures - 1), MAX_BACKOFF))
 
     # -- status ------------------------------------------------------------------------------------
@@ -398,6 +407,13 @@ def _version(obj: Mapping[str, Any]) -> int:
         return int(obj["metadata"]["resourceVersion"])
     except (KeyError, TypeError, ValueError):
         return 0
+
+
+def _with_workload(record: PodState, desired: Workload) -> PodState:
+    """The record for the pod as the spec now has it; a changed entry starts its pass over."""
+    if record.workload == desired:
+        return record
+    return dataclasses.replace(record, workload=desired, kernel_done=None)
 
 
 def _ips_held(records: Mapping[str, PodState], but: str) -> set[str]:
