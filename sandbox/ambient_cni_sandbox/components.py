@@ -236,15 +236,20 @@ class Mesh:
         self.cluster.kubectl("wait", "--for=condition=established", f"crd/{names.CRD_NAME}")
         if self.cluster.namespace(names.DEFAULT_SYSTEM_NAMESPACE) is None:
             self.cluster.create_namespace(names.DEFAULT_SYSTEM_NAMESPACE)
-        self.controller.start()
-        wait_for(
-            "an AmbientNodeConfig per node",
-            lambda: all(self.anc(n) for n in self.cluster.node_names),
-        )
-        for node_agent in self.agents.values():
-            node_agent.start(timeout=60)
-        for node in self.cluster.node_names:
-            start_ztunnel(self.cluster, node)
+        try:
+            self.controller.start()
+            wait_for(
+                "an AmbientNodeConfig per node",
+                lambda: all(self.anc(n) for n in self.cluster.node_names),
+            )
+            for node_agent in self.agents.values():
+                node_agent.start(timeout=60)
+            for node in self.cluster.node_names:
+                start_ztunnel(self.cluster, node)
+        except BaseException:
+            # A half-started mesh would go on acting on later tests' pods.
+            self.stop()
+            raise
 
     def stop(self) -> None:
         for node_agent in self.agents.values():

@@ -14,6 +14,7 @@ kubelet adopts live processes and removes what a crash left half-made.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import logging
 import os
@@ -549,8 +550,16 @@ class Kubelet:
                 self.teardown(local, grace=0)  # half-made or dead: the next sync starts it anew
 
 
-def main(sandbox: str, node: str) -> None:
+def _call_process_kubelet() -> None:
+    """Name this process `kubelet`, as a node's kubelet is named, so an agent finds its
+    UID the way it does on a real node (a scan of /proc for that name)."""
+    pr_set_name = 15
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_name, b"kubelet", 0, 0, 0)
 
+
+def main(sandbox: str, node: str) -> None:
+    _call_process_kubelet()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     state = load_state(sandbox)
     if state is None:

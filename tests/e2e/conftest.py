@@ -42,6 +42,21 @@ def sandbox() -> Iterator[SandboxCluster]:
     assert left.empty, f"sandbox {SANDBOX} left things behind: {left}"
 
 
+# The in-pod tests that drive rules and traffic run once per dataplane backend.
+BACKENDS = ("iptables-nft", "nftables")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def agent_args(backend: str) -> list[str]:
+    """Agent flags for a backend on the sandbox; the nftables backend finds the sandbox
+    kubelet's UID in /proc, as on a real node."""
+    return [f"--backend={backend}"]
+
+
 @pytest.fixture
 def namespace(sandbox: SandboxCluster, request: pytest.FixtureRequest) -> Iterator[str]:
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50].rstrip("-")

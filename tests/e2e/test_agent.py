@@ -14,6 +14,8 @@ from ambient_cni.netns import netns_inode
 from ambient_cni_sandbox import components
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import Mesh
+from tests.e2e.conftest import agent_args
+from tests.e2e.kernel import kernel_state, probe_members, run_in
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEM = names.DEFAULT_SYSTEM_NAMESPACE
@@ -21,8 +23,8 @@ REDIRECTION = names.REDIRECTION_ANNOTATION
 
 
 @pytest.fixture(scope="module")
-def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
-    running = Mesh(sandbox, "--drift-interval=1")
+def mesh(sandbox: SandboxCluster, backend: str) -> Iterator[Mesh]:
+    running = Mesh(sandbox, "--drift-interval=1", *agent_args(backend))
     running.start()
     try:
         yield running
@@ -35,33 +37,6 @@ def wait_enabled(cluster: SandboxCluster, namespace: str, *pods: str) -> None:
         f"{', '.join(pods)} enabled",
         lambda: all(cluster.pod_annotation(namespace, p, REDIRECTION) == "enabled" for p in pods),
     )
-
-
-def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]:
-    netns = cluster.pod_netns(pod)
-
-    # `ip route show table 100` fails when the table never existed: that is empty too.
-    def run(*argv: str) -> str:
-        return subprocess.run(
-            ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=False
-        ).stdout
-
-    return {
-        "istio_rules": [line for line in run("iptables-save").splitlines() if "ISTIO" in line],
-        "ip_rules": [line for line in run("ip", "rule").splitlines() if line.startswith("32764:")],
-        "table_100": run("ip", "route", "show", "table", "100").strip(),
-    }
-
-
-def ipset_members(cluster: SandboxCluster, node: str) -> str:
-    netns = cluster.state.topology.node(node).netns
-    listing = subprocess.run(
-        ["ip", "netns", "exec", netns, "ipset", "list", "istio-inpod-probes-v4"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return listing.split("Members:")[1].strip()
 
 
 def status_counts(mesh: Mesh, node: str) -> tuple[int, int, int, str]:
@@ -165,7 +140,7 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
             }
         wait_for(
             "ipsets empty",
-            lambda: ipset_members(sandbox, "node-1") == ipset_members(sandbox, "node-2") == "",
+            lambda: probe_members(sandbox, "node-1") == probe_members(sandbox, "node-2") == [],
         )
         wait_for(
             "status counts zero",
@@ -187,8 +162,18 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         sandbox.delete_namespace(outside)
 
 
+# Per backend: how a person flushes our outbound chain, and how the agent then says it.
+FLUSH = {
+    "iptables-nft": (["iptables", "-t", "nat", "-F", "ISTIO_OUTPUT"], "IPv4 nat: 6 of our rules"),
+    "nftables": (
+        ["nft", "flush", "chain", "inet", "istio-ambient-nat", "istio-output"],
+        "nftables istio-ambient-nat: 6 of our rules",
+    ),
+}
+
+
 def test_a_chain_flushed_by_hand_is_repaired(
-    sandbox: SandboxCluster, mesh: Mesh, namespace: str
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str, backend: str
 ) -> None:
     sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "victim", node="node-1")
@@ -198,20 +183,8 @@ def test_a_chain_flushed_by_hand_is_repaired(
         lambda: sandbox.pod_annotation(namespace, "victim", REDIRECTION) == "enabled",
     )
     rules = kernel_state(sandbox, pod)["istio_rules"]
-    subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            sandbox.pod_netns(pod),
-            "iptables",
-            "-t",
-            "nat",
-            "-F",
-            "ISTIO_OUTPUT",
-        ],
-        check=True,
-    )
+    flush, said = FLUSH[backend]
+    subprocess.run(["ip", "netns", "exec", sandbox.pod_netns(pod), *flush], check=True)
     assert kernel_state(sandbox, pod)["istio_rules"] != rules
     agent = mesh.agents["node-1"]
     repairs = agent.metric('ambient_cni_agent_repairs_total{kind="rules"}')
@@ -226,11 +199,9 @@ def test_a_chain_flushed_by_hand_is_repaired(
         lambda: (mesh.workload("node-1", "victim") or {}).get("lastRepair"),
     )
     assert repair["reason"] == "DriftRepaired"
-    assert "nat: 6 of our rules missing" in repair["message"]
+    assert f"{said} missing" in repair["message"]
     assert agent.metric('ambient_cni_agent_repairs_total{kind="rules"}') == repairs + 1
-    assert f"repaired {namespace}/victim: IPv4 nat: 6 of our rules missing" in (
-        agent.log_path.read_text()
-    )
+    assert f"repaired {namespace}/victim: {said} missing" in agent.log_path.read_text()
 
 
 def test_a_workload_without_a_netns_fails_alone(
@@ -313,31 +284,24 @@ def test_a_killed_agent_restarts_without_duplicates_and_reconverges(
         lambda: sandbox.pod_annotation(namespace, "steady", REDIRECTION) == "enabled",
     )
     before = kernel_state(sandbox, pod)
-    host_before = ipset_members(sandbox, "node-1")
+    host_before = probe_members(sandbox, "node-1")
 
     mesh.agents["node-1"].kill()
     assert kernel_state(sandbox, pod) == before  # a dead agent leaves pods redirected
-    assert ipset_members(sandbox, "node-1") == host_before
+    assert probe_members(sandbox, "node-1") == host_before
     mesh.agents["node-1"].start(timeout=60)
     wait_for("Ready again", lambda: status_counts(mesh, "node-1")[3] == "True")
     assert kernel_state(sandbox, pod) == before  # the same rules, once each
     assert len(before["ip_rules"]) == 1
-    assert ipset_members(sandbox, "node-1") == host_before
-    nat = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            sandbox.state.topology.node("node-1").netns,
-            "iptables-save",
-            "-t",
-            "nat",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert nat.count("-A POSTROUTING -j ISTIO_POSTRT") == 1
+    assert probe_members(sandbox, "node-1") == host_before
+    node_netns = sandbox.state.topology.node("node-1").netns
+    # The host's probe rule, once: the jump to ours (iptables), or our two SNAT rules (nft).
+    nat = run_in(node_netns, "iptables-save", "-t", "nat")
+    host_table = run_in(node_netns, "nft", "list", "table", "inet", "istio-ambient-nat")
+    assert (nat.count("-A POSTROUTING -j ISTIO_POSTRT"), host_table.count(" snat ")) in {
+        (1, 0),
+        (0, 2),
+    }
     reply = sandbox.http_get(pod, pod_ip(pod), 8080, "/self")
     assert reply.json()["pod"] == "steady"
 
@@ -362,7 +326,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
     before = {
         name: kernel_state(sandbox, pod) for name, pod in (("client", client), ("server", server))
     }
-    sets_before = {node: ipset_members(sandbox, node) for node in ("node-1", "node-2")}
+    sets_before = {node: probe_members(sandbox, node) for node in ("node-1", "node-2")}
 
     # The operator switches the controller to the legacy node mode, which this agent lacks.
     mesh.controller.stop()
@@ -392,7 +356,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
         assert {
             n: kernel_state(sandbox, p) for n, p in (("client", client), ("server", server))
         } == before
-        assert {node: ipset_members(sandbox, node) for node in ("node-1", "node-2")} == sets_before
+        assert {node: probe_members(sandbox, node) for node in ("node-1", "node-2")} == sets_before
         assert sandbox.pod_annotation(namespace, "client", REDIRECTION) == "enabled"
         assert status_counts(mesh, "node-1")[0] == 1
         # Traffic still goes through both ztunnels.

@@ -22,7 +22,8 @@ def host() -> Iterator[tuple[HostDataplane, str]]:
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         backend = factory.detect(SubprocessRunner())  # as the agent would pick on this machine
-        yield factory.build(backend, Path("/run/netns", name)).host, name
+        options = factory.BackendOptions(host_netns=Path("/run/netns", name))
+        yield factory.build(backend, options).host, name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=False)
 

@@ -1,0 +1,65 @@
+"""What the kernel holds of ours, read with the system's own tools, whichever backend wrote it.
+
+Both iptables chains (ISTIO_*) and native nftables tables (istio-ambient-*)
+are read, so the same assertions hold for every backend and catch leftovers
+of the other one after a switch.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from typing import Any
+
+from ambient_cni_sandbox.cluster import SandboxCluster
+
+COUNTERS = re.compile(r"counter packets \d+ bytes \d+")
+
+
+def run_in(netns: str, *argv: str) -> str:
+    """A command's output inside a named netns ("" when it fails, e.g. a table never made)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=False
+    ).stdout
+
+
+def our_nft_tables(listing: str, prefix: str = "table inet istio-ambient-") -> list[str]:
+    """The lines of our native tables in an `nft list ruleset` listing, counters taken out."""
+    found: list[str] = []
+    inside = False
+    for line in listing.splitlines():
+        if line.startswith("table "):
+            inside = line.startswith(prefix)
+        if inside and line.strip():
+            found.append(COUNTERS.sub("counter", line.strip()))
+    return found
+
+
+def istio_rules(netns: str) -> list[str]:
+    iptables = [line for line in run_in(netns, "iptables-save").splitlines() if "ISTIO" in line]
+    iptables += [line for line in run_in(netns, "ip6tables-save").splitlines() if "ISTIO" in line]
+    return iptables + our_nft_tables(run_in(netns, "nft", "list", "ruleset"))
+
+
+def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]:
+    netns = cluster.pod_netns(pod)
+    return {
+        "istio_rules": istio_rules(netns),
+        "ip_rules": [
+            line for line in run_in(netns, "ip", "rule").splitlines() if line.startswith("32764:")
+        ],
+        "table_100": run_in(netns, "ip", "route", "show", "table", "100").strip(),
+    }
+
+
+def probe_members(cluster: SandboxCluster, node: str) -> list[str]:
+    """The node's IPv4 probe set members, from the ipset or the nft set, sorted."""
+    netns = cluster.state.topology.node(node).netns
+    members: list[str] = []
+    listing = run_in(netns, "ipset", "list", "istio-inpod-probes-v4")
+    if "Members:" in listing:
+        members += [line.split()[0] for line in listing.split("Members:")[1].splitlines() if line]
+    nft = run_in(netns, "nft", "list", "set", "inet", "istio-ambient-nat", "istio-inpod-probes-v4")
+    for match in re.finditer(r"elements = \{([^}]*)\}", nft):
+        members += [part.split()[0] for part in match.group(1).split(",") if part.strip()]
+    return sorted(members)
