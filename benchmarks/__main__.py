@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import shlex
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         "--only", choices=["enroll", "event", "scale"], action="append", help="repeatable"
     )
     parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="enrolment: also sample each agent with py-spy, stacks into DIR (slows it down)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
@@ -49,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.only or ["enroll", "event", "scale"]
     results: dict[str, dict[str, Any]] = {}
     if "enroll" in chosen:
-        results["enroll"] = _on_sandbox(1, lambda c: enroll.run(c, args.pods))
+        results["enroll"] = _on_sandbox(1, lambda c: enroll.run(c, args.pods, profile=args.profile))
     if "event" in chosen:
-        results["event"] = _on_sandbox(2, lambda c: event_to_kernel.run(c, args.event_pods))
+        results["event"] = {"backends": {}}
+        for backend in enroll.BACKENDS:
+            measure = functools.partial(event_to_kernel.run, pods=args.event_pods, backend=backend)
+            results["event"]["backends"][backend] = _on_sandbox(2, measure)
     if "scale" in chosen:
         results["scale"] = _on_sandbox(
             1, lambda c: controller_scale.run(c, args.nodes, args.scale_pods, args.relabel)

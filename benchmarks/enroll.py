@@ -24,16 +24,18 @@ from ambient_cni.dataplane import factory
 from ambient_cni.dataplane.interfaces import PodDataplane
 from ambient_cni.dataplane.iptables_flavour import detect_flavour
 from ambient_cni.dataplane.iptables_rules import pod_ruleset
+from ambient_cni.dataplane.libnftables import Nft
+from ambient_cni.dataplane.nft_rules import pod_nft_ruleset
 from ambient_cni.dataplane.redirection import PodRedirect
 from ambient_cni.dataplane.routing import PolicyRouting
 from ambient_cni.dataplane.runner import SubprocessRunner
 from ambient_cni.kube import MERGE_PATCH, as_body, raw
-from ambient_cni.netns import run_in_netns
+from ambient_cni.netns import NetnsWorkers, run_in_netns
 from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.components import AGENT_USER, Component
 from ambient_cni_sandbox.network import create_netns
 
-from .measure import AckingZtunnel, ProcessUsage, RuleEvents, percentiles, wait_until
+from .measure import AckingZtunnel, ProcessUsage, Profile, RuleEvents, percentiles, wait_until
 from .objects import (
     BENCH_LABEL,
     NETNS_PREFIX,
@@ -81,7 +83,18 @@ def _spec(workloads: list[Workload]) -> dict[str, Any]:
     return spec.to_wire()
 
 
-def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
+BACKENDS = ("iptables-nft", "nftables")
+
+
+def run(
+    cluster: SandboxCluster,
+    pods: int = 250,
+    backends: tuple[str, ...] = BACKENDS,
+    profile: Path | None = None,
+) -> dict[str, Any]:
+    """With `profile` (a directory), each agent is also sampled by py-spy while it enrols and
+    while it un-enrols: the stacks go there, a summary into the results (and the sampling
+    slows the agent down: a profiled run's times are not the benchmark's)."""
     bulk = BulkClient(cluster)
     custom = bulk.custom()
     flavour = detect_flavour(SubprocessRunner())
@@ -89,9 +102,6 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
     pod_netns = [f"{NETNS_PREFIX}pod-{i:04d}" for i in range(pods)]
     socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel.sock"
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    agent: Component | None = None
-    ztunnel: AckingZtunnel | None = None
-    events: RuleEvents | None = None
     try:
         ensure_crd(cluster)
         cluster.create_namespace(NAMESPACE, labels={BENCH_LABEL: "true"})
@@ -127,9 +137,72 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
             ),
             _preload_content=False,
         )
+        measured = {
+            backend: _agent_run(
+                cluster,
+                custom=custom,
+                backend=backend,
+                workloads=workloads,
+                paths=paths,
+                pod_netns=pod_netns,
+                host_netns=host_netns,
+                socket_path=socket_path,
+                profile=profile,
+            )
+            for backend in backends
+        }
+        cleanup = factory.build(flavour.backend).pods
+        naive = _timed_per_pod(paths.values(), lambda: _per_rule(flavour.name))
+        _remove_all(cleanup, paths.values())
+        floor = _timed_per_pod(paths.values(), lambda: _bare_restore(flavour.name))
+        _remove_all(cleanup, paths.values())
+        in_process = _in_process_floor(list(paths.values()))
+        _remove_all(factory.build("nftables").pods, paths.values())
+        for result in measured.values():
+            result["ratio_per_rule_over_ours"] = naive / result["enroll_kernel_wall_s"]
+            result["ratio_ours_over_restore_floor"] = result["enroll_kernel_wall_s"] / floor
+            result["ratio_ours_over_in_process_floor"] = result["enroll_kernel_wall_s"] / in_process
+        return {
+            "pods": pods,
+            "workers": WORKERS,
+            "iptables_flavour": flavour.backend,
+            "backends": measured,
+            "per_rule_wall_s": naive,
+            "per_rule_processes_per_pod": len(
+                per_rule_commands(pod_ruleset(PodRedirect()), "iptables")
+            ),
+            "floor_wall_s": floor,
+            "in_process_floor_wall_s": in_process,
+        }
+    finally:
+        delete_netns_all([*pod_netns, host_netns])
+        with contextlib.suppress(ApiException):
+            custom.delete_cluster_custom_object(
+                names.GROUP, names.VERSION, names.PLURAL, NODE, _preload_content=False
+            )
+        delete_bench_objects(bulk, [NAMESPACE])
+
+
+def _agent_run(
+    cluster: SandboxCluster,
+    *,
+    custom: Any,
+    backend: str,
+    workloads: list[Workload],
+    paths: dict[str, Path],
+    pod_netns: list[str],
+    host_netns: str,
+    socket_path: Path,
+    profile: Path | None,
+) -> dict[str, Any]:
+    """One agent with this backend enrols every pod, then un-enrols them."""
+    agent: Component | None = None
+    ztunnel: AckingZtunnel | None = None
+    events: RuleEvents | None = None
+    try:
         agent = Component(
             cluster,
-            "bench-agent",
+            f"bench-agent-{backend}",
             [
                 "agent",
                 f"--node={NODE}",
@@ -140,6 +213,8 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
                 f"--netns-prefix={NETNS_PREFIX}pod-",
                 "--drift-interval=600",
                 f"--workers={WORKERS}",
+                f"--backend={backend}",
+                "--kubelet-uid=0",
             ],
         )
         agent.start(timeout=60)
@@ -152,6 +227,7 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
         )
         usage = ProcessUsage(agent.pid or 0)
         events = RuleEvents(paths)
+        pods = len(workloads)
 
         def status() -> dict[str, Any]:
             obj = raw(
@@ -161,9 +237,11 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
             )
             return dict(obj.get("status") or {})
 
+        spec_written: list[float] = []  # seconds the API server took to take each spec
+
         def patch_workloads(entries: list[Workload]) -> float:
             started = time.monotonic()
-            custom.patch_cluster_custom_object(
+            answer = custom.patch_cluster_custom_object(
                 names.GROUP,
                 names.VERSION,
                 names.PLURAL,
@@ -172,10 +250,21 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
                 _content_type=MERGE_PATCH,
                 _preload_content=False,
             )
+            answer.read()
+            spec_written.append(time.monotonic() - started)
             return started
 
         writes = "ambient_cni_agent_status_writes_total"
         writes_before = agent.metric(writes)
+        profiles: dict[str, Any] = {}
+
+        def profiled(phase: str) -> Profile | None:
+            if profile is None:
+                return None
+            profile.mkdir(parents=True, exist_ok=True)
+            return Profile(started_agent.pid or 0, profile / f"agent-{backend}-{phase}.folded")
+
+        profiler = profiled("enrol")
         cpu_before = usage.cpu_seconds()
         t_enroll = patch_workloads(workloads)
         wait_until(
@@ -186,11 +275,14 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
         )
         enroll_wall = time.monotonic() - t_enroll
         enroll_cpu = usage.cpu_seconds() - cpu_before
+        if profiler is not None:
+            profiles["enrol"] = profiler.stop()
         enroll_status_writes = agent.metric(writes) - writes_before
         writes_before = agent.metric(writes)
         enroll_latency = [events.added[n] - t_enroll for n in pod_netns if n in events.added]
         enroll_kernel_wall = max(enroll_latency, default=0.0)
 
+        profiler = profiled("unenrol")
         cpu_before = usage.cpu_seconds()
         t_leave = patch_workloads([])
         wait_until(
@@ -201,40 +293,27 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
         )
         leave_wall = time.monotonic() - t_leave
         leave_cpu = usage.cpu_seconds() - cpu_before
+        if profiler is not None:
+            profiles["unenrol"] = profiler.stop()
         leave_status_writes = agent.metric(writes) - writes_before
         leave_latency = [events.removed[n] - t_leave for n in pod_netns if n in events.removed]
         peak_rss = usage.peak_rss_mib()
-        agent.stop()
-        agent = None
-
-        pod_dataplane = factory.build(flavour.backend).pods
-        naive = _timed_per_pod(paths.values(), lambda: _per_rule(flavour.name))
-        _remove_all(pod_dataplane, paths.values())
-        floor = _timed_per_pod(paths.values(), lambda: _bare_restore(flavour.name))
-        _remove_all(pod_dataplane, paths.values())
         return {
-            "pods": pods,
-            "workers": WORKERS,
-            "backend": flavour.backend,
+            "backend": backend,
             "enroll_wall_s": enroll_wall,
             "enroll_kernel_wall_s": enroll_kernel_wall,
             "enroll_kernel_latency_s": percentiles(enroll_latency),
+            "enroll_spec_write_s": spec_written[0],
             "enroll_seen_in_kernel": len(enroll_latency),
             "enroll_agent_cpu_s": enroll_cpu,
             "enroll_status_writes": enroll_status_writes,
             "unenroll_wall_s": leave_wall,
             "unenroll_kernel_latency_s": percentiles(leave_latency),
+            "unenroll_spec_write_s": spec_written[1],
             "unenroll_agent_cpu_s": leave_cpu,
             "unenroll_status_writes": leave_status_writes,
             "agent_peak_rss_mib": peak_rss,
-            "per_rule_wall_s": naive,
-            "per_rule_processes_per_pod": len(
-                per_rule_commands(pod_ruleset(PodRedirect()), "iptables")
-            ),
-            "floor_wall_s": floor,
-            "ratio_per_rule_over_ours": naive / enroll_wall,
-            "ratio_ours_over_floor": enroll_wall / floor,
-            "ratio_ours_kernel_over_floor": enroll_kernel_wall / floor,
+            **({"profiles": profiles} if profiles else {}),
         }
     finally:
         if events is not None:
@@ -243,12 +322,25 @@ def run(cluster: SandboxCluster, pods: int = 250) -> dict[str, Any]:
             ztunnel.close()
         if agent is not None:
             agent.stop()
-        delete_netns_all([*pod_netns, host_netns])
-        with contextlib.suppress(ApiException):
-            custom.delete_cluster_custom_object(
-                names.GROUP, names.VERSION, names.PLURAL, NODE, _preload_content=False
-            )
-        delete_bench_objects(bulk, [NAMESPACE])
+
+
+def _in_process_floor(paths: list[Path]) -> float:
+    """The floor of an in-process backend: enter the netns, one libnftables transaction of
+    the same ruleset, the netlink rule and route; nothing else (no read-back, no API)."""
+    ruleset = pod_nft_ruleset([PodRedirect()])
+    workers = NetnsWorkers(WORKERS, name="floor")
+    routing = PolicyRouting()
+
+    def apply() -> None:
+        Nft().run(ruleset)
+        routing.ensure(None, [4])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(lambda path: workers.run(path, apply), paths))
+    elapsed = time.monotonic() - started
+    workers.close()
+    return elapsed
 
 
 def _per_rule(flavour: str) -> None:

@@ -23,8 +23,8 @@ from .measure import RuleEvents, percentiles, wait_until
 NAMESPACE = "bench-event"
 
 
-def run(cluster: SandboxCluster, pods: int = 50) -> dict[str, Any]:
-    mesh = Mesh(cluster)
+def run(cluster: SandboxCluster, pods: int = 50, backend: str = "iptables-nft") -> dict[str, Any]:
+    mesh = Mesh(cluster, f"--backend={backend}", "--kubelet-uid=0")
     stop = threading.Event()
     events: RuleEvents | None = None
     try:
@@ -71,6 +71,7 @@ def run(cluster: SandboxCluster, pods: int = 50) -> dict[str, Any]:
         to_kernel = [events.added[name] - labelled_at for name in pod_names]
         to_annotation = [enabled_at[name] - labelled_at for name in pod_names]
         return {
+            "backend": backend,
             "pods": pods,
             "nodes": len(nodes),
             "label_to_kernel_s": percentiles(to_kernel),

@@ -1,12 +1,17 @@
 """What the benchmarks measure with: percentiles, a process's CPU and peak
-memory, kernel rule events per network namespace, and a ZDS peer that acks."""
+memory, kernel rule events per network namespace, a ZDS peer that acks, and a
+sampling profile of a process."""
 
 from __future__ import annotations
 
+import collections
 import os
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -172,4 +177,73 @@ def machine() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "memory": f"{mem_kib / 1024 / 1024:.0f} GiB",
         "kernel": os.uname().release,
+    }
+
+
+class Profile:
+    """py-spy sampling every thread of one process while it is busy, as collapsed stacks
+    (one "frame;frame;... count" line each, for flamegraph.pl or speedscope)."""
+
+    def __init__(self, pid: int, output: Path, rate: int = 250):
+        self.output = output
+        py_spy = Path(sys.executable).with_name("py-spy")
+        self._process = subprocess.Popen(
+            [
+                *(str(py_spy), "record", f"--pid={pid}", f"--rate={rate}", "--format=raw"),
+                *("--threads", "--nolineno", "--nonblocking", f"--output={output}"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        said: list[str] = []
+        said_by_py_spy = self._process.stdout
+        assert said_by_py_spy is not None
+        # py-spy says when it samples; what comes before is not the window measured.
+        for line in said_by_py_spy:
+            said.append(line)
+            if "Sampling process" in line:
+                break
+        else:
+            raise RuntimeError(f"py-spy did not attach to {pid}: {''.join(said).strip()}")
+        # The rest of what it says is read off, so it never blocks on a full pipe.
+        self._drain = threading.Thread(
+            target=said_by_py_spy.read, name="py-spy-output", daemon=True
+        )
+        self._drain.start()
+
+    def stop(self) -> dict[str, Any]:
+        self._process.send_signal(signal.SIGINT)
+        self._process.wait(timeout=30)
+        self._drain.join(timeout=5)
+        return summarise(self.output)
+
+
+def summarise(collapsed: Path, top: int = 15) -> dict[str, Any]:
+    """The functions most often on the stack (inclusive) and at its top (self), as a share
+    of all samples, and the samples per thread name."""
+    samples = 0
+    at_top: collections.Counter[str] = collections.Counter()
+    on_stack: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
+    text = collapsed.read_text() if collapsed.exists() else ""  # no samples, no file
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        n = int(count)
+        samples += n
+        threads[frames[0].split(": ", 1)[-1].rstrip("-0123456789")] += n
+        at_top[frames[-1]] += n
+        on_stack.update(dict.fromkeys(set(frames[1:]), n))
+
+    def shares(counter: collections.Counter[str]) -> dict[str, float]:
+        return {name: round(n / samples, 3) for name, n in counter.most_common(top)}
+
+    return {
+        "samples": samples,
+        "threads": shares(threads) if samples else {},
+        "self": shares(at_top) if samples else {},
+        "inclusive": shares(on_stack) if samples else {},
     }
