@@ -1,9 +1,11 @@
-"""The sandbox's Go binaries: etcd, kube-apiserver, kube-controller-manager, kubectl, helm.
+"""The sandbox's Go binaries: etcd, kube-apiserver, kube-controller-manager, kubectl, helm;
+and the CNI chain: the containernetworking reference plugins, cni-run and istio-cni.
 
-They are built with the machine's Go toolchain from the module in tools/gobin,
-whose go.mod pins every version. Builds land in a cache outside the repository
-keyed by that go.mod, go.sum, the Go version and the build recipe, so they are
-rebuilt only when one of those changes.
+They are built with the machine's Go toolchain from the modules in tools/gobin,
+tools/cnibin and cni-plugin, whose go.mod files pin every version. Builds land
+in a cache outside the repository keyed by the modules' go.mod and go.sum (and
+Go sources, for the project's own), the Go version and the build recipe, so
+they are rebuilt only when one of those changes.
 """
 
 from __future__ import annotations
@@ -234,3 +236,76 @@ def _build_into(target: Path, src: Path, pins: PinnedVersions, *, log: bool) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     say(f"sandbox binaries ready in {time.monotonic() - started:.0f}s")
+
+
+# -- the CNI chain: reference plugins, the invoker, and the project's own plugin ---------------
+
+CNI_PACKAGES = {
+    "bridge": "github.com/containernetworking/plugins/plugins/main/bridge",
+    "host-local": "github.com/containernetworking/plugins/plugins/ipam/host-local",
+    "loopback": "github.com/containernetworking/plugins/plugins/main/loopback",
+    "cni-run": "./cni-run",
+}
+PLUGIN_BINARY = "istio-cni"
+CNI_BINARIES = (*CNI_PACKAGES, PLUGIN_BINARY)
+
+
+def _repo_root() -> Path:
+    # sandbox/ambient_cni_sandbox/binaries.py -> repository root
+    return Path(__file__).resolve().parents[2]
+
+
+def _sources(module: Path) -> list[Path]:
+    """What a module's build depends on: go.mod, go.sum and its Go files."""
+    return sorted(
+        [module / "go.mod", module / "go.sum", *module.rglob("*.go")],
+        key=lambda p: str(p.relative_to(module)),
+    )
+
+
+def cni_binaries_dir(*, build: bool = True, log: bool = True) -> Path:
+    """The directory holding bridge, host-local, loopback, cni-run and istio-cni (the
+    project's plugin, built from cni-plugin/), building them first if needed."""
+    tools, plugin = _repo_root() / "tools" / "cnibin", _repo_root() / "cni-plugin"
+    digest = hashlib.sha256(f"{RECIPE_VERSION}\0{_go_version()}".encode())
+    for module in (tools, plugin):
+        for path in _sources(module):
+            digest.update(str(path.relative_to(module)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    target = cache_root() / "cni" / digest.hexdigest()[:16]
+    if all((target / name).is_file() for name in CNI_BINARIES):
+        return target
+    if not build:
+        raise BuildError(f"CNI binaries are not built yet (expected in {target})")
+    with _locked(cache_root() / "cni" / ".build.lock"):
+        if not all((target / name).is_file() for name in CNI_BINARIES):
+            _build_cni_into(target, tools, plugin, log=log)
+    return target
+
+
+def _build_cni_into(target: Path, tools: Path, plugin: Path, *, log: bool) -> None:
+    started = time.monotonic()
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        ldflags = ["-trimpath", "-ldflags", "-s -w"]
+        _run(
+            ["go", "build", *ldflags, "-o", f"{staging}/", *CNI_PACKAGES.values()],
+            tools,
+            "go build of the CNI reference plugins and cni-run",
+        )
+        _run(
+            ["go", "build", *ldflags, "-o", str(staging / PLUGIN_BINARY), "."],
+            plugin,
+            "go build of the istio-cni plugin",
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if log:
+        print(
+            f"[ambient-cni] CNI plugins built in {time.monotonic() - started:.0f}s into {target}",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -45,8 +45,8 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
 
     cmds.add_parser(
         "build",
-        help="build (or find cached) etcd, kube-apiserver, "
-        "kube-controller-manager, kubectl and helm",
+        help="build (or find cached) etcd, kube-apiserver, kube-controller-manager, kubectl, "
+        "helm, the CNI reference plugins and istio-cni",
     )
     up = named(cmds.add_parser("up", help="start a sandbox and wait until its nodes are Ready"))
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
@@ -69,9 +69,10 @@ def run_sandbox(args: argparse.Namespace) -> int:
 
     command = args.sandbox_command
     if command == "build":
-        from .binaries import binaries_dir
+        from .binaries import binaries_dir, cni_binaries_dir
 
         print(binaries_dir())
+        print(cni_binaries_dir())
         return 0
     if command == "up":
         state = lifecycle.up(args.name, args.nodes)
