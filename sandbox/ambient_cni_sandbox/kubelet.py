@@ -2,8 +2,10 @@
 
 It registers its Node and keeps it Ready (Lease heartbeats), watches the pods
 bound to its node and, level-based, makes each one real: a network namespace
-with a veth on the node bridge and an address from the node's pod CIDR, and
-the first container's process running inside it. It writes the pod's status
+set up by the node's CNI chain as a container runtime sets it up (cni.py), and
+the first container's process running inside it. A failed CNI ADD leaves the
+pod ContainerCreating with a FailedCreatePodSandBox Event carrying the
+plugin's message, retried with backoff, as a kubelet does. It writes the pod's status
 (phase, podIP, conditions, container state) back through `pods/status`.
 Deleting a pod stops its process and removes its namespace.
 
@@ -38,6 +40,7 @@ from ambient_cni.workqueue import WorkQueue
 
 from . import network
 from .binaries import gomod_dir, parse_pins
+from .cni import CniError, CniRuntime, SandboxPod
 from .podspec import (
     PodRuntime,
     PodSpecError,
@@ -50,7 +53,6 @@ from .podspec import (
 )
 from .processes import TAG_ENV, is_running, listens_on, start_time, terminate_group
 from .state import SandboxState, load_state, paths_for
-from .topology import host_veth_name, next_free_ip
 
 log = logging.getLogger("kubelet")
 
@@ -60,6 +62,9 @@ HEARTBEAT_INTERVAL = 10.0
 NODE_STATUS_INTERVAL = 60.0
 RESYNC_INTERVAL = 30.0
 WORKERS = 4
+# Backoff of a pod whose CNI ADD failed, as a kubelet backs off sandbox creation.
+SANDBOX_RETRY_S = 1.0
+SANDBOX_RETRY_MAX_S = 10.0
 MAX_BACKOFF = 30.0
 READINESS_FAST_SECONDS = 10.0
 SANDBOX_LABEL = "sandbox.ambient-cni.dev/name"
@@ -110,6 +115,11 @@ class Kubelet:
             self.queue.add,
             field_selector=f"spec.nodeName={node_name}",
         )
+        self.cni = CniRuntime(
+            self.paths.node_cni(node_name), self.node, Path(state.cni_bin_dir) / "cni-run"
+        )
+        self.sandbox_failures: dict[str, int] = {}  # uid -> failed CNI ADDs in a row
+        self.sandbox_retry_at: dict[str, float] = {}  # uid -> monotonic time of the next try
         self.local: dict[str, LocalPod] = {}
         self.exited: dict[str, tuple[int, int]] = {}  # uid -> (pid, exit code)
         self.reported: dict[str, dict[str, Any]] = {}
@@ -275,6 +285,8 @@ class Kubelet:
             if local:  # deleted (or force-deleted) from the API
                 self.teardown(local, grace=0)
             self.reported.pop(uid, None)
+            self.sandbox_failures.pop(uid, None)
+            self.sandbox_retry_at.pop(uid, None)
             return
         if pod["metadata"].get("deletionTimestamp"):
             if local:
@@ -321,6 +333,10 @@ class Kubelet:
     def start(self, pod: Obj) -> LocalPod | None:
         meta = pod["metadata"]
         uid = meta["uid"]
+        wait = self.sandbox_retry_at.get(uid, 0.0) - time.monotonic()
+        if wait > 0:  # backing off a failed sandbox; status events must not cut it short
+            self.queue.add_after(uid, wait)
+            return None
         host_network = uses_host_network(pod)
         container = (pod["spec"].get("containers") or [{}])[0]
         runtime = PodRuntime(
@@ -330,19 +346,14 @@ class Kubelet:
             image=container.get("image", ""),
         )
         with self.lock:
-            if host_network:
-                ip = self.node.ip
-            else:
-                used = [p.ip for p in self.local.values() if p.own_netns]
-                ip = next_free_ip(self.node.pod_cidr, used)
             local = LocalPod(
                 uid=uid,
                 namespace=meta["namespace"],
                 name=meta["name"],
                 netns=self.node.netns if host_network else self.state.topology.pod_netns(uid),
                 own_netns=not host_network,
-                veth=None if host_network else host_veth_name(uid),
-                ip=ip,
+                veth=None,
+                ip=self.node.ip if host_network else "",
                 runtime=runtime,
             )
             self.local[uid] = local
@@ -350,18 +361,65 @@ class Kubelet:
         if local.own_netns:
             try:
                 network.create_netns(local.netns)
-                network.attach_pod(self.node, local.netns, local.veth or "", ip)
-            except Exception as exc:
-                log.warning("network for %s/%s failed: %s", local.namespace, local.name, exc)
-                self.teardown(local, grace=0)
-                runtime.state_reason = "NetworkSetupError"
-                runtime.state_message = str(exc)
-                self.report(LocalPod(**{**local.model_dump(), "runtime": runtime}))
-                self.queue.add_after(uid, 2.0)
+                local.ip = self.cni.add(self._sandbox(local))
+                network.forget_neighbour(self.node, local.ip)
+            except (CniError, network.NetworkError, OSError) as exc:
+                self._sandbox_failed(local, str(exc))
                 return None
-        runtime.pod_ip = ip
+            self.sandbox_failures.pop(uid, None)
+            self.sandbox_retry_at.pop(uid, None)
+        runtime.pod_ip = local.ip
+        self.save(local)
         self.launch(pod, local)
         return local
+
+    def _sandbox(self, local: LocalPod) -> SandboxPod:
+        return SandboxPod(local.namespace, local.name, local.uid, local.netns)
+
+    def _sandbox_failed(self, local: LocalPod, message: str) -> None:
+        """As a kubelet: the sandbox goes, the pod stays ContainerCreating, an Event says
+        why in the plugin's words, and another try comes after a backoff."""
+        failures = self.sandbox_failures.get(local.uid, 0) + 1
+        self.sandbox_failures[local.uid] = failures
+        detail = f'failed to set up network for sandbox "{local.uid}": {message}'
+        log.warning("%s/%s: %s", local.namespace, local.name, detail)
+        self.teardown(local, grace=0)
+        runtime = local.runtime
+        runtime.state_reason = "ContainerCreating"
+        runtime.state_message = detail
+        self.report(LocalPod(**{**local.model_dump(), "runtime": runtime}))
+        self._event(local, "FailedCreatePodSandBox", f"Failed to create pod sandbox: {detail}")
+        backoff = min(SANDBOX_RETRY_S * 2 ** (failures - 1), SANDBOX_RETRY_MAX_S)
+        self.sandbox_retry_at[local.uid] = time.monotonic() + backoff
+        self.queue.add_after(local.uid, backoff)
+
+    def _event(self, local: LocalPod, reason: str, message: str) -> None:
+        stamp = now()
+        body = {
+            "metadata": {"generateName": f"{local.name}.", "namespace": local.namespace},
+            "involvedObject": {
+                "kind": "Pod",
+                "namespace": local.namespace,
+                "name": local.name,
+                "uid": local.uid,
+                "apiVersion": "v1",
+            },
+            "reason": reason,
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "kubelet", "host": self.node.name},
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(
+                local.namespace, as_body(body), _preload_content=False
+            )
+        except ApiException as exc:
+            log.warning(
+                "event %s for %s/%s not recorded: %s", reason, local.namespace, local.name, exc
+            )
 
     def launch(self, pod: Obj, local: LocalPod) -> None:
         runtime = local.runtime
@@ -483,7 +541,9 @@ class Kubelet:
 
     def _release_network(self, local: LocalPod) -> None:
         if local.own_netns:
-            network.detach_pod(self.node, local.netns, local.veth or "")
+            for failure in self.cni.delete(self._sandbox(local)):
+                log.warning("CNI DEL of %s/%s: %s", local.namespace, local.name, failure)
+            network.delete_netns(local.netns)
 
     def teardown(self, local: LocalPod, *, grace: int) -> None:
         """Stop the pod's process, remove its namespace, forget it."""

@@ -26,8 +26,8 @@ from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.kube import new_api_client, raw
 
-from . import network
-from .binaries import binaries_dir
+from . import cni, network
+from .binaries import binaries_dir, cni_binaries_dir
 from .controlplane import ControlPlane, ControlPlaneError, Ports
 from .processes import is_running, spawn_daemon, tagged_pids, tagged_sandboxes, terminate
 from .scheduling import node_view
@@ -62,6 +62,7 @@ def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
         down(name, say=_quiet)
 
     bin_dir = binaries_dir()
+    cni_bin_dir = cni_binaries_dir()
     paths.state_dir.mkdir(parents=True, exist_ok=True)
     paths.state_dir.chmod(0o700)
     ports = Ports.pick()
@@ -75,6 +76,7 @@ def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
             "controller_manager": ports.controller_manager,
         },
         bin_dir=str(bin_dir),
+        cni_bin_dir=str(cni_bin_dir),
         state_dir=str(paths.state_dir),
         etcd_dir=str(paths.etcd_dir),
         kubeconfig=str(paths.kubeconfig),
@@ -96,6 +98,7 @@ def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
         network.create_underlay(topology)
         for node in topology.nodes:
             network.create_node(topology, node)
+            cni.write_node_config(paths.node_cni(node.name), node, cni_bin_dir)
         helpers = {"scheduler": ["scheduler", "--name", name]}
         for node in topology.nodes:
             helpers[f"kubelet-{node.name}"] = ["kubelet", "--name", name, "--node", node.name]

@@ -26,7 +26,6 @@ from .processes import terminate
 from .topology import (
     NODE_BRIDGE,
     NODE_UPLINK,
-    POD_INTERFACE,
     UNDERLAY_BRIDGE,
     UNDERLAY_NET,
     NodePlan,
@@ -141,40 +140,14 @@ def _bridge_mac(gateway: str) -> str:
     return "02:ac:" + ":".join(f"{b:02x}" for b in octets)
 
 
-def attach_pod(node: NodePlan, pod_netns: str, host_veth: str, pod_ip: str) -> None:
-    """Give a pod namespace an eth0 on the node bridge, its address and default route."""
-    pod_fd = os.open(netns_path(pod_netns), os.O_RDONLY | os.O_CLOEXEC)
-    try:
+def forget_neighbour(node: NodePlan, ip: str) -> None:
+    """In the node's namespace: drop its ARP entry for an address a new pod now has."""
 
-        def plug_into_bridge() -> None:
-            with IPRoute() as ipr:
-                _delete_link_if_present(ipr, host_veth)  # a half-made earlier attempt
-                ipr.link(
-                    "add",
-                    ifname=host_veth,
-                    kind="veth",
-                    peer={"ifname": POD_INTERFACE, "net_ns_fd": pod_fd},
-                )
-                ipr.link(
-                    "set", index=_index(ipr, host_veth), master=_index(ipr, NODE_BRIDGE), state="up"
-                )
-                _forget_neighbour(ipr, pod_ip)
-
-        run_in_netns(node.netns, plug_into_bridge)
-    finally:
-        os.close(pod_fd)
-
-    prefixlen = ipaddress.IPv4Network(node.pod_cidr).prefixlen
-
-    def setup_pod() -> None:
+    def forget() -> None:
         with IPRoute() as ipr:
-            _loopback_up(ipr)
-            eth0 = _index(ipr, POD_INTERFACE)
-            ipr.addr("add", index=eth0, address=pod_ip, prefixlen=prefixlen)
-            ipr.link("set", index=eth0, state="up")
-            ipr.route("add", dst="0.0.0.0/0", gateway=node.gateway)
+            _forget_neighbour(ipr, ip)
 
-    run_in_netns(pod_netns, setup_pod)
+    run_in_netns(node.netns, forget)
 
 
 def _forget_neighbour(ipr: IPRoute, ip: str) -> None:
@@ -185,18 +158,6 @@ def _forget_neighbour(ipr: IPRoute, ip: str) -> None:
     """
     with contextlib.suppress(NetlinkError):
         ipr.neigh("del", dst=ip, ifindex=_index(ipr, NODE_BRIDGE))
-
-
-def detach_pod(node: NodePlan, pod_netns: str, host_veth: str) -> None:
-    """Remove the pod's namespace (which takes its veth pair along) and any stray host end."""
-    delete_netns(pod_netns)
-
-    def drop_host_end() -> None:
-        with IPRoute() as ipr:
-            _delete_link_if_present(ipr, host_veth)
-
-    with contextlib.suppress(FileNotFoundError, OSError):
-        run_in_netns(node.netns, drop_host_end)
 
 
 def sandbox_netns(prefix: str) -> list[str]:

@@ -4,6 +4,7 @@
     state.json                      this record
     kubeconfig                      admin kubeconfig
     pki/ logs/ pods/<node>/         certificates, component logs, pod records and logs
+    cni/<node>/                     the node's CNI conf dir, bin dir, result cache, IPAM state
 /dev/shm/ambient-cni-<name>-etcd/   etcd data, on tmpfs when /dev/shm is one
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .cni import NodeCni
 from .controlplane import Ports
 from .topology import Topology, validate_name
 
@@ -42,6 +44,9 @@ class SandboxPaths:
 
     def pods_dir(self, node: str) -> Path:
         return self.state_dir / "pods" / node
+
+    def node_cni(self, node: str) -> NodeCni:
+        return NodeCni(self.state_dir / "cni" / node)
 
 
 def _is_tmpfs_mount(path: Path) -> bool:
@@ -72,6 +77,7 @@ class SandboxState(BaseModel):
     topology: Topology
     ports: dict[str, int]
     bin_dir: str
+    cni_bin_dir: str = ""  # the built CNI plugins and cni-run
     state_dir: str
     etcd_dir: str
     kubeconfig: str

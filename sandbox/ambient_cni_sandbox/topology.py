@@ -13,10 +13,8 @@ on one machine may reuse the same ranges):
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -106,19 +104,3 @@ def plan(name: str, node_count: int) -> Topology:
     return Topology(
         name=name, prefix=prefix, underlay_netns=f"{prefix}underlay", nodes=tuple(nodes)
     )
-
-
-def host_veth_name(pod_uid: str) -> str:
-    """The node-side end of a pod's veth: short (IFNAMSIZ is 16) and stable per pod."""
-    return "veth" + hashlib.sha256(pod_uid.encode()).hexdigest()[:10]
-
-
-def next_free_ip(cidr: str, used: Iterable[str]) -> str:
-    """The lowest pod address in `cidr` not in `used` (network, gateway, broadcast excluded)."""
-    network = ipaddress.IPv4Network(cidr)
-    taken = {ipaddress.IPv4Address(ip) for ip in used}
-    gateway = network.network_address + 1
-    for host in network.hosts():
-        if host != gateway and host not in taken:
-            return str(host)
-    raise TopologyError(f"pod CIDR {cidr} is full ({len(taken)} addresses in use)")

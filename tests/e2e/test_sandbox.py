@@ -16,9 +16,9 @@ import pytest
 from ambient_cni.netns import netns_inode, process_netns_inode
 from ambient_cni_sandbox import lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.cni import NETWORK_NAME
 from ambient_cni_sandbox.processes import is_running
 from ambient_cni_sandbox.state import paths_for
-from ambient_cni_sandbox.topology import host_veth_name
 
 
 def container_pid(pod: dict[str, Any]) -> int:
@@ -79,14 +79,23 @@ def test_pod_gets_netns_process_and_ip_then_delete_removes_them(
         check=True,
     ).stdout
     assert f"inet {ip}/22" in addresses
-    veth = host_veth_name(pod["metadata"]["uid"])
+    # Made by the node's CNI chain: libcni cached the ADD result, host-local holds the IP.
+    uid = pod["metadata"]["uid"]
+    cni = paths_for(sandbox.name).node_cni("node-1")
+    cached = cni.cache_dir / "results" / f"{NETWORK_NAME}-{uid}-eth0"
+    leased = cni.ipam_dir / NETWORK_NAME / ip
+    veth = json.loads(cached.read_text())["result"]["interfaces"][1]["name"]
+    assert leased.read_text().startswith(uid)
     assert veth in node_links(sandbox, "node-1")
 
     sandbox.delete_pod(namespace, "web")
     sandbox.wait_pod_gone(namespace, "web")
     wait_for("the pod netns to be removed", lambda: not netns_exists(netns))
     wait_for("the pod process to exit", lambda: not is_running(pid))
+    # CNI DEL ran: the veth, the cached result and the lease are gone.
     assert veth not in node_links(sandbox, "node-1")
+    assert not cached.exists()
+    assert not leased.exists()
 
 
 def test_pod_on_node_1_gets_http_answer_from_pod_on_node_2(
@@ -113,9 +122,10 @@ def test_pod_on_node_1_gets_http_answer_from_pod_on_node_2(
     assert reply.json()["client"].split(":")[0] == pod_ip(client)
 
 
-def test_a_reused_pod_address_answers_at_once(sandbox: SandboxCluster, namespace: str) -> None:
-    # The kubelet hands out the lowest free address, so a replacement pod often
-    # gets its predecessor's; the node must not keep sending to the old MAC.
+def test_a_replacement_pod_answers_at_once(sandbox: SandboxCluster, namespace: str) -> None:
+    # host-local hands out the address after the last one it gave, so a replacement
+    # gets a new address; when one is reused after a wrap, the kubelet drops the
+    # node's neighbour entry for it (network.forget_neighbour).
     sandbox.create_pod(namespace, "client", node="node-1")
     sandbox.create_pod(namespace, "bystander", node="node-2")  # keeps node-2's bridge up
     sandbox.create_pod(namespace, "server", node="node-2")
@@ -128,7 +138,7 @@ def test_a_reused_pod_address_answers_at_once(sandbox: SandboxCluster, namespace
     wait_for("the kubelet to release the first server", lambda: not old_netns.exists())
     sandbox.create_pod(namespace, "server", node="node-2")
     second = sandbox.wait_running(namespace, "server")
-    assert pod_ip(second) == pod_ip(first)
+    assert pod_ip(second) != pod_ip(first)
     assert sandbox.http_get(client, pod_ip(second), 8080, timeout=2).status == 200
 
 

@@ -4,8 +4,6 @@ import pytest
 
 from ambient_cni_sandbox.topology import (
     TopologyError,
-    host_veth_name,
-    next_free_ip,
     plan,
     prefix_for,
 )
@@ -44,28 +42,3 @@ def test_node_count_bounds(count: int) -> None:
 def test_no_prefix_is_the_start_of_another() -> None:
     # Names cannot contain the separator, so "acni-a-" never prefixes "acni-ab-...".
     assert not prefix_for("ab").startswith(prefix_for("a"))
-
-
-def test_host_veth_name_fits_ifnamsiz_and_is_stable() -> None:
-    name = host_veth_name("0b8f7c1e-4b8a-4f62-9f0e-5a4d2b0c9e11")
-    assert len(name) <= 15
-    assert name == host_veth_name("0b8f7c1e-4b8a-4f62-9f0e-5a4d2b0c9e11")
-    assert name != host_veth_name("another-uid")
-
-
-@pytest.mark.parametrize(
-    ("used", "expected"),
-    [
-        ([], "10.244.0.2"),
-        (["10.244.0.2"], "10.244.0.3"),
-        (["10.244.0.3"], "10.244.0.2"),
-        (["10.244.0.2", "10.244.0.3", "10.244.0.5"], "10.244.0.4"),
-    ],
-)
-def test_next_free_ip_skips_gateway_and_used(used: list[str], expected: str) -> None:
-    assert next_free_ip("10.244.0.0/22", used) == expected
-
-
-def test_next_free_ip_reports_a_full_cidr() -> None:
-    with pytest.raises(TopologyError, match="full"):
-        next_free_ip("10.0.0.0/30", ["10.0.0.2"])

@@ -1,0 +1,235 @@
+"""Pod networking through a real CNI chain, as a container runtime sets it up.
+
+Each node has what a real node has: a conf dir whose first config is the
+primary network (the reference `bridge` plugin with `host-local` IPAM, as a
+CNI DaemonSet would write it), a bin dir holding the plugins, and libcni's
+result cache. The kubelet runs the node's network for a pod sandbox with
+`cni-run` (libcni) from the node's namespace, the runtime's: `loopback` as a
+network of its own as containerd does, then the node's conflist. A failed ADD
+is the plugin's own message; DEL runs even after a failed ADD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ambient_cni.netns import netns_path, run_in_netns
+
+from .binaries import PLUGIN_BINARY
+from .topology import NODE_BRIDGE, POD_INTERFACE, NodePlan
+
+PRIMARY_CONFIG = "10-simnet.conflist"
+NETWORK_NAME = "simnet"
+REFERENCE_PLUGINS = ("bridge", "host-local", "loopback")
+CNI_TIMEOUT_S = 30.0
+
+
+class CniError(RuntimeError):
+    """A CNI operation failed; the message is the failing plugin's own."""
+
+
+@dataclass(frozen=True)
+class NodeCni:
+    """One node's CNI directories, under the sandbox's state directory."""
+
+    root: Path
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "net.d"
+
+    @property
+    def bin_dir(self) -> Path:
+        return self.root / "bin"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def ipam_dir(self) -> Path:
+        return self.root / "ipam"
+
+    @property
+    def loopback_dir(self) -> Path:
+        return self.root / "lo.d"
+
+
+def primary_conflist(node: NodePlan, ipam_dir: Path) -> dict[str, Any]:
+    """The node's primary network: pods on the node bridge, addresses from its pod CIDR."""
+    return {
+        "cniVersion": "1.0.0",
+        "name": NETWORK_NAME,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": NODE_BRIDGE,
+                "isGateway": True,
+                "ipMasq": False,  # nodes route each other's pod CIDRs: no NAT between pods
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": str(ipam_dir),
+                },
+            }
+        ],
+    }
+
+
+def write_node_config(cni: NodeCni, node: NodePlan, binaries: Path) -> None:
+    """What a node's CNI DaemonSet would install: plugins in the bin dir, the primary
+    network's conflist first in the conf dir, and the loopback network."""
+    for directory in (cni.conf_dir, cni.bin_dir, cni.cache_dir, cni.ipam_dir, cni.loopback_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    for plugin in REFERENCE_PLUGINS:
+        link = cni.bin_dir / plugin
+        link.unlink(missing_ok=True)
+        link.symlink_to(binaries / plugin)
+    _write(cni.conf_dir / PRIMARY_CONFIG, primary_conflist(node, cni.ipam_dir))
+    _write(
+        cni.loopback_dir / "99-loopback.conf",
+        {"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"},
+    )
+
+
+def _write(path: Path, config: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class SandboxPod:
+    """What the runtime passes a CNI plugin about a pod sandbox."""
+
+    namespace: str
+    name: str
+    uid: str
+    netns: str  # a named namespace
+
+    @property
+    def container_id(self) -> str:
+        return self.uid
+
+    def cni_args(self) -> str:
+        return ";".join(
+            [
+                "IgnoreUnknown=1",
+                f"K8S_POD_NAMESPACE={self.namespace}",
+                f"K8S_POD_NAME={self.name}",
+                f"K8S_POD_INFRA_CONTAINER_ID={self.container_id}",
+                f"K8S_POD_UID={self.uid}",
+            ]
+        )
+
+
+class CniRuntime:
+    """Runs a node's CNI networks for pod sandboxes, from the node's namespace."""
+
+    def __init__(self, cni: NodeCni, node: NodePlan, cni_run: Path):
+        self.cni = cni
+        self.node = node
+        self.cni_run = cni_run
+
+    def add(self, pod: SandboxPod) -> str:
+        """Set up the pod's networks; its IPv4 address. CniError on failure, after a DEL
+        that takes out whatever the chain made before it failed."""
+        try:
+            self._run("add", pod, self.cni.loopback_dir)
+            result = json.loads(self._run("add", pod, self.cni.conf_dir))
+        except CniError:
+            self.delete(pod)
+            raise
+        for ip in result.get("ips") or []:
+            address = str(ip["address"]).split("/")[0]
+            if ":" not in address:
+                return address
+        self.delete(pod)
+        raise CniError(f"the network {NETWORK_NAME} gave {POD_INTERFACE} no IPv4 address")
+
+    def delete(self, pod: SandboxPod) -> list[str]:
+        """Tear the pod's networks down, in reverse; best effort, as a runtime does it. The
+        messages of what failed (empty when all went)."""
+        failures = []
+        for conf_dir in (self.cni.conf_dir, self.cni.loopback_dir):
+            try:
+                self._run("del", pod, conf_dir)
+            except CniError as exc:
+                failures.append(str(exc))
+        return failures
+
+    def _run(self, command: str, pod: SandboxPod, conf_dir: Path) -> str:
+        argv = [
+            str(self.cni_run),
+            f"--conf-dir={conf_dir}",
+            f"--bin-dir={self.cni.bin_dir}",
+            f"--cache-dir={self.cni.cache_dir}",
+            f"--netns={netns_path(pod.netns)}",
+            f"--container-id={pod.container_id}",
+            f"--ifname={POD_INTERFACE}",
+            f"--args={pod.cni_args()}",
+            command,
+        ]
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=CNI_TIMEOUT_S,
+                check=False,
+            )
+
+        try:
+            done = run_in_netns(self.node.netns, run)
+        except subprocess.TimeoutExpired as exc:
+            raise CniError(f"CNI {command} timed out after {CNI_TIMEOUT_S:.0f}s") from exc
+        if done.returncode != 0:
+            said = done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}"
+            raise CniError(said)
+        return done.stdout
+
+
+# -- istio-cni in a node's chain ---------------------------------------------------------------
+
+
+def agent_run_dir(cni: NodeCni) -> Path:
+    """Where a node's agent serves the plugin (Istio's /var/run/istio-cni)."""
+    return cni.root / "istio-cni"
+
+
+def chain_istio_cni(cni: NodeCni, binaries: Path, excluded: Sequence[str]) -> None:
+    """Append istio-cni to the node's primary conflist, as install-cni does (until the
+    project's install-cni runs in the sandbox, the test harness does this)."""
+    shutil.copy(binaries / PLUGIN_BINARY, cni.bin_dir / PLUGIN_BINARY)
+    path = cni.conf_dir / PRIMARY_CONFIG
+    config = json.loads(path.read_text())
+    config["plugins"] = [p for p in config["plugins"] if p.get("type") != PLUGIN_BINARY]
+    config["plugins"].append(
+        {
+            "type": PLUGIN_BINARY,
+            "cni_agent_run_dir": str(agent_run_dir(cni)),
+            "exclude_namespaces": list(excluded),
+        }
+    )
+    _write(path, config)
+
+
+def unchain_istio_cni(cni: NodeCni) -> None:
+    path = cni.conf_dir / PRIMARY_CONFIG
+    if path.exists():
+        config = json.loads(path.read_text())
+        config["plugins"] = [p for p in config["plugins"] if p.get("type") != PLUGIN_BINARY]
+        _write(path, config)
+    (cni.bin_dir / PLUGIN_BINARY).unlink(missing_ok=True)
