@@ -99,6 +99,18 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     agent.add_argument("--metrics-port", type=int, default=15014)
     agent.add_argument("--health-port", type=int, default=8000)
     agent.add_argument(
+        "--cni-run-dir",
+        type=Path,
+        help="serve the istio-cni plugin on RUN_DIR/pluginevent.sock (Istio's "
+        "/var/run/istio-cni); off when not given",
+    )
+    agent.add_argument(
+        "--exclude-namespaces",
+        default=",".join(DEFAULT_EXCLUDED_NAMESPACES),
+        help="for CNI ADD decisions: as the controller's flag (default: %(default)s)",
+    )
+    agent.add_argument("--system-namespace", default=DEFAULT_SYSTEM_NAMESPACE)
+    agent.add_argument(
         "--uninstall",
         action="store_true",
         help="remove the host's probe rules and ipsets, then exit (chart uninstall)",
@@ -109,6 +121,7 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 def _run_agent(args: argparse.Namespace) -> int:
     from .agent.app import run, uninstall
     from .agent.reconciler import AgentOptions
+    from .selection import SelectionConfig
 
     if not args.node:
         print("ambient-cni agent: give --node or set NODE_NAME", file=sys.stderr)
@@ -125,6 +138,11 @@ def _run_agent(args: argparse.Namespace) -> int:
         drift_interval=args.drift_interval,
         workers=args.workers,
         kubelet_uid=args.kubelet_uid,
+        cni_run_dir=args.cni_run_dir,
+        selection=SelectionConfig(
+            excluded_namespaces=_namespaces(args.exclude_namespaces),
+            system_namespace=args.system_namespace,
+        ),
     )
     if args.uninstall:
         return uninstall(options)
@@ -138,12 +156,16 @@ def _run_agent(args: argparse.Namespace) -> int:
     )
 
 
+def _namespaces(flag: str) -> frozenset[str]:
+    return frozenset(n.strip() for n in flag.split(",") if n.strip())
+
+
 def _run_controller(args: argparse.Namespace) -> int:
     from .controller.app import ControllerOptions, run
     from .controller.planner import PlannerConfig
     from .selection import SelectionConfig
 
-    excluded = frozenset(n.strip() for n in args.exclude_namespaces.split(",") if n.strip())
+    excluded = _namespaces(args.exclude_namespaces)
     options = ControllerOptions(
         kubeconfig=args.kubeconfig,
         planner=PlannerConfig(

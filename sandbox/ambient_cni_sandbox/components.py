@@ -23,11 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from ambient_cni.api import names
 from ambient_cni.kube import Obj, raw
 
+from . import cni as cni_chain
 from .cluster import SandboxCluster, wait_for
 from .ports import free_port
 from .processes import is_running, spawn_daemon, terminate
+from .state import paths_for
 
 CONTROLLER_USER = "ambient-cni-controller"
+# Namespaces istio-cni passes through in the sandbox: the system pods (ztunnel, the
+# agent's stand-ins) must start whether or not the agent answers.
+CNI_EXCLUDED = ("kube-system", names.DEFAULT_SYSTEM_NAMESPACE)
 
 
 class Component:
@@ -215,10 +220,15 @@ class Mesh:
         agent_kubeconfig: Path | Mapping[str, Path] | None = None,
         install_crds: bool = True,
         controller_args: Sequence[str] = (),
+        cni: bool = False,
     ):
-        """`agent_kubeconfig`: one for every agent, or one per node (see `agent_pods`)."""
+        """`agent_kubeconfig`: one for every agent, or one per node (see `agent_pods`).
+        `cni`: istio-cni chained on every node, each agent serving it."""
         self.cluster = cluster
         self.install_crds = install_crds
+        self.cni = cni
+        paths = paths_for(cluster.name)
+        self.node_cni = {n: paths.node_cni(n) for n in cluster.node_names}
         self.controller = controller(cluster, *controller_args, kubeconfig=controller_kubeconfig)
 
         def credentials(node: str) -> Path | None:
@@ -226,8 +236,14 @@ class Mesh:
                 return agent_kubeconfig[node]
             return agent_kubeconfig
 
+        def cni_args(node: str) -> list[str]:
+            if not cni:
+                return []
+            return [f"--cni-run-dir={cni_chain.agent_run_dir(self.node_cni[node])}"]
+
         self.agents = {
-            n: agent(cluster, n, *agent_args, kubeconfig=credentials(n)) for n in cluster.node_names
+            n: agent(cluster, n, *agent_args, *cni_args(n), kubeconfig=credentials(n))
+            for n in cluster.node_names
         }
 
     def start(self) -> None:
@@ -244,6 +260,11 @@ class Mesh:
             )
             for node_agent in self.agents.values():
                 node_agent.start(timeout=60)
+            if self.cni:
+                for node_cni in self.node_cni.values():
+                    cni_chain.chain_istio_cni(
+                        node_cni, Path(self.cluster.state.cni_bin_dir), CNI_EXCLUDED
+                    )
             for node in self.cluster.node_names:
                 start_ztunnel(self.cluster, node)
         except BaseException:
@@ -252,6 +273,9 @@ class Mesh:
             raise
 
     def stop(self) -> None:
+        if self.cni:
+            for node_cni in self.node_cni.values():
+                cni_chain.unchain_istio_cni(node_cni)
         for node_agent in self.agents.values():
             node_agent.stop()
         self.controller.stop()

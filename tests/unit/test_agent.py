@@ -18,11 +18,12 @@ from typing import Any
 
 import pytest
 
+from ambient_cni.agent import reconciler
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.interfaces import NetnsNotFoundError, ZdsError
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.agent.zds_server import ZdsServer
-from ambient_cni.api.models import Backend
+from ambient_cni.api.models import Backend, Workload
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
 from ambient_cni.dataplane.interfaces import NO_CHANGES, Change, Changes
@@ -588,3 +589,48 @@ def test_ztunnel_reconnecting_during_churn_ends_holding_exactly_the_enrolled_pod
             each.stop.set()
         agent.stop()
         zds.stop()
+
+
+def test_a_pod_enrolled_at_its_cni_add_is_whole_before_the_answer_and_not_redone(
+    node: Node,
+) -> None:
+    node.spec([])
+    wanted = Workload.model_validate(workload(1))
+    result = node.agent.enrol_now(wanted, timeout=DEADLINE)
+    assert result.state == "Enrolled"
+    assert node.journal.of("uid-1") == ["rules", "zds-add", "ipset", "annotation=enabled"]
+
+    node.spec([1])  # the controller lists it: a pass, and nothing applied twice
+    wait_for(
+        "pod-1 reconciled against the spec and reported",
+        lambda: in_sync(node) and node.state(1) == "Enrolled",
+    )
+    # The pass re-checked the rules; ztunnel and the annotation were not asked again.
+    assert node.journal.of("uid-1").count("zds-add") == 1
+    assert node.journal.of("uid-1").count("annotation=enabled") == 1
+
+
+def in_sync(node: Node) -> bool:
+    facts = node.agent.facts()
+    return facts is not None and facts[0].in_sync
+
+
+def test_a_pod_the_spec_never_lists_goes_after_the_cni_grace(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reconciler, "CNI_GRACE", 0.2)
+    node.spec([])
+    assert node.agent.enrol_now(Workload.model_validate(workload(2)), DEADLINE).state == (
+        "Enrolled"
+    )
+    wait_for(
+        "pod-2 un-enrolled and gone from status",
+        lambda: "annotation=None" in node.journal.of("uid-2") and node.state(2) is None,
+    )
+
+
+def test_without_a_spec_a_cni_add_is_refused_not_applied(node: Node) -> None:
+    result = node.agent.enrol_now(Workload.model_validate(workload(3)), timeout=DEADLINE)
+    assert result.state == "Failed"
+    assert result.reason == "NoSpec"
+    assert node.journal.of("uid-3") == []

@@ -21,6 +21,8 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi
 from prometheus_client import start_http_server
 
 from ambient_cni.agent import metrics
+from ambient_cni.agent.cni_endpoint import CniEndpoint
+from ambient_cni.agent.cni_server import CniServer
 from ambient_cni.agent.daemonset_watch import DaemonSetWatch
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
@@ -76,13 +78,17 @@ def uninstall(options: AgentOptions) -> int:
     return 0
 
 
-def _serve_ztunnel_when_ready(
-    agent: NodeAgent, zds: ZdsServer, stop: threading.Event, healthy: threading.Event
+def _serve_when_ready(
+    agent: NodeAgent,
+    zds: ZdsServer,
+    cni: CniServer | None,
+    stop: threading.Event,
+    healthy: threading.Event,
 ) -> None:
-    """Serve ZDS once every pod was re-applied: a ztunnel that connected earlier would get an
-    empty snapshot and drop every pod it serves. Past the timeout the agent is healthy and
-    serves anyway, unless the spec asks for a mode it lacks: then every pod is held as it
-    is, ztunnel's share included, until the spec changes."""
+    """Serve ZDS, and the CNI plugin, once every pod was re-applied: a ztunnel that connected
+    earlier would get an empty snapshot and drop every pod it serves. Past the timeout the
+    agent is healthy and serves anyway, unless the spec asks for a mode it lacks: then every
+    pod is held as it is, ztunnel's share included, until the spec changes."""
     deadline = time.monotonic() + INITIAL_PASS_TIMEOUT
     while not stop.is_set() and not agent.initial_pass_done():
         if time.monotonic() > deadline:
@@ -93,6 +99,8 @@ def _serve_ztunnel_when_ready(
         stop.wait(0.05)
     if not stop.is_set():
         zds.start()
+        if cni is not None:
+            cni.start()
     healthy.set()
 
 
@@ -116,15 +124,17 @@ def run(
         lambda _uid: None,
         field_selector=f"spec.nodeName={options.node}",
     )
+    resolver = PodNetnsResolver(
+        proc=options.proc, netns_dir=options.netns_dir, netns_prefix=options.netns_prefix
+    )
+    pod_api = KubePodApi(api, pods)
     inpod = InpodMode(
         pods=dataplane.pods,
         host=dataplane.host,
-        resolver=PodNetnsResolver(
-            proc=options.proc, netns_dir=options.netns_dir, netns_prefix=options.netns_prefix
-        ),
+        resolver=resolver,
         handles=HeldNetns(),
         ztunnel=zds,
-        pod_api=KubePodApi(api, pods),
+        pod_api=pod_api,
     )
     agent = NodeAgent(
         options,
@@ -159,15 +169,25 @@ def run(
     pods.start(stop)
     if daemonset is not None:
         daemonset.start(stop)
+    cni = (
+        None
+        if options.cni_run_dir is None
+        else CniServer(
+            options.cni_run_dir,
+            CniEndpoint(options.node, pod_api, agent, resolver, options.selection),
+        )
+    )
     serving = threading.Thread(
-        target=_serve_ztunnel_when_ready,
-        args=(agent, zds, stop, healthy),
+        target=_serve_when_ready,
+        args=(agent, zds, cni, stop, healthy),
         name="zds-start",
         daemon=True,
     )
     serving.start()
     stop.wait()
     serving.join()
+    if cni is not None:
+        cni.stop()
     agent.stop()
     zds.stop()
     if daemonset is not None:

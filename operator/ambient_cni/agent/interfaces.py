@@ -58,6 +58,18 @@ class PodApi(Protocol):
         ...
 
 
+class PodSource(Protocol):
+    """Pods and namespaces as the API server has them now, for a decision at CNI ADD."""
+
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The pod's API JSON, None if there is no such pod."""
+        ...
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        """The namespace's labels, None if there is no such namespace."""
+        ...
+
+
 class StatusWriter(Protocol):
     def write(self, patch: dict[str, Any]) -> dict[str, Any] | None:
         """Merge-patch the node's AmbientNodeConfig status; returns the object as the server
@@ -92,3 +104,11 @@ class NetnsResolver(Protocol):
     def resolve(self, uid: str, ips: Iterable[str]) -> Path:
         """The pod's network namespace; raises NetnsNotFoundError."""
         ...
+
+
+class NetnsReports(Protocol):
+    """Where the CNI plugin said a pod's network namespace is."""
+
+    def report(self, uid: str, netns: Path) -> None: ...
+
+    def forget(self, uid: str) -> None: ...

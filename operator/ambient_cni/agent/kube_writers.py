@@ -64,6 +64,25 @@ class KubePodApi:
         pod = self.pods.get(workload.uid)
         return None if pod is None else dict(pod["metadata"])
 
+    def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """From the server: at CNI ADD the watched copy may not have the pod yet."""
+        try:
+            answer = self.core.read_namespaced_pod(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return raw(answer)
+
+    def namespace_labels(self, namespace: str) -> dict[str, str] | None:
+        try:
+            answer = self.core.read_namespace(namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(raw(answer)["metadata"].get("labels") or {})
+
     def exists(self, workload: Workload) -> bool:
         # Only a pod the copy has is taken from it: one it lacks may not have arrived yet.
         return self._cached(workload) is not None or self._read(workload) is not None

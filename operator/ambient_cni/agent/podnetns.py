@@ -66,6 +66,12 @@ class PodNetnsResolver:
         self._proc_scanned_at = -PROC_SCAN_TTL
         self._named_scanned_at = -PROC_SCAN_TTL
 
+    def report(self, uid: str, netns: Path) -> None:
+        self.reported[uid] = netns
+
+    def forget(self, uid: str) -> None:
+        self.reported.pop(uid, None)
+
     def resolve(self, uid: str, ips: Iterable[str]) -> Path:
         wanted = set(ips)
         for candidate in self._candidates(uid):

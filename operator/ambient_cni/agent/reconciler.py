@@ -32,11 +32,12 @@ from ambient_cni.api.models import (
     Workload,
 )
 from ambient_cni.mergepatch import merge_patch
+from ambient_cni.selection import SelectionConfig
 from ambient_cni.workqueue import WorkQueue
 
 from . import metrics
 from .interfaces import StatusWriteError, StatusWriter, Ztunnel
-from .mode import NodeDefaults, PodState, RedirectModeHandler, Step, now
+from .mode import NodeDefaults, PodState, RedirectModeHandler, Step, now, outcome
 from .status import NodeFacts, PodOutcome, render
 
 log = logging.getLogger("ambient_cni.agent")
@@ -47,6 +48,9 @@ STATUS_DEBOUNCE = 0.2
 STATUS_BUSY_MAX_DELAY = 1.0
 MAX_BACKOFF = 30.0
 HOST_RETRY = 5.0
+# A pod enrolled at its CNI ADD, before the controller listed it, is held as wanted this
+# long; if the spec has not listed it by then (it left the mesh meanwhile), it goes.
+CNI_GRACE = 30.0
 STATUS_RETRY = 2.0
 
 
@@ -63,6 +67,8 @@ class AgentOptions:
     drift_interval: float = 10.0
     workers: int = 4
     kubelet_uid: int | None = None  # for the nftables probe rule; found in `proc` if None
+    cni_run_dir: Path | None = None  # serve the CNI plugin there (None: no plugin)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # CNI ADD decisions
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ class NodeAgent:
         self._lock = threading.Lock()
         self._desired = _Desired()
         self._records: dict[str, PodState] = {}
+        self._cni_added: dict[str, tuple[Workload, float]] = {}  # uid -> (workload, until)
+        self._passes: dict[str, int] = {}  # uid -> passes stored, for callers waiting on one
+        self._stored = threading.Condition(self._lock)
         self._host = _HostState()
         self._server = _ServerStatus()
         self._missing_since: float | None = None
@@ -205,8 +214,62 @@ class NodeAgent:
         return None if spec is None else self.modes.get(spec.redirect_mode)
 
     def _desired_workloads(self) -> list[Workload]:
+        """The spec's workloads, and pods enrolled at their CNI ADD that it does not list
+        yet (caller holds the lock)."""
         spec = self._desired.spec
-        return list(spec.workloads) if spec is not None else []
+        wanted = list(spec.workloads) if spec is not None else []
+        listed = {w.uid for w in wanted}
+        now_ = time.monotonic()
+        for uid, (workload, until) in list(self._cni_added.items()):
+            if uid in listed or now_ >= until:
+                del self._cni_added[uid]  # the spec has it now, or never will
+            else:
+                wanted.append(workload)
+        return wanted
+
+    # -- the CNI plugin ---------------------------------------------------------------------------
+
+    def enrol_now(self, workload: Workload, timeout: float) -> PodOutcome:
+        """Enrol a pod at its CNI ADD, before the controller lists it, and wait (at most
+        `timeout`) until it is Enrolled or Failed; its outcome then, else as it stands."""
+        with self._lock:
+            if self._mode() is None:
+                return outcome(
+                    workload, "Failed", "NoSpec", f"no usable spec for {self.options.node} yet"
+                )
+            self._cni_added[workload.uid] = (workload, time.monotonic() + CNI_GRACE)
+            passes = self._passes.get(workload.uid, 0)
+        self.pods.add(workload.uid)
+        self.pods.add_after(workload.uid, CNI_GRACE + 1.0)  # then out, unless listed
+        deadline = time.monotonic() + timeout
+        with self._stored:
+            while True:
+                record = self._records.get(workload.uid)
+                if (
+                    record is not None
+                    and not record.kernel_done
+                    and self._passes.get(workload.uid, 0) > passes
+                    and record.outcome.state in ("Enrolled", "Failed")
+                ):
+                    return record.outcome
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if record is not None:
+                        return record.outcome
+                    return outcome(workload, "Pending", "Enrolling", "not enrolled in time")
+                self._stored.wait(remaining)
+
+    def state(self, uid: str) -> str | None:
+        with self._lock:
+            record = self._records.get(uid)
+        return None if record is None else record.outcome.state
+
+    def cni_deleted(self, uid: str) -> None:
+        """The pod's sandbox is gone: a pod only its CNI ADD asked for is not wanted now."""
+        with self._lock:
+            if self._cni_added.pop(uid, None) is None:
+                return
+        self.pods.add(uid)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -314,8 +377,11 @@ class NodeAgent:
         with self._lock:
             if state is None:
                 self._records.pop(uid, None)
+                self._passes.pop(uid, None)
             else:
                 self._records[uid] = state
+                self._passes[uid] = self._passes.get(uid, 0) + 1
+            self._stored.notify_all()
         if state is not None and step.more:
             # The pod's next step, after the pods already queued: in a burst every pod's
             # rules reach the kernel before any pod's API writes hold them up.

@@ -1,0 +1,146 @@
+"""What the agent answers the CNI plugin: the decision the plugin does not make.
+
+On ADD the pod and its namespace are read from the API server, the same pure
+selection as the controller's decides, and a pod that is to be redirected is
+enrolled whole (rules in the netns the plugin names, ztunnel's ack, probe
+set, annotation) before the answer: fail closed, so its sandbox is torn down
+and retried rather than started unredirected. A pod that is not to be
+redirected gets its answer at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ambient_cni.api.models import Workload
+from ambient_cni.selection import SelectionConfig, decide, pod_view, workload
+
+from .interfaces import NetnsReports, PodSource
+from .status import PodOutcome
+
+log = logging.getLogger("ambient_cni.agent.cni")
+
+# The plugin waits 5 s by default; the agent answers before that.
+ANSWER_WITHIN = 4.0
+
+
+class _IPConfig(BaseModel):
+    """One entry of prevResult's `ips`, as the CNI library marshals it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    address: str  # CIDR: 10.244.0.7/24
+
+
+class PluginEvent(BaseModel):
+    """The plugin's request body: Istio's event (its Go field names; the IPs as the CNI
+    result has them) plus the pod UID and the sandbox's container ID."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    Netns: str = Field(min_length=1)
+    PodName: str = Field(min_length=1)
+    PodNamespace: str = Field(min_length=1)
+    PodUID: str = ""
+    ContainerID: str = ""
+    IPs: list[_IPConfig] | None = None
+
+    def ips(self) -> tuple[str, ...]:
+        """The pod's addresses, valid ones only, each family once."""
+        found: dict[int, str] = {}
+        for config in self.IPs or []:
+            try:
+                address = ipaddress.ip_interface(config.address).ip
+            except ValueError:
+                continue
+            found.setdefault(address.version, str(address))
+        return tuple(found[v] for v in sorted(found))
+
+
+@dataclass(frozen=True)
+class CniAnswer:
+    ok: bool
+    message: str
+
+
+class Enroller(Protocol):
+    def enrol_now(self, workload: Workload, timeout: float) -> PodOutcome: ...
+
+    def cni_deleted(self, uid: str) -> None: ...
+
+    def state(self, uid: str) -> str | None:
+        """The pod's state in status (Enrolled, Pending, ...), None if unknown."""
+        ...
+
+
+class CniEndpoint:
+    def __init__(
+        self,
+        node: str,
+        pods: PodSource,
+        enroller: Enroller,
+        netns: NetnsReports,
+        selection: SelectionConfig,
+        *,
+        answer_within: float = ANSWER_WITHIN,
+    ):
+        self.node = node
+        self.pods = pods
+        self.enroller = enroller
+        self.netns = netns
+        self.selection = selection
+        self.answer_within = answer_within
+
+    def add(self, event: PluginEvent) -> CniAnswer:
+        who = f"{event.PodNamespace}/{event.PodName}"
+        pod = self.pods.pod(event.PodNamespace, event.PodName)
+        if pod is None:
+            return CniAnswer(False, f"pod {who} is not in the API server")
+        view = pod_view(pod)
+        if event.PodUID and view.uid != event.PodUID:
+            return CniAnswer(False, f"pod {who} is another pod now (UID {view.uid})")
+        ips = event.ips()
+        if not ips:
+            return CniAnswer(False, f"pod {who}: the plugins before istio-cni gave it no IP")
+        view = view.model_copy(update={"ips": ips, "node_name": view.node_name or self.node})
+        decision = decide(view, self.pods.namespace_labels(event.PodNamespace), self.selection)
+        if not decision.enrolled:
+            log.debug("CNI ADD %s: not redirected (%s)", who, decision.reason)
+            return CniAnswer(True, f"not redirected: {decision.reason}")
+        wanted = workload(view)
+        self.netns.report(wanted.uid, Path(event.Netns))
+        result = self.enroller.enrol_now(wanted, self.answer_within)
+        if result.state == "Enrolled":
+            log.info("CNI ADD %s: redirected before it starts", who)
+            return CniAnswer(True, "redirected")
+        why = ": ".join(part for part in (result.reason, result.message) if part)
+        return CniAnswer(False, f"pod {who} is to be redirected and is not yet ({why})")
+
+    def delete(self, event: PluginEvent) -> CniAnswer:
+        """Forget the netns the plugin gave; never fails (DEL must succeed when things are
+        gone). Un-enrolment itself follows the spec, or the CNI grace."""
+        if event.PodUID:
+            self.netns.forget(event.PodUID)
+            self.enroller.cni_deleted(event.PodUID)
+        return CniAnswer(True, "forgotten")
+
+    def check(self, event: PluginEvent) -> CniAnswer:
+        """Whether a pod that is to be redirected is."""
+        who = f"{event.PodNamespace}/{event.PodName}"
+        state = self.enroller.state(event.PodUID) if event.PodUID else None
+        if state == "Enrolled":
+            return CniAnswer(True, "redirected")
+        pod = self.pods.pod(event.PodNamespace, event.PodName)
+        if pod is None:
+            return CniAnswer(False, f"pod {who} is not in the API server")
+        view = pod_view(pod).model_copy(update={"ips": event.ips() or pod_view(pod).ips})
+        decision = decide(view, self.pods.namespace_labels(event.PodNamespace), self.selection)
+        if not decision.enrolled:
+            return CniAnswer(True, f"not redirected: {decision.reason}")
+        return CniAnswer(False, f"pod {who} is to be redirected and is {state or 'unknown'}")
