@@ -118,6 +118,74 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     agent.set_defaults(run=_run_agent)
 
 
+def _install_cni_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    install = sub.add_parser(
+        "install-cni",
+        help="install the istio-cni plugin into the node's CNI configuration and keep it there",
+    )
+    install.add_argument("--bin-dir", type=Path, default=Path("/host/opt/cni/bin"))
+    install.add_argument("--conf-dir", type=Path, default=Path("/host/etc/cni/net.d"))
+    install.add_argument(
+        "--plugin-binary",
+        type=Path,
+        default=Path("/opt/ambient-cni/bin/istio-cni"),
+        help="the plugin to install (default: the image's)",
+    )
+    install.add_argument(
+        "--agent-run-dir",
+        default="/var/run/istio-cni",
+        help="where the agent serves the plugin, as the host sees it",
+    )
+    install.add_argument(
+        "--exclude-namespaces",
+        default=",".join(DEFAULT_EXCLUDED_NAMESPACES),
+        help="namespaces the plugin passes through without asking the agent",
+    )
+    install.add_argument(
+        "--pod-namespace",
+        default=DEFAULT_SYSTEM_NAMESPACE,
+        help="the agent's namespace (its own pods pass through)",
+    )
+    install.add_argument("--agent-pod-prefix", default="ambient-cni-node-")
+    install.add_argument(
+        "--chained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="chain into the primary conflist; --no-chained: a copy of it, with istio-cni, "
+        "in a file of its own that runtimes take first",
+    )
+    install.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
+    install.add_argument("--health-port", type=int, default=8010, help="/readyz once installed")
+    install.add_argument(
+        "--uninstall",
+        action="store_true",
+        help="take istio-cni out of every conflist and the bin dir, then exit",
+    )
+    install.set_defaults(run=_run_install_cni)
+
+
+def _run_install_cni(args: argparse.Namespace) -> int:
+    from .install.app import run, uninstall
+    from .install.conflist import PluginSettings
+    from .install.installer import InstallOptions
+
+    options = InstallOptions(
+        bin_dir=args.bin_dir,
+        conf_dir=args.conf_dir,
+        plugin_binary=args.plugin_binary,
+        settings=PluginSettings(
+            agent_run_dir=args.agent_run_dir,
+            exclude_namespaces=tuple(sorted(_namespaces(args.exclude_namespaces))),
+            pod_namespace=args.pod_namespace,
+            agent_pod_prefix=args.agent_pod_prefix,
+        ),
+        chained=args.chained,
+    )
+    if args.uninstall:
+        return uninstall(options)
+    return run(options, listen_address=args.listen_address, health_port=args.health_port)
+
+
 def _run_agent(args: argparse.Namespace) -> int:
     from .agent.app import run, uninstall
     from .agent.reconciler import AgentOptions
@@ -219,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.set_defaults(run=_run_crds)
     _controller_command(sub)
     _agent_command(sub)
+    _install_cni_command(sub)
     for plugin in entry_points(group=COMMAND_PLUGINS):
         plugin.load()(sub)
     return parser

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ambient_cni.netns import netns_path, run_in_netns
 
-from .binaries import PLUGIN_BINARY
 from .topology import NODE_BRIDGE, POD_INTERFACE, NodePlan
 
 PRIMARY_CONFIG = "10-simnet.conflist"
@@ -207,29 +204,3 @@ class CniRuntime:
 def agent_run_dir(cni: NodeCni) -> Path:
     """Where a node's agent serves the plugin (Istio's /var/run/istio-cni)."""
     return cni.root / "istio-cni"
-
-
-def chain_istio_cni(cni: NodeCni, binaries: Path, excluded: Sequence[str]) -> None:
-    """Append istio-cni to the node's primary conflist, as install-cni does (until the
-    project's install-cni runs in the sandbox, the test harness does this)."""
-    shutil.copy(binaries / PLUGIN_BINARY, cni.bin_dir / PLUGIN_BINARY)
-    path = cni.conf_dir / PRIMARY_CONFIG
-    config = json.loads(path.read_text())
-    config["plugins"] = [p for p in config["plugins"] if p.get("type") != PLUGIN_BINARY]
-    config["plugins"].append(
-        {
-            "type": PLUGIN_BINARY,
-            "cni_agent_run_dir": str(agent_run_dir(cni)),
-            "exclude_namespaces": list(excluded),
-        }
-    )
-    _write(path, config)
-
-
-def unchain_istio_cni(cni: NodeCni) -> None:
-    path = cni.conf_dir / PRIMARY_CONFIG
-    if path.exists():
-        config = json.loads(path.read_text())
-        config["plugins"] = [p for p in config["plugins"] if p.get("type") != PLUGIN_BINARY]
-        _write(path, config)
-    (cni.bin_dir / PLUGIN_BINARY).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from ambient_cni.api import names
 from ambient_cni.kube import Obj, raw
 
 from . import cni as cni_chain
+from .binaries import PLUGIN_BINARY
 from .cluster import SandboxCluster, wait_for
 from .ports import free_port
 from .processes import is_running, spawn_daemon, terminate
@@ -38,10 +40,13 @@ CNI_EXCLUDED = ("kube-system", names.DEFAULT_SYSTEM_NAMESPACE)
 class Component:
     """One `ambient-cni <command>` process bound to loopback ports of its own."""
 
-    def __init__(self, cluster: SandboxCluster, label: str, argv: Sequence[str]):
+    def __init__(
+        self, cluster: SandboxCluster, label: str, argv: Sequence[str], *, metrics: bool = True
+    ):
         self.cluster = cluster
         self.label = label
         self.argv = list(argv)
+        self.has_metrics = metrics
         self.metrics_port = free_port()
         self.health_port = free_port()
         self.log_path = Path(cluster.state.state_dir) / "logs" / f"{label}.log"
@@ -55,7 +60,7 @@ class Component:
                 "ambient_cni.cli",
                 *self.argv,
                 "--listen-address=127.0.0.1",
-                f"--metrics-port={self.metrics_port}",
+                *([f"--metrics-port={self.metrics_port}"] if self.has_metrics else []),
                 f"--health-port={self.health_port}",
             ],
             sandbox=self.cluster.name,
@@ -158,6 +163,34 @@ def agent(
     )
 
 
+def install_cni_args(cluster: SandboxCluster, node: str) -> list[str]:
+    """install-cni for one sandbox node: its CNI dirs, the built plugin, its agent's socket."""
+    node_cni = paths_for(cluster.name).node_cni(node)
+    return [
+        "install-cni",
+        f"--bin-dir={node_cni.bin_dir}",
+        f"--conf-dir={node_cni.conf_dir}",
+        f"--plugin-binary={Path(cluster.state.cni_bin_dir) / PLUGIN_BINARY}",
+        f"--agent-run-dir={cni_chain.agent_run_dir(node_cni)}",
+        f"--exclude-namespaces={','.join(CNI_EXCLUDED)}",
+    ]
+
+
+def install_cni(cluster: SandboxCluster, node: str) -> Component:
+    """install-cni as the agent DaemonSet's container runs it, on one sandbox node."""
+    return Component(cluster, f"install-cni-{node}", install_cni_args(cluster, node), metrics=False)
+
+
+def uninstall_cni(cluster: SandboxCluster, node: str) -> None:
+    """`install-cni --uninstall` on one node, as the chart's uninstall runs it."""
+    subprocess.run(
+        [sys.executable, "-m", "ambient_cni.cli", *install_cni_args(cluster, node), "--uninstall"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
 def agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> dict[str, Path]:
     """Per node, a kubeconfig whose token is bound to a stand-in pod of the agent's DaemonSet
     on that node, as a kubelet hands its pods their tokens: the API server then names the
@@ -223,12 +256,13 @@ class Mesh:
         cni: bool = False,
     ):
         """`agent_kubeconfig`: one for every agent, or one per node (see `agent_pods`).
-        `cni`: istio-cni chained on every node, each agent serving it."""
+        `cni`: install-cni on every node chaining istio-cni, each agent serving it."""
         self.cluster = cluster
         self.install_crds = install_crds
         self.cni = cni
         paths = paths_for(cluster.name)
         self.node_cni = {n: paths.node_cni(n) for n in cluster.node_names}
+        self.installers = {n: install_cni(cluster, n) for n in cluster.node_names} if cni else {}
         self.controller = controller(cluster, *controller_args, kubeconfig=controller_kubeconfig)
 
         def credentials(node: str) -> Path | None:
@@ -260,11 +294,8 @@ class Mesh:
             )
             for node_agent in self.agents.values():
                 node_agent.start(timeout=60)
-            if self.cni:
-                for node_cni in self.node_cni.values():
-                    cni_chain.chain_istio_cni(
-                        node_cni, Path(self.cluster.state.cni_bin_dir), CNI_EXCLUDED
-                    )
+            for installer in self.installers.values():
+                installer.start()  # healthy once istio-cni is in the node's chain
             for node in self.cluster.node_names:
                 start_ztunnel(self.cluster, node)
         except BaseException:
@@ -273,9 +304,9 @@ class Mesh:
             raise
 
     def stop(self) -> None:
-        if self.cni:
-            for node_cni in self.node_cni.values():
-                cni_chain.unchain_istio_cni(node_cni)
+        for node, installer in self.installers.items():
+            installer.stop()  # which leaves it installed, as on an upgrade
+            uninstall_cni(self.cluster, node)
         for node_agent in self.agents.values():
             node_agent.stop()
         self.controller.stop()

@@ -4,10 +4,10 @@ with the agent away, such a pod waits and pods outside the mesh start."""
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +15,9 @@ import pytest
 from ambient_cni.api import names
 from ambient_cni.kube import raw
 from ambient_cni_sandbox import cni as cni_chain
+from ambient_cni_sandbox.binaries import PLUGIN_BINARY
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni_sandbox.components import CNI_EXCLUDED, Mesh
+from ambient_cni_sandbox.components import CNI_EXCLUDED, Mesh, uninstall_cni
 
 # The client's process makes its one call the moment it starts, and exits.
 CALL_AT_ONCE = (
@@ -83,15 +84,61 @@ def test_a_new_pods_first_connection_goes_through_ztunnel_and_without_the_plugin
 
     # The same pod on a node whose chain lacks the plugin: redirected only later, by the
     # controller's spec, so its first call is not ztunnel's to see.
-    cni_chain.unchain_istio_cni(mesh.node_cni["node-1"])
+    installer = mesh.installers["node-1"]
+    installer.stop()
+    uninstall_cni(sandbox, "node-1")
     try:
         start_client(sandbox, ambient, "unguarded", server)
         finished(sandbox, ambient, "unguarded")
         assert relayed(mesh, ambient, "unguarded") == []
     finally:
-        cni_chain.chain_istio_cni(
-            mesh.node_cni["node-1"], Path(sandbox.state.cni_bin_dir), CNI_EXCLUDED
+        installer.start()
+
+
+def chain(mesh: Mesh, node: str) -> list[str]:
+    conflist = mesh.node_cni[node].conf_dir / cni_chain.PRIMARY_CONFIG
+    return [p["type"] for p in json.loads(conflist.read_text())["plugins"]]
+
+
+def test_a_conflist_the_primary_cni_rewrites_is_chained_again_at_once(
+    sandbox: SandboxCluster, mesh: Mesh, ambient: str
+) -> None:
+    node_cni = mesh.node_cni["node-1"]
+    conflist = node_cni.conf_dir / cni_chain.PRIMARY_CONFIG
+    assert chain(mesh, "node-1") == ["bridge", PLUGIN_BINARY]
+    # What a primary CNI does when it starts: its own file, written whole.
+    conflist.write_text(
+        json.dumps(
+            cni_chain.primary_conflist(sandbox.state.topology.node("node-1"), node_cni.ipam_dir)
         )
+    )
+    wait_for(
+        "istio-cni chained again",
+        lambda: chain(mesh, "node-1") == ["bridge", PLUGIN_BINARY],
+        timeout=2,
+    )
+    sandbox.create_pod(ambient, "server", node="node-2", port=8080)
+    server = sandbox.wait_running(ambient, "server")
+    start_client(sandbox, ambient, "after", server)
+    finished(sandbox, ambient, "after")
+    assert [c["direction"] for c in relayed(mesh, ambient, "after")] == ["outbound"]
+
+
+def test_stopping_install_cni_leaves_it_installed_and_uninstall_leaves_nothing(
+    sandbox: SandboxCluster, mesh: Mesh
+) -> None:
+    node_cni = mesh.node_cni["node-1"]
+    installer = mesh.installers["node-1"]
+    installer.stop()  # an upgrade: new pods must keep waiting for the agent
+    try:
+        assert (node_cni.bin_dir / PLUGIN_BINARY).exists()
+        assert chain(mesh, "node-1") == ["bridge", PLUGIN_BINARY]
+        uninstall_cni(sandbox, "node-1")
+        assert not (node_cni.bin_dir / PLUGIN_BINARY).exists()
+        assert chain(mesh, "node-1") == ["bridge"]
+        assert sorted(p.name for p in node_cni.conf_dir.iterdir()) == [cni_chain.PRIMARY_CONFIG]
+    finally:
+        installer.start()
 
 
 def sandbox_failures(sandbox: SandboxCluster, namespace: str, pod: str) -> list[dict[str, Any]]:

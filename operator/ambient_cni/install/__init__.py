@@ -1,0 +1,1 @@
+"""install-cni: puts the istio-cni plugin into the node's CNI configuration and keeps it there."""

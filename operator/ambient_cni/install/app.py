@@ -1,0 +1,82 @@
+"""`ambient-cni install-cni`: install, then keep installed, until stopped.
+
+The conf dir and bin dir are watched with inotify: when the primary CNI
+rewrites its config (as many do on every start), istio-cni is chained again
+within a fraction of a second. A pass also runs every RECHECK seconds, in case
+an event was missed. Stopping leaves everything in place (an upgrade: new pods
+wait for the new agent rather than start unredirected); `--uninstall` takes it
+all out.
+"""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import signal
+import threading
+from typing import Any
+
+from inotify_simple import INotify, flags
+
+from ambient_cni.logs import configure_json_logging
+
+from .installer import Installer, InstallOptions, InstallState
+
+log = logging.getLogger("ambient_cni.install")
+
+RECHECK = 5.0
+SETTLE = 0.05  # events come in bursts (write, rename): gather them before a pass
+WATCHED = (
+    flags.CREATE | flags.MODIFY | flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM
+) | flags.DELETE
+
+
+class _Health:
+    def __init__(self) -> None:
+        self.state = InstallState(False, problem="not installed yet")
+
+    def serve(self, address: str, port: int) -> None:
+        health = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                ok = self.path in ("/readyz", "/healthz") and health.state.ready
+                self.send_response(200 if ok else 503)
+                self.end_headers()
+                self.wfile.write(b"installed\n" if ok else health.state.problem.encode() + b"\n")
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer((address, port), Handler)
+        threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
+
+
+def run(options: InstallOptions, *, listen_address: str, health_port: int) -> int:
+    configure_json_logging(logging.INFO)
+    installer = Installer(options)
+    health = _Health()
+    health.serve(listen_address, health_port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    with INotify() as inotify:
+        for directory in (options.conf_dir, options.bin_dir):
+            inotify.add_watch(directory, WATCHED)
+        while not stop.is_set():
+            state = installer.ensure()
+            if state.problem != health.state.problem and state.problem:
+                log.warning("not installed: %s", state.problem)
+            health.state = state
+            # Wakes on a change in either dir, or after RECHECK; SIGTERM ends the wait too.
+            inotify.read(timeout=int(RECHECK * 1000), read_delay=int(SETTLE * 1000))
+    log.info("stopping; istio-cni stays installed (upgrade or restart)")
+    return 0
+
+
+def uninstall(options: InstallOptions) -> int:
+    configure_json_logging(logging.INFO)
+    removed = Installer(options).uninstall()
+    if not removed:
+        log.info("nothing of istio-cni was installed")
+    return 0
