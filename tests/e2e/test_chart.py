@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from pyhelm3 import Client
@@ -146,6 +147,13 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         "agent.nodeSelector.pool=mesh",
         "agent.tolerations[0].key=dedicated",
         "agent.tolerations[0].operator=Exists",
+        "cni.enabled=true",
+        "cni.binDir=/var/lib/cni/bin",
+        "cni.confDir=/etc/cni/conf.d",
+        "cni.runDir=/run/istio-cni",
+        "cni.excludeNamespaces={kube-system,batch}",
+        "cni.chained=false",
+        "cni.healthPort=9010",
     ]
     result = run_helm(
         sandbox, "template", RELEASE, str(CHART), *(a for f in flags for a in ("--set", f))
@@ -161,6 +169,14 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         "registry.example/ambient-cni:0.9.1",
         "pool: mesh",
         "key: dedicated",
+        "- install-cni",
+        "--bin-dir=/host/var/lib/cni/bin",
+        "--conf-dir=/host/etc/cni/conf.d",
+        "--agent-run-dir=/run/istio-cni",
+        "--cni-run-dir=/run/istio-cni",
+        "--exclude-namespaces=kube-system,batch",
+        "--no-chained",
+        "--health-port=9010",
     ):
         assert rendered in result.stdout, rendered
 
@@ -175,6 +191,8 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         ("agent.zdsSocketDir=relative/dir", "zdsSocketDir"),
         ("agent.driftInterval=0", "driftInterval"),
         ("excludeNamespaces[0]=Not_A_Namespace", "excludeNamespaces"),
+        ("cni.binDir=opt/cni/bin", "binDir"),
+        ("cni.enabled=maybe", "enabled"),
         ("colour=blue", "colour"),
     ],
 )
@@ -191,6 +209,14 @@ def test_default_values_render(sandbox: SandboxCluster) -> None:
     assert result.returncode == 0, result.stderr
     assert "kind: DaemonSet" in result.stdout
     assert "system-node-critical" in result.stdout
+    # The CNI plugin is opt-in until uninstall takes it out of the nodes' chains.
+    assert "install-cni" not in result.stdout
+    agent_role = next(
+        doc
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["kind"] == "ClusterRole" and doc["metadata"]["name"] == AGENT_SA
+    )
+    assert all("namespaces" not in rule["resources"] for rule in agent_role["rules"])
 
 
 def test_install_is_accepted_by_the_api_server(

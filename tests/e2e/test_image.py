@@ -104,7 +104,7 @@ def test_the_build_stage_runs_and_installs_both_commands(image_root: Path) -> No
             )
             assert result.returncode == 0, result.stdout + result.stderr
     entrypoint = venv / "bin" / "ambient-cni"
-    for command in ("controller", "agent", "check-ready"):
+    for command in ("controller", "agent", "install-cni", "check-ready"):
         # As the image's default user: the controller runs non-root.
         result = subprocess.run(
             [
