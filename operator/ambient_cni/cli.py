@@ -157,6 +157,14 @@ def _install_cni_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
     install.add_argument("--listen-address", default="0.0.0.0")  # noqa: S104 - in a pod
     install.add_argument("--health-port", type=int, default=8010, help="/readyz once installed")
     install.add_argument(
+        "--daemonset",
+        help="NAMESPACE/NAME of the DaemonSet it runs in: when it is being deleted at SIGTERM, "
+        "istio-cni is uninstalled; otherwise (an upgrade) it stays",
+    )
+    install.add_argument(
+        "--kubeconfig", type=Path, help="for --daemonset; default: in-cluster, then $KUBECONFIG"
+    )
+    install.add_argument(
         "--uninstall",
         action="store_true",
         help="take istio-cni out of every conflist and the bin dir, then exit",
@@ -183,7 +191,13 @@ def _run_install_cni(args: argparse.Namespace) -> int:
     )
     if args.uninstall:
         return uninstall(options)
-    return run(options, listen_address=args.listen_address, health_port=args.health_port)
+    return run(
+        options,
+        listen_address=args.listen_address,
+        health_port=args.health_port,
+        daemonset=args.daemonset,
+        kubeconfig=args.kubeconfig,
+    )
 
 
 def _run_agent(args: argparse.Namespace) -> int:

@@ -176,9 +176,14 @@ def install_cni_args(cluster: SandboxCluster, node: str) -> list[str]:
     ]
 
 
-def install_cni(cluster: SandboxCluster, node: str) -> Component:
+def install_cni(cluster: SandboxCluster, node: str, *extra_args: str) -> Component:
     """install-cni as the agent DaemonSet's container runs it, on one sandbox node."""
-    return Component(cluster, f"install-cni-{node}", install_cni_args(cluster, node), metrics=False)
+    return Component(
+        cluster,
+        f"install-cni-{node}",
+        [*install_cni_args(cluster, node), *extra_args],
+        metrics=False,
+    )
 
 
 def uninstall_cni(cluster: SandboxCluster, node: str) -> None:
@@ -262,13 +267,23 @@ class Mesh:
         self.cni = cni
         paths = paths_for(cluster.name)
         self.node_cni = {n: paths.node_cni(n) for n in cluster.node_names}
-        self.installers = {n: install_cni(cluster, n) for n in cluster.node_names} if cni else {}
         self.controller = controller(cluster, *controller_args, kubeconfig=controller_kubeconfig)
 
         def credentials(node: str) -> Path | None:
             if isinstance(agent_kubeconfig, Mapping):
                 return agent_kubeconfig[node]
             return agent_kubeconfig
+
+        # install-cni runs in the agent's DaemonSet: its credentials, and its --daemonset.
+        daemonset = [a for a in agent_args if a.startswith("--daemonset=")]
+
+        def installer(node: str) -> Component:
+            kubeconfig = credentials(node) or cluster.user_kubeconfig(
+                AGENT_USER, groups="system:masters"
+            )
+            return install_cni(cluster, node, f"--kubeconfig={kubeconfig}", *daemonset)
+
+        self.installers = {n: installer(n) for n in cluster.node_names} if cni else {}
 
         def cni_args(node: str) -> list[str]:
             if not cni:

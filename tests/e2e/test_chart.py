@@ -29,7 +29,9 @@ from pyhelm3 import Client
 from ambient_cni.api import names
 from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client
 from ambient_cni_sandbox import components
+from ambient_cni_sandbox.binaries import PLUGIN_BINARY
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.cni import PRIMARY_CONFIG
 from ambient_cni_sandbox.components import Mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,6 +120,7 @@ def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
         # Tokens bound to a pod on each node, as the DaemonSet's pods get them.
         agent_kubeconfig=components.agent_pods(sandbox, NAMESPACE, AGENT_SA),
         install_crds=False,
+        cni=True,  # install-cni too, with the same tokens and --daemonset
     )
     state.mesh.start()
     try:
@@ -209,13 +212,15 @@ def test_default_values_render(sandbox: SandboxCluster) -> None:
     assert result.returncode == 0, result.stderr
     assert "kind: DaemonSet" in result.stdout
     assert "system-node-critical" in result.stdout
-    # The CNI plugin is opt-in until uninstall takes it out of the nodes' chains.
-    assert "install-cni" not in result.stdout
+    assert "- install-cni" in result.stdout  # on by default
+    off = run_helm(sandbox, "template", RELEASE, str(CHART), "--set", "cni.enabled=false")
+    assert "install-cni" not in off.stdout
     agent_role = next(
         doc
-        for doc in yaml.safe_load_all(result.stdout)
+        for doc in yaml.safe_load_all(off.stdout)
         if doc and doc["kind"] == "ClusterRole" and doc["metadata"]["name"] == AGENT_SA
     )
+    # Without the plugin the agent has no reason to read namespaces.
     assert all("namespaces" not in rule["resources"] for rule in agent_role["rules"])
 
 
@@ -480,10 +485,19 @@ def test_uninstall_removes_host_rules_and_ipsets_and_keeps_the_crd(
             sandbox.kubectl("get", "ds", AGENT_SA, "-n", NAMESPACE, check=False).returncode != 0
         ),
     )
-    for agent in mesh.agents.values():
-        agent.stop()  # what the DaemonSet's deletion does to its pods
-        # By SIGTERM the agent's Role is gone too: it must have watched the deletion.
+    for node, agent in mesh.agents.items():
+        # What the DaemonSet's deletion does to its pods' containers. By SIGTERM their Role
+        # is gone too: they must have watched the deletion.
+        agent.stop()
         assert "its deletion was watched" in agent.log_path.read_text()
+        installer = mesh.installers[node]
+        installer.stop()
+        assert "its deletion was watched" in installer.log_path.read_text()
+        # Nothing of istio-cni is left on the node: no binary, no entry in its chain.
+        node_cni = mesh.node_cni[node]
+        assert not (node_cni.bin_dir / PLUGIN_BINARY).exists()
+        conflist = json.loads((node_cni.conf_dir / PRIMARY_CONFIG).read_text())
+        assert [p["type"] for p in conflist["plugins"]] == ["bridge"]
     for node in sandbox.node_names:
         netns = sandbox.state.topology.node(node).netns
         saved = subprocess.run(

@@ -23,13 +23,13 @@ from prometheus_client import start_http_server
 from ambient_cni.agent import metrics
 from ambient_cni.agent.cni_endpoint import CniEndpoint
 from ambient_cni.agent.cni_server import CniServer
-from ambient_cni.agent.daemonset_watch import DaemonSetWatch
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
 from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api import names
+from ambient_cni.daemonset_watch import DaemonSetWatch
 from ambient_cni.dataplane import factory
 from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging

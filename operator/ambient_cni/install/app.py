@@ -4,8 +4,9 @@ The conf dir and bin dir are watched with inotify: when the primary CNI
 rewrites its config (as many do on every start), istio-cni is chained again
 within a fraction of a second. A pass also runs every RECHECK seconds, in case
 an event was missed. Stopping leaves everything in place (an upgrade: new pods
-wait for the new agent rather than start unredirected); `--uninstall` takes it
-all out.
+wait for the new agent rather than start unredirected), unless the DaemonSet
+it runs in (`--daemonset`) is being deleted: that is an uninstall, and it
+takes everything out, as `--uninstall` does.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import http.server
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 from inotify_simple import INotify, flags
 
+from ambient_cni.daemonset_watch import DaemonSetWatch
+from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging
 
 from .installer import Installer, InstallOptions, InstallState
@@ -52,7 +56,14 @@ class _Health:
         threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
 
 
-def run(options: InstallOptions, *, listen_address: str, health_port: int) -> int:
+def run(
+    options: InstallOptions,
+    *,
+    listen_address: str,
+    health_port: int,
+    daemonset: str | None = None,
+    kubeconfig: Path | None = None,
+) -> int:
     configure_json_logging(logging.INFO)
     installer = Installer(options)
     health = _Health()
@@ -60,6 +71,9 @@ def run(options: InstallOptions, *, listen_address: str, health_port: int) -> in
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    watch = None if daemonset is None else DaemonSetWatch(new_api_client(kubeconfig), daemonset)
+    if watch is not None:
+        watch.start(stop)
     with INotify() as inotify:
         for directory in (options.conf_dir, options.bin_dir):
             inotify.add_watch(directory, WATCHED)
@@ -70,7 +84,12 @@ def run(options: InstallOptions, *, listen_address: str, health_port: int) -> in
             health.state = state
             # Wakes on a change in either dir, or after RECHECK; SIGTERM ends the wait too.
             inotify.read(timeout=int(RECHECK * 1000), read_delay=int(SETTLE * 1000))
-    log.info("stopping; istio-cni stays installed (upgrade or restart)")
+    going, why = (False, "no --daemonset") if watch is None else watch.going()
+    if going:
+        log.info("DaemonSet %s is going (%s): uninstalling istio-cni", daemonset, why)
+        installer.uninstall()
+    else:
+        log.info("stopping; istio-cni stays installed (%s)", why)
     return 0
 
 

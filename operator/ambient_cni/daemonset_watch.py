@@ -1,7 +1,8 @@
-"""Does our DaemonSet still exist? The agent's way to tell an uninstall from an upgrade.
+"""Does our DaemonSet still exist? How the agent and install-cni tell an uninstall from an
+upgrade at SIGTERM.
 
-`helm uninstall` deletes the DaemonSet, then the agent's Role and
-ServiceAccount, all before the kubelet sends the agent SIGTERM. By then a GET
+`helm uninstall` deletes the DaemonSet, then its Role and ServiceAccount,
+all before the kubelet sends the DaemonSet's containers SIGTERM. By then a GET
 of the DaemonSet is refused (401 or 403), so the agent watches the DaemonSet
 while it still may, and remembers a deletion it saw.
 """
