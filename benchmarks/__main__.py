@@ -17,7 +17,7 @@ from typing import Any
 from ambient_cni_sandbox import lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster
 
-from . import controller_scale, enroll, event_to_kernel, report
+from . import cni_add, controller_scale, enroll, event_to_kernel, report
 from .measure import machine
 
 SANDBOX = "bench"
@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1000, help="controller scale: nodes")
     parser.add_argument("--scale-pods", type=int, default=20000, help="controller scale: pods")
     parser.add_argument("--relabel", type=int, default=100, help="namespaces labelled at once")
+    parser.add_argument("--cni-pods", type=int, default=50, help="CNI ADD: pods per case")
     parser.add_argument(
-        "--only", choices=["enroll", "event", "scale"], action="append", help="repeatable"
+        "--only", choices=["enroll", "event", "scale", "cni"], action="append", help="repeatable"
     )
     parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
     parser.add_argument(
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
         return 2
-    chosen = args.only or ["enroll", "event", "scale"]
+    chosen = args.only or ["enroll", "event", "scale", "cni"]
     results: dict[str, dict[str, Any]] = {}
     if "enroll" in chosen:
         results["enroll"] = _on_sandbox(1, lambda c: enroll.run(c, args.pods, profile=args.profile))
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for backend in enroll.BACKENDS:
             measure = functools.partial(event_to_kernel.run, pods=args.event_pods, backend=backend)
             results["event"]["backends"][backend] = _on_sandbox(2, measure)
+    if "cni" in chosen:
+        results["cni"] = _on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
     if "scale" in chosen:
         results["scale"] = _on_sandbox(
             1, lambda c: controller_scale.run(c, args.nodes, args.scale_pods, args.relabel)
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "enroll": report.enroll_table,
             "event": report.event_table,
             "scale": report.scale_table,
+            "cni": report.cni_table,
         }
         for name, result in results.items():
             document = report.replace_section(document, name, tables[name](result))

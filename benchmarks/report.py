@@ -154,6 +154,31 @@ def event_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cni_table(r: dict[str, Any]) -> str:
+    def row(label: str, p: dict[str, float]) -> str:
+        cells = " | ".join(_ms(p[k]) for k in ("min", "p50", "p95", "p99", "max"))
+        return f"| {label} | {cells} |"
+
+    return "\n".join(
+        [
+            f"{r['pods']} pods each, one CNI ADD at a time through node-1's chain "
+            f"(`cni-run`, as the kubelet runs it).",
+            "",
+            "| ADD of | min | p50 | p95 | p99 | max |",
+            "|---|---|---|---|---|---|",
+            row("`bridge` alone (no istio-cni)", r["add_bridge_alone_s"]),
+            row("`bridge` + istio-cni, pod outside the mesh", r["add_outside_mesh_s"]),
+            row("`bridge` + istio-cni, pod in the mesh (enrolled first)", r["add_inside_mesh_s"]),
+            row("istio-cni alone, excluded namespace (exec to exit)", r["plugin_call_s"]),
+            "",
+            f"Enrolled when ADD answered: {r['enrolled_at_add']} of {r['pods']}. "
+            f"A pod in the mesh starts {_ms(r['start_delay_by_enrolment_p50_s'])} later than one "
+            f"outside it (p50). The plugin binary is "
+            f"{r['plugin_binary_bytes'] / 2**20:.1f} MiB (static, stripped).",
+        ]
+    )
+
+
 def scale_table(r: dict[str, Any]) -> str:
     return "\n".join(
         [

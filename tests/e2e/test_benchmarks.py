@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.network import sandbox_netns
-from benchmarks import controller_scale, enroll, event_to_kernel, report
+from benchmarks import cni_add, controller_scale, enroll, event_to_kernel, report
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
@@ -57,3 +57,14 @@ def test_every_section_of_benchmarks_md_has_its_markers() -> None:
     for name in ("machine", "enroll", "event", "scale", "watch"):
         document = report.replace_section(document, name, f"TABLE-{name}")  # raises if absent
         assert f"<!-- bench:{name} -->\nTABLE-{name}\n<!-- /bench:{name} -->" in document
+
+
+def test_cni_add_benchmark_times_every_case_and_leaves_nothing(sandbox: SandboxCluster) -> None:
+    result = cni_add.run(sandbox, pods=3)
+    for case in ("add_bridge_alone_s", "add_outside_mesh_s", "add_inside_mesh_s"):
+        assert 0 < result[case]["min"] <= result[case]["max"]
+    assert result["enrolled_at_add"] == 3
+    assert result["plugin_binary_bytes"] > 0
+    assert not sandbox_netns(sandbox.state.topology.prefix + "cnibench-")
+    assert sandbox.namespace(cni_add.INSIDE) is None
+    assert "pod in the mesh (enrolled first)" in report.cni_table(result)
