@@ -615,14 +615,20 @@ def in_sync(node: Node) -> bool:
     return facts is not None and facts[0].in_sync
 
 
-def test_a_pod_the_spec_never_lists_goes_after_the_cni_grace(
+def test_a_pod_the_spec_never_lists_goes_after_the_cni_grace_and_a_newer_spec(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(reconciler, "CNI_GRACE", 0.2)
+    monkeypatch.setattr(reconciler, "CNI_GRACE", 0.0)  # over at once
     node.spec([])
     assert node.agent.enrol_now(Workload.model_validate(workload(2)), DEADLINE).state == (
         "Enrolled"
     )
+    # The grace is over, but no newer spec has left it out (the controller may be away).
+    node.agent.pods.add("uid-2")
+    wait_for("a pass", lambda: in_sync(node))
+    assert "annotation=None" not in node.journal.of("uid-2")
+
+    node.spec([])  # a newer spec without it: it left the mesh
     wait_for(
         "pod-2 un-enrolled and gone from status",
         lambda: "annotation=None" in node.journal.of("uid-2") and node.state(2) is None,
@@ -634,3 +640,31 @@ def test_without_a_spec_a_cni_add_is_refused_not_applied(node: Node) -> None:
     assert result.state == "Failed"
     assert result.reason == "NoSpec"
     assert node.journal.of("uid-3") == []
+
+
+def test_a_new_sandbox_for_an_enrolled_pod_is_redirected_and_handed_to_ztunnel_anew(
+    node: Node, tmp_path: Path
+) -> None:
+    node.spec([4])
+    wait_for("pod-4 Enrolled", lambda: node.state(4) == "Enrolled")
+    # The pod's sandbox is made again (new netns, new address) before the spec knows.
+    fresh = tmp_path / "netns-4-again"
+    fresh.touch()
+    node.pods.netns_of[fresh] = "uid-4"
+    node.resolver.netns["uid-4"] = fresh
+    again = Workload.model_validate({**workload(4), "ips": ["10.244.0.99"]})
+
+    assert node.agent.enrol_now(again, timeout=DEADLINE).state == "Enrolled"
+    assert node.handles.held("uid-4") == fresh
+    # ztunnel let go of the old sandbox and took the new one.
+    assert node.journal.of("uid-4")[4:] == ["zds-del", "rules", "zds-add", "ipset"]
+
+
+def test_an_earlier_outcome_never_answers_a_cni_add(node: Node) -> None:
+    node.spec([5])
+    wait_for("pod-5 Enrolled", lambda: node.state(5) == "Enrolled")
+    node.pods.delay = lambda: 1.0  # the new sandbox's rules take longer than the answer may
+    again = Workload.model_validate({**workload(5), "ips": ["10.244.0.98"]})
+    result = node.agent.enrol_now(again, timeout=0.3)
+    assert result.state == "Pending"  # not the Enrolled of the sandbox before
+    assert result.message == "not enrolled in time"

@@ -86,6 +86,10 @@ class InpodMode:
             if held is None:
                 return _failed(pod, "NetnsNotFound", str(exc))
             netns = held
+        if pod.netns is not None and netns != pod.netns:
+            # A new sandbox for the same pod (a held path changes only with the namespace):
+            # ztunnel must let go of the old one and take this one.
+            self.ztunnel.delete(workload.uid)
         try:
             changes = self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
         except DataplaneError as exc:

@@ -48,8 +48,9 @@ STATUS_DEBOUNCE = 0.2
 STATUS_BUSY_MAX_DELAY = 1.0
 MAX_BACKOFF = 30.0
 HOST_RETRY = 5.0
-# A pod enrolled at its CNI ADD, before the controller listed it, is held as wanted this
-# long; if the spec has not listed it by then (it left the mesh meanwhile), it goes.
+# A pod enrolled at its CNI ADD, before the controller listed it, is held as wanted at
+# least this long, and until a spec newer than the one at its ADD leaves it out (it left
+# the mesh meanwhile): a controller that is slow or away un-enrols nobody.
 CNI_GRACE = 30.0
 STATUS_RETRY = 2.0
 
@@ -112,8 +113,13 @@ class NodeAgent:
         self._lock = threading.Lock()
         self._desired = _Desired()
         self._records: dict[str, PodState] = {}
-        self._cni_added: dict[str, tuple[Workload, float]] = {}  # uid -> (workload, until)
-        self._passes: dict[str, int] = {}  # uid -> passes stored, for callers waiting on one
+        # uid -> (the workload its CNI ADD asked for, held at least until, spec generation then)
+        self._cni_added: dict[str, tuple[Workload, float, int]] = {}
+        # For callers waiting on a pass: each pass is numbered when it starts; per pod, the
+        # number of the pass that last stored it, and of the last that did its kernel step.
+        self._pass_count = 0
+        self._passes: dict[str, int] = {}
+        self._kernel_passes: dict[str, int] = {}
         self._stored = threading.Condition(self._lock)
         self._host = _HostState()
         self._server = _ServerStatus()
@@ -218,11 +224,16 @@ class NodeAgent:
         yet (caller holds the lock)."""
         spec = self._desired.spec
         wanted = list(spec.workloads) if spec is not None else []
-        listed = {w.uid for w in wanted}
+        index = {w.uid: i for i, w in enumerate(wanted)}
         now_ = time.monotonic()
-        for uid, (workload, until) in list(self._cni_added.items()):
-            if uid in listed or now_ >= until:
-                del self._cni_added[uid]  # the spec has it now, or never will
+        for uid, (workload, until, generation) in list(self._cni_added.items()):
+            listed = index.get(uid)
+            if listed is not None and wanted[listed].ips == workload.ips:
+                del self._cni_added[uid]  # the spec has caught up with the sandbox
+            elif listed is not None:
+                wanted[listed] = workload  # a new sandbox: its addresses are the current ones
+            elif now_ >= until and self._desired.generation > generation:
+                del self._cni_added[uid]  # a newer spec leaves it out: it left the mesh
             else:
                 wanted.append(workload)
         return wanted
@@ -231,31 +242,33 @@ class NodeAgent:
 
     def enrol_now(self, workload: Workload, timeout: float) -> PodOutcome:
         """Enrol a pod at its CNI ADD, before the controller lists it, and wait (at most
-        `timeout`) until it is Enrolled or Failed; its outcome then, else as it stands."""
+        `timeout`) for a pass begun after this call to finish it. Enrolled only when such a
+        pass did the kernel's part and all the rest; an older outcome never counts."""
+        uid = workload.uid
         with self._lock:
             if self._mode() is None:
                 return outcome(
                     workload, "Failed", "NoSpec", f"no usable spec for {self.options.node} yet"
                 )
-            self._cni_added[workload.uid] = (workload, time.monotonic() + CNI_GRACE)
-            passes = self._passes.get(workload.uid, 0)
-        self.pods.add(workload.uid)
-        self.pods.add_after(workload.uid, CNI_GRACE + 1.0)  # then out, unless listed
+            generation = self._desired.generation
+            self._cni_added[uid] = (workload, time.monotonic() + CNI_GRACE, generation)
+            asked = self._pass_count  # passes numbered above this began after the ADD
+        self.pods.add(uid)
+        self.pods.add_after(uid, CNI_GRACE + 1.0)  # to let it go then, if it left the mesh
         deadline = time.monotonic() + timeout
         with self._stored:
             while True:
-                record = self._records.get(workload.uid)
-                if (
-                    record is not None
-                    and not record.kernel_done
-                    and self._passes.get(workload.uid, 0) > passes
-                    and record.outcome.state in ("Enrolled", "Failed")
-                ):
-                    return record.outcome
+                record = self._records.get(uid)
+                if record is not None and not record.kernel_done:
+                    state = record.outcome.state
+                    if state == "Enrolled" and self._kernel_passes.get(uid, 0) > asked:
+                        return record.outcome
+                    if state == "Failed" and self._passes.get(uid, 0) > asked:
+                        return record.outcome
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    if record is not None:
-                        return record.outcome
+                    if record is not None and record.outcome.state in ("Pending", "Failed"):
+                        return record.outcome  # its reason (ztunnel away, ...) says why
                     return outcome(workload, "Pending", "Enrolling", "not enrolled in time")
                 self._stored.wait(remaining)
 
@@ -340,6 +353,8 @@ class NodeAgent:
 
     def _reconcile_pod(self, uid: str) -> None:
         with self._lock:
+            self._pass_count += 1
+            number = self._pass_count
             mode = self._mode()
             desired = {w.uid: w for w in self._desired_workloads()}.get(uid)
             record = self._records.get(uid)
@@ -362,11 +377,13 @@ class NodeAgent:
                 metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
         else:
             return
-        self._store(uid, step, generation if desired is not None and not step.more else None)
+        self._store(
+            uid, step, generation if desired is not None and not step.more else None, number
+        )
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
 
-    def _store(self, uid: str, step: Step, generation: int | None) -> None:
+    def _store(self, uid: str, step: Step, generation: int | None, number: int = 0) -> None:
         """Keep the pod's new state and schedule its retry: the one place records change."""
         state = step.state
         if state is not None and not step.more:
@@ -378,9 +395,12 @@ class NodeAgent:
             if state is None:
                 self._records.pop(uid, None)
                 self._passes.pop(uid, None)
+                self._kernel_passes.pop(uid, None)
             else:
                 self._records[uid] = state
-                self._passes[uid] = self._passes.get(uid, 0) + 1
+                self._passes[uid] = number
+                if state.kernel_done == "in":
+                    self._kernel_passes[uid] = number
             self._stored.notify_all()
         if state is not None and step.more:
             # The pod's next step, after the pods already queued: in a burst every pod's
