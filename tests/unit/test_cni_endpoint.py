@@ -126,3 +126,20 @@ def test_addresses_that_are_not_ips_never_reach_a_workload() -> None:
     answer = endpoint(Pods(pod(), AMBIENT), Enroller()).add(event)
     assert not answer.ok
     assert "no IP" in answer.message
+
+
+def test_a_late_del_of_an_earlier_sandbox_leaves_the_current_one_alone() -> None:
+    enroller, reports = Enroller(), Reports()
+    api = endpoint(Pods(pod(), AMBIENT), enroller, reports)
+    assert api.add(PluginEvent.model_validate_json(BODY.replace('"c-1"', '"c-2"'))).ok
+    assert api.delete(PluginEvent.model_validate_json(BODY)).ok  # c-1's DEL, late
+    assert reports.paths == {"u-1": Path("/var/run/netns/cni-1")}
+    assert enroller.deleted == []
+
+
+def test_an_add_without_a_netns_is_refused_and_a_del_without_one_accepted() -> None:
+    event = PluginEvent.model_validate_json(BODY.replace("/var/run/netns/cni-1", ""))
+    enroller = Enroller()
+    assert not endpoint(Pods(pod(), AMBIENT), enroller).add(event).ok
+    assert endpoint(Pods(pod(), AMBIENT), enroller).delete(event).ok
+    assert enroller.enrolled == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +45,7 @@ class PluginEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    Netns: str = Field(min_length=1)
+    Netns: str = ""  # a DEL may come without one: the namespace is already gone
     PodName: str = Field(min_length=1)
     PodNamespace: str = Field(min_length=1)
     PodUID: str = ""
@@ -96,9 +97,13 @@ class CniEndpoint:
         self.netns = netns
         self.selection = selection
         self.answer_within = answer_within
+        self._sandboxes: dict[str, str] = {}  # pod uid -> container ID of its latest ADD
 
     def add(self, event: PluginEvent) -> CniAnswer:
+        arrived = time.monotonic()  # the plugin's clock runs from before this
         who = f"{event.PodNamespace}/{event.PodName}"
+        if not event.Netns:
+            return CniAnswer(False, f"pod {who}: ADD without a network namespace")
         pod = self.pods.pod(event.PodNamespace, event.PodName)
         if pod is None:
             return CniAnswer(False, f"pod {who} is not in the API server")
@@ -114,8 +119,10 @@ class CniEndpoint:
             log.debug("CNI ADD %s: not redirected (%s)", who, decision.reason)
             return CniAnswer(True, f"not redirected: {decision.reason}")
         wanted = workload(view)
+        self._sandboxes[wanted.uid] = event.ContainerID
         self.netns.report(wanted.uid, Path(event.Netns))
-        result = self.enroller.enrol_now(wanted, self.answer_within)
+        budget = self.answer_within - (time.monotonic() - arrived)
+        result = self.enroller.enrol_now(wanted, max(budget, 0.0))
         if result.state == "Enrolled":
             log.info("CNI ADD %s: redirected before it starts", who)
             return CniAnswer(True, "redirected")
@@ -125,9 +132,16 @@ class CniEndpoint:
     def delete(self, event: PluginEvent) -> CniAnswer:
         """Forget the netns the plugin gave; never fails (DEL must succeed when things are
         gone). Un-enrolment itself follows the spec, or the CNI grace."""
-        if event.PodUID:
-            self.netns.forget(event.PodUID)
-            self.enroller.cni_deleted(event.PodUID)
+        uid = event.PodUID
+        if not uid:
+            return CniAnswer(True, "nothing to forget")
+        latest = self._sandboxes.get(uid)
+        if latest is not None and event.ContainerID and event.ContainerID != latest:
+            # A late DEL of an earlier sandbox: the pod's current one stays as it is.
+            return CniAnswer(True, "an earlier sandbox: ignored")
+        self._sandboxes.pop(uid, None)
+        self.netns.forget(uid)
+        self.enroller.cni_deleted(uid)
         return CniAnswer(True, "forgotten")
 
     def check(self, event: PluginEvent) -> CniAnswer:

@@ -45,9 +45,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if route is None:
             self._answer(404, f"no such path {self.path}")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._answer(400, f"body of {length} bytes is over {MAX_BODY}")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self._answer(400, f"Content-Length must be 0 to {MAX_BODY}")
             return
         try:
             event = PluginEvent.model_validate_json(self.rfile.read(length))
