@@ -169,6 +169,11 @@ def _install_cni_command(sub: argparse._SubParsersAction[argparse.ArgumentParser
         action="store_true",
         help="take istio-cni out of every conflist and the bin dir, then exit",
     )
+    install.add_argument(
+        "--absent",
+        action="store_true",
+        help="keep istio-cni out of the node's CNI configuration (the plugin is turned off)",
+    )
     install.set_defaults(run=_run_install_cni)
 
 
@@ -197,6 +202,7 @@ def _run_install_cni(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         daemonset=args.daemonset,
         kubeconfig=args.kubeconfig,
+        absent=args.absent,
     )
 
 

@@ -213,8 +213,11 @@ def test_default_values_render(sandbox: SandboxCluster) -> None:
     assert "kind: DaemonSet" in result.stdout
     assert "system-node-critical" in result.stdout
     assert "- install-cni" in result.stdout  # on by default
+    assert "--absent" not in result.stdout
     off = run_helm(sandbox, "template", RELEASE, str(CHART), "--set", "cni.enabled=false")
-    assert "install-cni" not in off.stdout
+    # Off, install-cni keeps istio-cni out of the node's chain, and the agent serves none.
+    assert "--absent" in off.stdout
+    assert "--cni-run-dir" not in off.stdout
     agent_role = next(
         doc
         for doc in yaml.safe_load_all(off.stdout)

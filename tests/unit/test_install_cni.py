@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from ambient_cni.install import installer as installer_module
 from ambient_cni.install.conflist import (
     CniConfigError,
     PluginSettings,
@@ -125,3 +126,31 @@ def test_unchained_it_writes_the_primary_with_istio_cni_in_a_file_that_sorts_fir
     own = json.loads((conf / OWN_CONFLIST).read_text())
     assert [p["type"] for p in own["plugins"]] == ["bridge", "portmap", "istio-cni"]
     assert sorted(p.name for p in conf.iterdir())[0] == OWN_CONFLIST  # what a runtime takes
+
+
+def test_a_rewrite_by_the_primary_cni_during_ours_is_not_lost(
+    dirs: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf, bin_dir, plugin = dirs
+    path = conf / "10-net.conflist"
+    path.write_text(json.dumps(CONFLIST))
+    rewritten = {**CONFLIST, "plugins": [*CONFLIST["plugins"], {"type": "bandwidth"}]}
+    real_identity = installer_module._identity
+    calls = {"n": 0}
+
+    def identity(p: Path) -> Any:
+        # Between our read and our rename, the primary CNI writes its file anew (once).
+        calls["n"] += 1
+        if calls["n"] == 2:
+            path.write_text(json.dumps(rewritten))
+        return real_identity(p)
+
+    monkeypatch.setattr(installer_module, "_identity", identity)
+    assert Installer(InstallOptions(bin_dir, conf, plugin, SETTINGS)).ensure().ready
+    written = json.loads(path.read_text())
+    assert [p["type"] for p in written["plugins"]] == [
+        "bridge",
+        "portmap",
+        "bandwidth",
+        "istio-cni",
+    ]

@@ -6,7 +6,9 @@ within a fraction of a second. A pass also runs every RECHECK seconds, in case
 an event was missed. Stopping leaves everything in place (an upgrade: new pods
 wait for the new agent rather than start unredirected), unless the DaemonSet
 it runs in (`--daemonset`) is being deleted: that is an uninstall, and it
-takes everything out, as `--uninstall` does.
+takes everything out, as `--uninstall` does. With `absent`, the same loop keeps
+istio-cni out instead (the chart's `cni.enabled: false` on a node that had it:
+a plugin left in the chain with no agent to answer it would hold every pod).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def run(
     health_port: int,
     daemonset: str | None = None,
     kubeconfig: Path | None = None,
+    absent: bool = False,
 ) -> int:
     configure_json_logging(logging.INFO)
     installer = Installer(options)
@@ -78,12 +81,18 @@ def run(
         for directory in (options.conf_dir, options.bin_dir):
             inotify.add_watch(directory, WATCHED)
         while not stop.is_set():
-            state = installer.ensure()
+            if absent:
+                installer.uninstall()
+                state = InstallState(True)
+            else:
+                state = installer.ensure()
             if state.problem != health.state.problem and state.problem:
                 log.warning("not installed: %s", state.problem)
             health.state = state
             # Wakes on a change in either dir, or after RECHECK; SIGTERM ends the wait too.
             inotify.read(timeout=int(RECHECK * 1000), read_delay=int(SETTLE * 1000))
+    if absent:
+        return 0
     going, why = (False, "no --daemonset") if watch is None else watch.going()
     if going:
         log.info("DaemonSet %s is going (%s): uninstalling istio-cni", daemonset, why)

@@ -55,13 +55,34 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+class ChangedMeanwhile(RuntimeError):
+    """The file changed between our read and our write: read it again."""
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return (found.st_ino, found.st_mtime_ns, found.st_size)
+
+
+def _write_atomically(
+    path: Path, data: bytes, mode: int, *, unchanged_since: tuple[int, int, int] | None = None
+) -> None:
+    """Write to a temporary file with its final mode from the start, then rename it over
+    `path`; with `unchanged_since`, only if `path` is still the file read (the primary CNI
+    may rewrite it at any time, and its write must not be lost)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as out:
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
-    tmp.chmod(mode)
+    if unchanged_since is not None and _identity(path) != unchanged_since:
+        tmp.unlink(missing_ok=True)
+        raise ChangedMeanwhile(str(path))
     tmp.replace(path)
 
 
@@ -87,8 +108,20 @@ class Installer:
     def installed_binary(self) -> Path:
         return self.options.bin_dir / PLUGIN_TYPE
 
-    def ensure(self) -> InstallState:
-        """Make the bin dir and the conf dir hold what they should; what it changed."""
+    def ensure(self, tries: int = 3) -> InstallState:
+        """Make the bin dir and the conf dir hold what they should; what it changed. A
+        config rewritten by someone else while we wrote ours is read again."""
+        for _ in range(tries - 1):
+            try:
+                return self._ensure()
+            except ChangedMeanwhile:
+                continue
+        try:
+            return self._ensure()
+        except ChangedMeanwhile as exc:
+            return InstallState(False, problem=f"{exc} keeps changing; trying again")
+
+    def _ensure(self) -> InstallState:
         changes: list[str] = []
         want = _digest(self.options.plugin_binary)
         if want is None:
@@ -124,12 +157,15 @@ class Installer:
             own.unlink()
             changes.append(f"removed {own}")
         path = self._primary()
+        read = _identity(path)
         config = _read_config(path)
         wanted = with_plugin(config, self.options.settings)
         target = path if path.suffix == ".conflist" else path.with_suffix(".conflist")
         if target == path and config == wanted:
             return changes
-        _write_atomically(target, _as_text(wanted), 0o600)
+        _write_atomically(
+            target, _as_text(wanted), 0o600, unchanged_since=read if target == path else None
+        )
         if target != path:
             path.unlink(missing_ok=True)  # a single .conf becomes the .conflist
             changes.append(f"converted {path.name} to {target.name}")
