@@ -16,7 +16,8 @@ import (
 func main() {
 	failure := skel.PluginMainFuncsWithError(
 		skel.CNIFuncs{Add: cmdAdd, Del: cmdDel, Check: cmdCheck},
-		version.All,
+		// 0.1.0 and 0.2.0 have no prevResult to pass on.
+		version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"),
 		"CNI plugin istio-cni (ambient-cni)",
 	)
 	if failure != nil {

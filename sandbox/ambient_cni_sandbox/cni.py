@@ -143,11 +143,11 @@ class CniRuntime:
         try:
             self._run("add", pod, self.cni.loopback_dir)
             result = json.loads(self._run("add", pod, self.cni.conf_dir))
-        except CniError:
+            addresses = [str(ip["address"]).split("/")[0] for ip in result.get("ips") or []]
+        except (CniError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.delete(pod)
-            raise
-        for ip in result.get("ips") or []:
-            address = str(ip["address"]).split("/")[0]
+            raise exc if isinstance(exc, CniError) else CniError(f"bad ADD result: {exc}") from exc
+        for address in addresses:
             if ":" not in address:
                 return address
         self.delete(pod)

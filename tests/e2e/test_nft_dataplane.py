@@ -174,7 +174,11 @@ def test_many_pods_addresses_share_transactions(netns: list[str]) -> None:
     sets = host.addresses
     start = sets.transactions  # type: ignore[attr-defined]
 
+    # Pods enrolled together: each thread adds its pod's address at the same moment.
+    together = threading.Barrier(100)
+
     def enrol(index: int) -> None:
+        together.wait()
         sets.add([f"10.244.{index // 200}.{index % 200 + 1}"], f"uid-{index}")
 
     threads = [threading.Thread(target=enrol, args=(i,)) for i in range(100)]
