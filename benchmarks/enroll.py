@@ -9,6 +9,7 @@ acks at once, so the agent's own cost is what is measured.
 from __future__ import annotations
 
 import contextlib
+import json
 import shlex
 import subprocess
 import time
@@ -313,6 +314,8 @@ def _agent_run(
             "unenroll_agent_cpu_s": leave_cpu,
             "unenroll_status_writes": leave_status_writes,
             "agent_peak_rss_mib": peak_rss,
+            # What went wrong on the way, if anything (a retried pod shows as an outlier).
+            "agent_warnings": _warnings(agent.log_path),
             **({"profiles": profiles} if profiles else {}),
         }
     finally:
@@ -322,6 +325,19 @@ def _agent_run(
             ztunnel.close()
         if agent is not None:
             agent.stop()
+
+
+def _warnings(log: Path, most: int = 10) -> list[str]:
+    """The agent's warning and error messages, each once, in order."""
+    seen: dict[str, None] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("severity") in ("warning", "error"):
+            seen.setdefault(str(entry.get("message")), None)
+    return list(seen)[:most]
 
 
 def _in_process_floor(paths: list[Path]) -> float:
