@@ -62,12 +62,18 @@ func wanted(conf *Config, pod podArgs) (bool, string) {
 	return true, ""
 }
 
-func cmdAdd(args *skel.CmdArgs) error {
+// parse reads what every command needs: the config (with prevResult) and the pod.
+func parse(args *skel.CmdArgs) (*Config, *current.Result, podArgs, error) {
 	conf, prev, err := parseConfig(args.StdinData)
 	if err != nil {
-		return err
+		return nil, nil, podArgs{}, err
 	}
 	pod, err := parseArgs(args.Args)
+	return conf, prev, pod, err
+}
+
+func cmdAdd(args *skel.CmdArgs) error {
+	conf, prev, pod, err := parse(args)
 	if err != nil {
 		return err
 	}
@@ -85,12 +91,7 @@ func cmdAdd(args *skel.CmdArgs) error {
 // cmdDel tells the agent the sandbox is gone and never fails: DEL must succeed
 // when things are already gone, and the agent also learns it from the API.
 func cmdDel(args *skel.CmdArgs) error {
-	conf, prev, err := parseConfig(args.StdinData)
-	if err != nil {
-		logf("DEL %s: %v (ignored)", args.ContainerID, err)
-		return nil
-	}
-	pod, err := parseArgs(args.Args)
+	conf, prev, pod, err := parse(args)
 	if err != nil {
 		logf("DEL %s: %v (ignored)", args.ContainerID, err)
 		return nil
@@ -106,11 +107,7 @@ func cmdDel(args *skel.CmdArgs) error {
 
 // cmdCheck asks the agent whether the pod is as it should be.
 func cmdCheck(args *skel.CmdArgs) error {
-	conf, prev, err := parseConfig(args.StdinData)
-	if err != nil {
-		return err
-	}
-	pod, err := parseArgs(args.Args)
+	conf, prev, pod, err := parse(args)
 	if err != nil {
 		return err
 	}

@@ -240,6 +240,15 @@ class SandboxCluster:
             self.core.create_namespaced_pod(namespace, body=as_body(body), _preload_content=False)
         )
 
+    def pod_events(self, namespace: str, pod: str, reason: str) -> list[Obj]:
+        """The Events about one pod with this reason (e.g. FailedCreatePodSandBox)."""
+        events = raw(self.core.list_namespaced_event(namespace, _preload_content=False))
+        return [
+            e
+            for e in events["items"]
+            if e["involvedObject"]["name"] == pod and e["reason"] == reason
+        ]
+
     def pod(self, namespace: str, name: str) -> Obj | None:
         try:
             return raw(self.core.read_namespaced_pod(name, namespace, _preload_content=False))

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from ambient_cni.kube import raw
 from ambient_cni_sandbox.binaries import PLUGIN_BINARY, cni_binaries_dir
 from ambient_cni_sandbox.cluster import SandboxCluster, wait_for
 from ambient_cni_sandbox.cni import PRIMARY_CONFIG
@@ -41,12 +40,7 @@ def chain_with_istio_cni(sandbox: SandboxCluster, tmp_path: Path) -> Iterator[Pa
 
 
 def sandbox_failures(sandbox: SandboxCluster, namespace: str, pod: str) -> list[dict[str, Any]]:
-    events = raw(sandbox.core.list_namespaced_event(namespace, _preload_content=False))
-    return [
-        e
-        for e in events["items"]
-        if e["involvedObject"]["name"] == pod and e["reason"] == "FailedCreatePodSandBox"
-    ]
+    return sandbox.pod_events(namespace, pod, "FailedCreatePodSandBox")
 
 
 def test_a_failing_plugin_holds_the_pod_until_the_chain_lets_it_through(

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 
 from ambient_cni.api import names
-from ambient_cni.kube import raw
 from ambient_cni_sandbox import cni as cni_chain
 from ambient_cni_sandbox.binaries import PLUGIN_BINARY
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
@@ -142,12 +141,7 @@ def test_stopping_install_cni_leaves_it_installed_and_uninstall_leaves_nothing(
 
 
 def sandbox_failures(sandbox: SandboxCluster, namespace: str, pod: str) -> list[dict[str, Any]]:
-    events = raw(sandbox.core.list_namespaced_event(namespace, _preload_content=False))
-    return [
-        e
-        for e in events["items"]
-        if e["involvedObject"]["name"] == pod and e["reason"] == "FailedCreatePodSandBox"
-    ]
+    return sandbox.pod_events(namespace, pod, "FailedCreatePodSandBox")
 
 
 def test_with_the_agent_away_an_ambient_pod_waits_and_an_excluded_one_starts(
