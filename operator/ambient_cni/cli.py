@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
-from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE
+from .api.names import DEFAULT_EXCLUDED_NAMESPACES, DEFAULT_SYSTEM_NAMESPACE, NOT_READY_TAINT_KEY
 from .dataplane.constants import BACKEND_CHOICES
 
 COMMAND_PLUGINS = "ambient_cni.commands"
@@ -55,6 +55,12 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         default=60.0,
         help="seconds an AmbientNodeConfig whose Node does not exist is kept before deletion",
     )
+    ctl.add_argument(
+        "--untaint-nodes",
+        action="store_true",
+        help="take the --taint-key taint off each node once its AmbientNodeConfig is Ready",
+    )
+    ctl.add_argument("--taint-key", default=NOT_READY_TAINT_KEY)
     ctl.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     ctl.set_defaults(run=_run_controller)
 
@@ -270,6 +276,8 @@ def _run_controller(args: argparse.Namespace) -> int:
         lease_namespace=args.lease_namespace,
         min_write_interval=args.min_write_interval,
         orphan_grace=args.orphan_grace,
+        untaint_nodes=args.untaint_nodes,
+        taint_key=args.taint_key,
         log_level=args.log_level,
     )
     return run(options)

@@ -32,8 +32,8 @@ def new_api_client(kubeconfig: Path | None = None) -> ApiClient:
     return client
 
 
-def as_body(data: Obj) -> Any:
-    """Pass a JSON-shaped dict as a request body.
+def as_body(data: Obj | list[Obj]) -> Any:
+    """Pass a JSON-shaped dict (or a JSON patch's list) as a request body.
 
     The generated client serialises dicts unchanged; its signatures ask for
     models, whose round trip would reformat timestamps and drop unknown fields.

@@ -204,7 +204,10 @@ class SandboxCluster:
         restart_policy: str = "Always",
         env: Mapping[str, str] | None = None,
         service_account: str | None = None,
+        node_selector: Mapping[str, str] | None = None,
     ) -> Obj:
+        """A pod; with `node` it is bound there at once (no scheduler, as `spec.nodeName`
+        is), otherwise the sandbox's scheduler places it."""
         container: dict[str, Any] = {"name": "main", "image": "sandbox/echo"}
         if command is not None:
             container["command"] = list(command)
@@ -221,6 +224,8 @@ class SandboxCluster:
         }
         if node:
             spec["nodeName"] = node
+        if node_selector:
+            spec["nodeSelector"] = dict(node_selector)
         if service_account:
             spec["serviceAccountName"] = service_account
         if host_network:
@@ -238,6 +243,19 @@ class SandboxCluster:
         }
         return raw(
             self.core.create_namespaced_pod(namespace, body=as_body(body), _preload_content=False)
+        )
+
+    def node_taints(self, node: str) -> list[Obj]:
+        found = raw(self.core.read_node(node, _preload_content=False))
+        return list(found["spec"].get("taints") or [])
+
+    def set_node_taints(self, node: str, taints: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the node's taints (as a node pool's registration or `kubectl taint` does)."""
+        self.core.patch_node(
+            node,
+            as_body({"spec": {"taints": [dict(t) for t in taints]}}),
+            _content_type=MERGE_PATCH,  # the list is replaced whole
+            _preload_content=False,
         )
 
     def pod_events(self, namespace: str, pod: str, reason: str) -> list[Obj]:

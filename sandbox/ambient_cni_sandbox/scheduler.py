@@ -1,7 +1,7 @@
 """The sandbox's scheduler: binds pending pods to nodes, round-robin.
 
-Pods that name a node are bound there; others rotate over the Ready nodes
-that fit (scheduling.choose_node). A pod no node can take gets a
+Pods rotate over the Ready nodes that fit and whose taints they tolerate
+(scheduling.choose_node). A pod no node can take gets a
 PodScheduled=False condition saying why, and is retried when nodes change.
 """
 
@@ -19,7 +19,7 @@ from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client
 from ambient_cni.reflector import Reflector, name_of
 from ambient_cni.workqueue import WorkQueue
 
-from .scheduling import choose_node, node_view
+from .scheduling import choose_node, node_view, unschedulable_message
 from .state import load_state
 
 log = logging.getLogger("scheduler")
@@ -68,7 +68,7 @@ class Scheduler:
         nodes = [node_view(n) for n in self.nodes.items()]
         target = choose_node(pod, nodes, self.turn)
         if target is None:
-            message = f"0/{len(nodes)} nodes are available: none is Ready and fits this pod"
+            message = unschedulable_message(pod, nodes)
             self.core.patch_namespaced_pod_status(
                 meta["name"],
                 meta["namespace"],

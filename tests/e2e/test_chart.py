@@ -157,6 +157,8 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         "cni.excludeNamespaces={kube-system,batch}",
         "cni.chained=false",
         "cni.healthPort=9010",
+        "taint.enabled=true",
+        "taint.key=example.com/mesh-not-ready",
     ]
     result = run_helm(
         sandbox, "template", RELEASE, str(CHART), *(a for f in flags for a in ("--set", f))
@@ -180,6 +182,8 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         "--exclude-namespaces=kube-system,batch",
         "--no-chained",
         "--health-port=9010",
+        "--untaint-nodes",
+        "--taint-key=example.com/mesh-not-ready",
     ):
         assert rendered in result.stdout, rendered
 
@@ -196,6 +200,7 @@ def test_values_schema_accepts_every_documented_option(sandbox: SandboxCluster) 
         ("excludeNamespaces[0]=Not_A_Namespace", "excludeNamespaces"),
         ("cni.binDir=opt/cni/bin", "binDir"),
         ("cni.enabled=maybe", "enabled"),
+        ("taint.key=not a key", "key"),
         ("colour=blue", "colour"),
     ],
 )
@@ -225,6 +230,38 @@ def test_default_values_render(sandbox: SandboxCluster) -> None:
     )
     # Without the plugin the agent has no reason to read namespaces.
     assert all("namespaces" not in rule["resources"] for rule in agent_role["rules"])
+
+
+def rendered(sandbox: SandboxCluster, *flags: str) -> list[dict[str, Any]]:
+    sets = [a for f in flags for a in ("--set", f)]
+    result = run_helm(sandbox, "template", RELEASE, str(CHART), "-n", NAMESPACE, *sets)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_only_with_taint_enabled_may_the_controller_patch_nodes_and_it_tolerates_the_taint(
+    sandbox: SandboxCluster,
+) -> None:
+    def controller(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+        return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == CONTROLLER_SA)
+
+    def node_verbs(docs: list[dict[str, Any]]) -> set[str]:
+        rules = controller(docs, "ClusterRole")["rules"]
+        return {v for r in rules if "nodes" in r["resources"] for v in r["verbs"]}
+
+    default = rendered(sandbox)
+    assert node_verbs(default) == {"get", "list", "watch"}
+    pod = controller(default, "Deployment")["spec"]["template"]["spec"]
+    assert "--untaint-nodes" not in pod["containers"][0]["args"]
+    assert not pod.get("tolerations")
+
+    enabled = rendered(sandbox, "taint.enabled=true")
+    assert node_verbs(enabled) == {"get", "list", "watch", "patch"}
+    pod = controller(enabled, "Deployment")["spec"]["template"]["spec"]
+    assert "--untaint-nodes" in pod["containers"][0]["args"]
+    assert pod["tolerations"] == [
+        {"key": names.NOT_READY_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+    ]
 
 
 def test_install_is_accepted_by_the_api_server(
@@ -315,6 +352,7 @@ def test_the_charts_service_accounts_do_the_whole_job(
         (AGENT_SA, "list", "secrets", False),
         (CONTROLLER_SA, "patch", "pods", False),
         (CONTROLLER_SA, "update", "nodes", False),
+        (CONTROLLER_SA, "patch", "nodes", False),  # only with taint.enabled
         (CONTROLLER_SA, "patch", "namespaces", False),
         # RBAC allows it; the admission policy holds it to orphans (tested below).
         (CONTROLLER_SA, "patch", "ambientnodeconfigs/status", True),

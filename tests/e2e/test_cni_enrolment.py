@@ -27,7 +27,7 @@ CALL_AT_ONCE = (
 
 @pytest.fixture(scope="module")
 def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
-    running = Mesh(sandbox, "--drift-interval=2", cni=True)
+    running = Mesh(sandbox, "--drift-interval=2", cni=True, controller_args=["--untaint-nodes"])
     running.start()
     try:
         yield running
@@ -42,12 +42,19 @@ def ambient(sandbox: SandboxCluster, namespace: str) -> str:
 
 
 def start_client(
-    sandbox: SandboxCluster, namespace: str, name: str, server: dict[str, Any]
+    sandbox: SandboxCluster,
+    namespace: str,
+    name: str,
+    server: dict[str, Any],
+    *,
+    scheduled: bool = False,
 ) -> None:
+    """On node-1: bound there at once, or (`scheduled`) placed there by the scheduler."""
     sandbox.create_pod(
         namespace,
         name,
-        node="node-1",
+        node=None if scheduled else "node-1",
+        node_selector={"kubernetes.io/hostname": "node-1"} if scheduled else None,
         command=[sys.executable, "-c", CALL_AT_ONCE, f"http://{pod_ip(server)}:8080/"],
         restart_policy="Never",
     )
@@ -94,6 +101,14 @@ def test_a_new_pods_first_connection_goes_through_ztunnel_and_without_the_plugin
         installer.start()
 
 
+def condition(mesh: Mesh, node: str, kind: str) -> tuple[str, str, str] | None:
+    status = (mesh.anc(node) or {}).get("status") or {}
+    for found in status.get("conditions") or []:
+        if found["type"] == kind:
+            return found["status"], found["reason"], found["message"]
+    return None
+
+
 def chain(mesh: Mesh, node: str) -> list[str]:
     conflist = mesh.node_cni[node].conf_dir / cni_chain.PRIMARY_CONFIG
     return [p["type"] for p in json.loads(conflist.read_text())["plugins"]]
@@ -128,16 +143,33 @@ def test_stopping_install_cni_leaves_it_installed_and_uninstall_leaves_nothing(
 ) -> None:
     node_cni = mesh.node_cni["node-1"]
     installer = mesh.installers["node-1"]
+    conflist = node_cni.conf_dir / cni_chain.PRIMARY_CONFIG
+    installed = ("True", "Installed", f"istio-cni is chained in {conflist}")
+    assert condition(mesh, "node-1", "CniPluginInstalled") == installed
     installer.stop()  # an upgrade: new pods must keep waiting for the agent
     try:
         assert (node_cni.bin_dir / PLUGIN_BINARY).exists()
         assert chain(mesh, "node-1") == ["bridge", PLUGIN_BINARY]
+        assert condition(mesh, "node-1", "CniPluginInstalled") == installed
         uninstall_cni(sandbox, "node-1")
         assert not (node_cni.bin_dir / PLUGIN_BINARY).exists()
         assert chain(mesh, "node-1") == ["bridge"]
         assert sorted(p.name for p in node_cni.conf_dir.iterdir()) == [cni_chain.PRIMARY_CONFIG]
+        # The node says so: pods starting now would not be redirected in time.
+        wait_for(
+            "node-1 not Ready without the plugin",
+            lambda: (condition(mesh, "node-1", "Ready") or ("",))[0] == "False",
+        )
+        assert condition(mesh, "node-1", "CniPluginInstalled") == (
+            "False",
+            "NotInstalled",
+            "install-cni has not reported (running?)",
+        )
     finally:
         installer.start()
+    wait_for(
+        "node-1 Ready again", lambda: (condition(mesh, "node-1", "Ready") or ("",))[0] == "True"
+    )
 
 
 def sandbox_failures(sandbox: SandboxCluster, namespace: str, pod: str) -> list[dict[str, Any]]:
@@ -171,3 +203,49 @@ def test_with_the_agent_away_an_ambient_pod_waits_and_an_excluded_one_starts(
         lambda: (mesh.workload("node-1", "web") or {}).get("state") == "Enrolled",
     )
     assert sandbox.pod_annotation(ambient, "web", names.REDIRECTION_ANNOTATION) == "enabled"
+
+
+def test_a_tainted_node_takes_pods_once_its_agent_is_ready_and_they_start_redirected(
+    sandbox: SandboxCluster, mesh: Mesh, ambient: str
+) -> None:
+    sandbox.create_pod(ambient, "server", node="node-2", port=8080)
+    server = sandbox.wait_running(ambient, "server")
+    not_ready = {"key": names.NOT_READY_TAINT_KEY, "effect": "NoSchedule"}
+    before = sandbox.node_taints("node-1")
+    mesh.agents["node-1"].stop()
+    try:
+        assert condition(mesh, "node-1", "Ready") == (
+            "False",
+            "AgentStopped",
+            "the node agent is stopped; new pods on this node wait for it",
+        )
+        # As a node pool registers a new (or rebooted) node.
+        sandbox.set_node_taints("node-1", [*before, not_ready])
+        start_client(sandbox, ambient, "early", server, scheduled=True)
+        waiting = sandbox.wait_pod(
+            ambient,
+            "early",
+            lambda p: any(
+                c["type"] == "PodScheduled" and c["status"] == "False"
+                for c in p["status"].get("conditions") or []
+            ),
+            "to be held off the tainted node",
+        )
+        assert "untolerated taint {cni.istio.io/not-ready: }" in str(waiting["status"])
+        assert not waiting["spec"].get("nodeName")
+        assert not_ready in sandbox.node_taints("node-1")  # not Ready: the taint stays
+    finally:
+        mesh.agents["node-1"].start(timeout=60)
+        try:
+            wait_for(
+                "the controller to take the taint off",
+                lambda: sandbox.node_taints("node-1") == before,
+                timeout=30,
+            )
+        finally:
+            sandbox.set_node_taints("node-1", before)  # whatever happened, as it was
+    client = finished(sandbox, ambient, "early")
+    assert client["spec"]["nodeName"] == "node-1"
+    outbound = [c for c in relayed(mesh, ambient, "early") if c["direction"] == "outbound"]
+    assert len(outbound) == 1, "its first and only call went through ztunnel"
+    assert outbound[0]["src"].startswith(pod_ip(client) + ":")

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import datetime
+from typing import Any
 
 from ambient_cni.agent.status import NodeFacts, PodOutcome, render
+from ambient_cni.api.models import AmbientNodeConfigStatus
+from ambient_cni.install_report import InstallReport
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(minutes=5)
@@ -31,8 +34,11 @@ def pod(name: str, state: str, reason: str | None = None) -> PodOutcome:
     )
 
 
-def conditions(status: dict[str, object]) -> dict[str, tuple[str, str, str]]:
-    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in status["conditions"]}  # type: ignore[attr-defined]
+def conditions(
+    status: dict[str, Any] | AmbientNodeConfigStatus,
+) -> dict[str, tuple[str, str, str]]:
+    wire = status.to_wire() if isinstance(status, AmbientNodeConfigStatus) else status
+    return {c["type"]: (c["status"], c["reason"], c["message"]) for c in wire["conditions"]}
 
 
 def test_all_enrolled_is_ready() -> None:
@@ -92,3 +98,34 @@ def test_an_unsupported_mode_says_so_and_that_nothing_is_removed() -> None:
     )
     assert found["InSync"][:2] == ("False", "RedirectModeNotSupported")
     assert status["enrolled"] == 1  # what the kernel still holds
+
+
+def test_a_node_with_the_cni_plugin_is_ready_only_when_it_is_installed() -> None:
+    installed = InstallReport(installed=True, message="istio-cni is chained in /x.conflist")
+    found = conditions(render(FACTS.model_copy(update={"cni_plugin": installed}), [], [], T0))
+    assert found["CniPluginInstalled"] == (
+        "True",
+        "Installed",
+        "istio-cni is chained in /x.conflist",
+    )
+    assert found["Ready"][0] == "True"
+
+    missing = InstallReport(installed=False, message="no primary CNI config")
+    found = conditions(render(FACTS.model_copy(update={"cni_plugin": missing}), [], [], T0))
+    assert found["CniPluginInstalled"] == ("False", "NotInstalled", "no primary CNI config")
+    assert found["Ready"] == (
+        "False",
+        "NotReady",
+        "CNI plugin not installed: no primary CNI config",
+    )
+    # A node without the plugin has no such condition.
+    assert "CniPluginInstalled" not in conditions(render(FACTS, [], [], T0))
+
+
+def test_a_stopped_agent_leaves_the_node_not_ready() -> None:
+    found = conditions(render(FACTS.model_copy(update={"agent_stopped": True}), [], [], T0))
+    assert found["Ready"] == (
+        "False",
+        "AgentStopped",
+        "the node agent is stopped; new pods on this node wait for it",
+    )

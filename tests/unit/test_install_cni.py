@@ -19,6 +19,13 @@ from ambient_cni.install.conflist import (
     without_plugin,
 )
 from ambient_cni.install.installer import OWN_CONFLIST, Installer, InstallOptions
+from ambient_cni.install_report import (
+    REPORT_FILE,
+    InstallReport,
+    read_report,
+    remove_report,
+    write_report,
+)
 
 BRIDGE: dict[str, Any] = {
     "type": "bridge",
@@ -83,6 +90,7 @@ def test_install_chains_converts_a_conf_writes_0600_and_copies_the_binary(
 
     state = installer.ensure()
     assert state.ready
+    assert state.config == conf / "10-net.conflist"
     assert sorted(p.name for p in conf.iterdir()) == ["10-net.conflist"]
     written = json.loads((conf / "10-net.conflist").read_text())
     assert [p["type"] for p in written["plugins"]] == ["bridge", "istio-cni"]
@@ -154,3 +162,22 @@ def test_a_rewrite_by_the_primary_cni_during_ours_is_not_lost(
         "bandwidth",
         "istio-cni",
     ]
+
+
+def test_the_report_to_the_agent_round_trips_and_a_missing_or_bad_one_says_so(
+    tmp_path: Path,
+) -> None:
+    assert read_report(tmp_path) == InstallReport(
+        installed=False, message="install-cni has not reported (running?)"
+    )
+    report = InstallReport(installed=True, message="istio-cni is chained in /x")
+    write_report(tmp_path, report)
+    assert read_report(tmp_path) == report
+    assert [p.name for p in tmp_path.iterdir()] == [REPORT_FILE]  # no temporary file left
+    (tmp_path / REPORT_FILE).write_text("{not json")
+    found = read_report(tmp_path)
+    assert not found.installed
+    assert found.message.startswith("install-cni's report is unreadable")
+    remove_report(tmp_path)
+    remove_report(tmp_path)  # idempotent
+    assert not (tmp_path / REPORT_FILE).exists()

@@ -4,7 +4,15 @@ from typing import Any
 
 import pytest
 
-from ambient_cni_sandbox.scheduling import NodeView, choose_node, fits, node_view
+from ambient_cni_sandbox.scheduling import (
+    NodeView,
+    Taint,
+    choose_node,
+    fits,
+    node_view,
+    tolerates,
+    unschedulable_message,
+)
 
 NODES = [
     NodeView(name="node-2", ready=True, labels={"zone": "b"}),
@@ -83,7 +91,7 @@ def test_fits_ignores_readiness() -> None:
 
 
 def test_node_view_from_api_json() -> None:
-    node = {
+    node: dict[str, Any] = {
         "metadata": {"name": "node-1", "labels": {"a": "b"}},
         "spec": {"unschedulable": True},
         "status": {
@@ -96,4 +104,58 @@ def test_node_view_from_api_json() -> None:
     assert node_view(node) == NodeView(
         name="node-1", ready=True, unschedulable=True, labels={"a": "b"}
     )
+    node["spec"]["taints"] = [{"key": "k", "effect": "NoSchedule"}]
+    assert node_view(node).taints == (Taint(key="k", effect="NoSchedule"),)
     assert not node_view({"metadata": {"name": "x"}}).ready
+
+
+def hostname(name: str) -> dict[str, str]:
+    return {"kubernetes.io/hostname": name}
+
+
+NOT_READY = Taint(key="cni.istio.io/not-ready", effect="NoSchedule")
+
+
+@pytest.mark.parametrize(
+    ("toleration", "expected"),
+    [
+        ({"key": "cni.istio.io/not-ready", "operator": "Exists"}, True),
+        ({"key": "cni.istio.io/not-ready", "operator": "Exists", "effect": "NoSchedule"}, True),
+        ({"key": "cni.istio.io/not-ready", "operator": "Exists", "effect": "NoExecute"}, False),
+        ({"key": "cni.istio.io/not-ready"}, True),  # Equal to the empty value
+        ({"key": "cni.istio.io/not-ready", "value": "true"}, False),
+        ({"operator": "Exists"}, True),  # tolerates everything, as DaemonSets often do
+        ({"operator": "Equal"}, False),  # an empty key needs Exists
+        ({"key": "other", "operator": "Exists"}, False),
+    ],
+)
+def test_tolerations_match_taints_as_in_kubernetes(
+    toleration: dict[str, str], expected: bool
+) -> None:
+    assert tolerates(toleration, NOT_READY) is expected
+
+
+def test_a_tainted_node_takes_only_pods_that_tolerate_it_and_says_why_not() -> None:
+    nodes = [
+        NodeView(name="node-1", ready=True, labels=hostname("node-1"), taints=(NOT_READY,)),
+        NodeView(name="node-2", ready=True, labels=hostname("node-2")),
+        NodeView(
+            name="node-3",
+            ready=True,
+            labels=hostname("node-3"),
+            taints=(Taint(key="soft", effect="PreferNoSchedule"),),
+        ),
+    ]
+    assert {choose_node({}, nodes, turn) for turn in range(3)} == {"node-2", "node-3"}
+    tolerant = {"spec": {"tolerations": [{"operator": "Exists"}]}}
+    assert {choose_node(tolerant, nodes, turn) for turn in range(3)} == {
+        "node-1",
+        "node-2",
+        "node-3",
+    }
+    pinned = {"spec": {"nodeSelector": {"kubernetes.io/hostname": "node-1"}}}
+    assert choose_node(pinned, nodes, 0) is None
+    assert unschedulable_message(pinned, nodes) == (
+        "0/3 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, "
+        "1 node(s) had untolerated taint {cni.istio.io/not-ready: }."
+    )

@@ -24,6 +24,7 @@ from ambient_cni.agent import metrics
 from ambient_cni.agent.cni_endpoint import CniEndpoint
 from ambient_cni.agent.cni_server import CniServer
 from ambient_cni.agent.inpod import InpodMode
+from ambient_cni.agent.install_watch import InstallReportWatch
 from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
 from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
@@ -177,6 +178,8 @@ def run(
             CniEndpoint(options.node, pod_api, agent, resolver, options.selection),
         )
     )
+    if options.cni_run_dir is not None:
+        InstallReportWatch(options.cni_run_dir, agent.cni_plugin_changed).start(stop)
     serving = threading.Thread(
         target=_serve_when_ready,
         args=(agent, zds, cni, stop, healthy),

@@ -31,6 +31,7 @@ from ambient_cni.api.models import (
     RedirectMode,
     Workload,
 )
+from ambient_cni.install_report import InstallReport
 from ambient_cni.mergepatch import merge_patch
 from ambient_cni.selection import SelectionConfig
 from ambient_cni.workqueue import WorkQueue
@@ -126,6 +127,9 @@ class NodeAgent:
         self._missing_since: float | None = None
         self._status_written_at = float("-inf")
         self._refused_mode: RedirectMode | None = None
+        # install-cni's last word on the plugin (None: this node runs no CNI plugin)
+        self._cni_plugin: InstallReport | None = None
+        self._stopped = False
         self._stop = threading.Event()
         self._drift: threading.Thread | None = None
 
@@ -207,6 +211,14 @@ class NodeAgent:
         with self._lock:
             keys = {w.uid for w in self._desired_workloads()}
         self._reconcile_all(keys)
+
+    def cni_plugin_changed(self, report: InstallReport) -> None:
+        """install-cni said whether istio-cni is installed: part of the node's Ready."""
+        with self._lock:
+            changed = report != self._cni_plugin
+            self._cni_plugin = report
+        if changed:
+            self._status_soon()
 
     def _reconcile_all(self, keys: set[str]) -> None:
         for key in keys:
@@ -310,12 +322,19 @@ class NodeAgent:
             return self._desired.spec is None or self._mode() is not None
 
     def stop(self) -> None:
-        """Leave every pod's redirection in place (traffic keeps flowing); stop the workers."""
+        """Leave every pod's redirection in place (traffic keeps flowing); stop the workers;
+        say in status that the node is not Ready while no agent runs (new pods wait)."""
         self._stop.set()
         for queue in (self.pods, self.host, self.status):
             queue.join()
         if self._drift is not None:
             self._drift.join(timeout=10)
+        with self._lock:
+            self._stopped = True
+        try:
+            self._write_status("status")
+        except Exception as exc:  # the API may be what is going away; stopping goes on
+            log.warning("could not say in status that the agent stopped: %s", exc)
 
     def _drift_loop(self) -> None:
         while not self._stop.wait(self.options.drift_interval):
@@ -429,6 +448,8 @@ class NodeAgent:
             ) and desired <= {r.workload.uid for r in records}
             previous = _conditions(self._server.status)
             host = self._host
+            cni_plugin = self._cni_plugin
+            stopped = self._stopped
         ztunnel = spec.ztunnel
         facts = NodeFacts(
             generation=self._desired.generation,
@@ -441,11 +462,14 @@ class NodeAgent:
             host_rules_ok=host.ok,
             host_rules_message=host.message,
             in_sync=in_sync and host.pruned and supported,
+            cni_plugin=cni_plugin,
+            agent_stopped=stopped,
         )
         return facts, [r.outcome for r in records], list(previous)
 
     def _write_status(self, _key: str) -> None:
-        if len(self.pods) and time.monotonic() - self._status_written_at < STATUS_BUSY_MAX_DELAY:
+        busy = len(self.pods) and time.monotonic() - self._status_written_at < STATUS_BUSY_MAX_DELAY
+        if busy and not self._stopped:
             self._status_soon()
             return
         found = self.facts()

@@ -19,6 +19,7 @@ from ambient_cni.api.models import (
     WorkloadStatus,
     ZtunnelStatus,
 )
+from ambient_cni.install_report import InstallReport
 
 
 class PodOutcome(BaseModel):
@@ -49,6 +50,8 @@ class NodeFacts(BaseModel):
     host_rules_ok: bool
     host_rules_message: str = ""
     in_sync: bool  # every desired workload was reconciled against this generation
+    cni_plugin: InstallReport | None = None  # None: this node runs no CNI plugin
+    agent_stopped: bool = False  # the agent's last word: no new pod can be enrolled here
 
 
 class _Conditions:
@@ -98,6 +101,9 @@ def render(
     if not facts.mode_supported:
         sync_reason = not_ready
     problems = []
+    if facts.agent_stopped:
+        not_ready = "AgentStopped"
+        problems.append("the node agent is stopped; new pods on this node wait for it")
     if not facts.mode_supported:
         problems.append(
             f"redirectMode {facts.mode} is not supported by this agent; "
@@ -107,6 +113,8 @@ def render(
         problems.append("ztunnel not connected")
     if not facts.host_rules_ok:
         problems.append("host rules failed")
+    if facts.cni_plugin is not None and not facts.cni_plugin.installed:
+        problems.append(f"CNI plugin not installed: {facts.cni_plugin.message}")
     if counts["Failed"]:
         problems.append(f"{counts['Failed']} workload(s) failed")
     if counts["Pending"]:
@@ -125,6 +133,16 @@ def render(
         make("HostRulesReady", facts.host_rules_ok, host_reason, facts.host_rules_message),
         make("InSync", facts.in_sync, sync_reason, ""),
     ]
+    if facts.cni_plugin is not None:
+        installed = facts.cni_plugin.installed
+        conditions.append(
+            make(
+                "CniPluginInstalled",
+                installed,
+                "Installed" if installed else "NotInstalled",
+                facts.cni_plugin.message,
+            )
+        )
     return AmbientNodeConfigStatus(
         observed_generation=facts.generation,
         mode=facts.mode,

@@ -62,7 +62,9 @@ RedirectMode = Literal["inpod", "node"]
 Backend = Literal["iptables-nft", "iptables-legacy", "nftables"]
 WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
 ConditionStatus = Literal["True", "False", "Unknown"]
-ConditionType = Literal["Ready", "ZtunnelConnected", "HostRulesReady", "InSync"]
+ConditionType = Literal[
+    "Ready", "ZtunnelConnected", "HostRulesReady", "InSync", "CniPluginInstalled"
+]
 
 
 class Wire(BaseModel):

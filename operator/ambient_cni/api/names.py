@@ -40,3 +40,7 @@ DEFAULT_EXCLUDED_NAMESPACES: Final = ("kube-system",)
 # istio-cni-node pods) are never enrolled.
 NODE_AGENT_LABEL: Final = "k8s-app"
 NODE_AGENT_APP: Final = "istio-cni-node"
+
+# Nodes may register with this taint (NoSchedule); the controller takes it off once the
+# node's AmbientNodeConfig is Ready, when told to (`--untaint-nodes`), as istiod does.
+NOT_READY_TAINT_KEY: Final = "cni.istio.io/not-ready"

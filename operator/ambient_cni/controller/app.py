@@ -29,6 +29,7 @@ from ambient_cni.controller.events import PodEvents
 from ambient_cni.controller.index import ClusterIndex
 from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
+from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
 from ambient_cni.selection import PodView, knobs, pod_view
@@ -49,6 +50,8 @@ class ControllerOptions:
     debounce: float = 0.1
     min_write_interval: float = 1.0
     orphan_grace: float = 60.0  # seconds an AmbientNodeConfig without a Node is kept
+    untaint_nodes: bool = False  # take `taint_key` off nodes whose AmbientNodeConfig is Ready
+    taint_key: str = names.NOT_READY_TAINT_KEY
     log_level: str = "info"
 
 
@@ -74,6 +77,9 @@ class Controller:
         self.primed = threading.Event()
         self.leading = threading.Event()
         self.events = PodEvents(api, self.leading)
+        self.untainter = (
+            NodeUntainter(api, options.taint_key, self.leading) if options.untaint_nodes else None
+        )
         self._warned: dict[str, tuple[str, ...]] = {}  # pod uid -> the warnings last given
         self._started = False
         self._start_lock = threading.Lock()
@@ -96,12 +102,16 @@ class Controller:
             raise
         for node in raw(core.list_node(_preload_content=False))["items"]:
             self.index.set_node(node["metadata"]["name"], node["metadata"]["uid"])
+            if self.untainter is not None:
+                self.untainter.on_node(node)
         for ns in raw(core.list_namespace(_preload_content=False))["items"]:
             self.index.set_namespace(ns["metadata"]["name"], ns["metadata"].get("labels") or {})
         for pod in raw(core.list_pod_for_all_namespaces(_preload_content=False))["items"]:
             self.on_pod(pod)
         for anc in ancs["items"]:
             self.writer.observe(anc)
+            if self.untainter is not None:
+                self.untainter.on_anc(anc)
         self.writer.mark(self.index.nodes())
         log.info("index primed: %s", self.index.sizes())
         self.primed.set()
@@ -109,6 +119,8 @@ class Controller:
 
     def became_leader(self) -> None:
         self.leading.set()
+        if self.untainter is not None:
+            self.untainter.became_leader()
         self._maybe_start()
 
     def _maybe_start(self) -> None:
@@ -157,6 +169,8 @@ class Controller:
 
     def on_node(self, node: dict[str, Any], *, deleted: bool = False) -> None:
         meta = node["metadata"]
+        if self.untainter is not None:
+            self.untainter.on_node(node, deleted=deleted)
         if deleted:
             self.index.delete_node(str(meta["name"]))
         else:
@@ -164,6 +178,8 @@ class Controller:
 
     def on_anc(self, anc: dict[str, Any], *, deleted: bool = False) -> None:
         self.writer.observe(anc, deleted=deleted)
+        if self.untainter is not None:
+            self.untainter.on_anc(anc, deleted=deleted)
 
 
 def build_registry() -> kopf.OperatorRegistry:
@@ -207,6 +223,8 @@ def run(options: ControllerOptions) -> int:
     lost = threading.Event()
     start_http_server(options.metrics_port, options.listen_address)
     controller.events.start()
+    if controller.untainter is not None:
+        controller.untainter.start()
 
     def lose() -> None:
         lost.set()
@@ -240,6 +258,8 @@ def run(options: ControllerOptions) -> int:
     stop.set()
     controller.writer.stop()
     controller.events.stop()
+    if controller.untainter is not None:
+        controller.untainter.stop()
     if elector is not None and not lost.is_set():
         elector.release()
     if lost.is_set():

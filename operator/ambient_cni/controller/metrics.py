@@ -37,3 +37,7 @@ ORPHANS = Counter(
     "AmbientNodeConfigs found without a Node, by what was done",
     ["action"],  # marked | deleted | adopted (its Node appeared)
 )
+NODE_UNTAINTS = Counter(
+    "ambient_cni_controller_node_untaints_total",
+    "Nodes the not-ready taint was taken off once their AmbientNodeConfig was Ready",
+)

@@ -23,6 +23,7 @@ from typing import Any
 from inotify_simple import INotify, flags
 
 from ambient_cni.daemonset_watch import DaemonSetWatch
+from ambient_cni.install_report import InstallReport, remove_report, write_report
 from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging
 
@@ -77,6 +78,8 @@ def run(
     watch = None if daemonset is None else DaemonSetWatch(new_api_client(kubeconfig), daemonset)
     if watch is not None:
         watch.start(stop)
+    run_dir = Path(options.settings.agent_run_dir)
+    reported: InstallReport | None = None
     with INotify() as inotify:
         for directory in (options.conf_dir, options.bin_dir):
             inotify.add_watch(directory, WATCHED)
@@ -88,6 +91,8 @@ def run(
                 state = installer.ensure()
             if state.problem != health.state.problem and state.problem:
                 log.warning("not installed: %s", state.problem)
+            if not absent:
+                reported = _report(run_dir, state, reported)
             health.state = state
             # Wakes on a change in either dir, or after RECHECK; SIGTERM ends the wait too.
             inotify.read(timeout=int(RECHECK * 1000), read_delay=int(SETTLE * 1000))
@@ -97,14 +102,34 @@ def run(
     if going:
         log.info("DaemonSet %s is going (%s): uninstalling istio-cni", daemonset, why)
         installer.uninstall()
+        remove_report(run_dir)
     else:
         log.info("stopping; istio-cni stays installed (%s)", why)
     return 0
 
 
+def _report(
+    run_dir: Path, state: InstallState, before: InstallReport | None
+) -> InstallReport | None:
+    """Tell the agent (through the run dir they share) whether istio-cni is installed."""
+    report = InstallReport(
+        installed=state.ready,
+        message=f"istio-cni is chained in {state.config}" if state.ready else state.problem,
+    )
+    if report != before:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_report(run_dir, report)
+        except OSError as exc:
+            log.warning("cannot tell the agent in %s: %s", run_dir, exc)
+            return before  # written again on the next pass
+    return report
+
+
 def uninstall(options: InstallOptions) -> int:
     configure_json_logging(logging.INFO)
     removed = Installer(options).uninstall()
+    remove_report(Path(options.settings.agent_run_dir))
     if not removed:
         log.info("nothing of istio-cni was installed")
     return 0

@@ -46,6 +46,7 @@ class InstallState:
     ready: bool
     changes: tuple[str, ...] = ()
     problem: str = ""
+    config: Path | None = None  # the conflist istio-cni is in, when ready
 
 
 def _digest(path: Path) -> str | None:
@@ -130,17 +131,15 @@ class Installer:
             _write_atomically(self.installed_binary, self.options.plugin_binary.read_bytes(), 0o755)
             changes.append(f"plugin binary installed as {self.installed_binary}")
         try:
-            if self.options.chained:
-                changes += self._chain()
-            else:
-                changes += self._own_conflist()
+            config, changed = self._chain() if self.options.chained else self._own_conflist()
+            changes += changed
         except CniConfigError as exc:
             return InstallState(False, tuple(changes), problem=str(exc))
         except FileNotFoundError as exc:
             return InstallState(False, tuple(changes), problem=f"no primary CNI config: {exc}")
         for change in changes:
             log.info("%s", change)
-        return InstallState(True, tuple(changes))
+        return InstallState(True, tuple(changes), config=config)
 
     def _primary(self) -> Path:
         name = primary(os.listdir(self.options.conf_dir), own=OWN_CONFLIST)
@@ -150,7 +149,7 @@ class Installer:
             )
         return self.options.conf_dir / name
 
-    def _chain(self) -> list[str]:
+    def _chain(self) -> tuple[Path, list[str]]:
         changes = []
         own = self.options.conf_dir / OWN_CONFLIST
         if own.exists():  # from an earlier unchained install
@@ -162,7 +161,7 @@ class Installer:
         wanted = with_plugin(config, self.options.settings)
         target = path if path.suffix == ".conflist" else path.with_suffix(".conflist")
         if target == path and config == wanted:
-            return changes
+            return target, changes
         _write_atomically(
             target, _as_text(wanted), 0o600, unchanged_since=read if target == path else None
         )
@@ -170,20 +169,20 @@ class Installer:
             path.unlink(missing_ok=True)  # a single .conf becomes the .conflist
             changes.append(f"converted {path.name} to {target.name}")
         changes.append(f"istio-cni chained last in {target}")
-        return changes
+        return target, changes
 
-    def _own_conflist(self) -> list[str]:
+    def _own_conflist(self) -> tuple[Path, list[str]]:
         """The primary network with istio-cni last, in a file of ours that sorts first, so
         runtimes take it and the primary CNI's own file is never touched."""
         path = self.options.conf_dir / OWN_CONFLIST
         wanted = with_plugin(_read_config(self._primary()), self.options.settings)
         try:
             if _read_config(path) == wanted:
-                return []
+                return path, []
         except CniConfigError:
             pass
         _write_atomically(path, _as_text(wanted), 0o600)
-        return [f"wrote {path} (the primary network with istio-cni last)"]
+        return path, [f"wrote {path} (the primary network with istio-cni last)"]
 
     def uninstall(self) -> list[str]:
         """Take istio-cni out of every config in the conf dir and its binary out of the bin
