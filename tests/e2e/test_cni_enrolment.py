@@ -176,33 +176,36 @@ def sandbox_failures(sandbox: SandboxCluster, namespace: str, pod: str) -> list[
     return sandbox.pod_events(namespace, pod, "FailedCreatePodSandBox")
 
 
-def test_with_the_agent_away_an_ambient_pod_waits_and_an_excluded_one_starts(
+def test_during_an_upgrade_an_ambient_pod_waits_then_starts_redirected_and_excluded_ones_start(
     sandbox: SandboxCluster, mesh: Mesh, ambient: str
 ) -> None:
+    """An upgrade replaces the agent's pod: agent and install-cni are both away a while."""
+    sandbox.create_pod(ambient, "server", node="node-2", port=8080)
+    server = sandbox.wait_running(ambient, "server")
     outside = f"outside-{uuid.uuid4().hex[:8]}"
+    mesh.installers["node-1"].stop()
     mesh.agents["node-1"].stop()
     try:
-        sandbox.create_pod(ambient, "web", node="node-1", port=8080)
+        start_client(sandbox, ambient, "during", server)
         sandbox.create_pod(CNI_EXCLUDED[0], outside, node="node-1")
         failures = wait_for(
-            "the plugin to hold web", lambda: sandbox_failures(sandbox, ambient, "web")
+            "the plugin to hold the pod", lambda: sandbox_failures(sandbox, ambient, "during")
         )
         assert "the node agent did not answer" in failures[0]["message"]
         sandbox.wait_running(CNI_EXCLUDED[0], outside)
-        pod = sandbox.pod(ambient, "web") or {}
+        pod = sandbox.pod(ambient, "during") or {}
         assert pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == (
             "ContainerCreating"
         )
     finally:
         sandbox.delete_pod(CNI_EXCLUDED[0], outside, grace=0)
         mesh.agents["node-1"].start(timeout=60)
+        mesh.installers["node-1"].start()
 
-    sandbox.wait_running(ambient, "web", timeout=60)
-    wait_for(
-        "web Enrolled",
-        lambda: (mesh.workload("node-1", "web") or {}).get("state") == "Enrolled",
-    )
-    assert sandbox.pod_annotation(ambient, "web", names.REDIRECTION_ANNOTATION) == "enabled"
+    client = finished(sandbox, ambient, "during")
+    outbound = [c for c in relayed(mesh, ambient, "during") if c["direction"] == "outbound"]
+    assert len(outbound) == 1, "its first and only call went through ztunnel"
+    assert outbound[0]["src"].startswith(pod_ip(client) + ":")
 
 
 def test_a_tainted_node_takes_pods_once_its_agent_is_ready_and_they_start_redirected(
