@@ -259,8 +259,18 @@ def test_only_with_taint_enabled_may_the_controller_patch_nodes_and_it_tolerates
     assert node_verbs(enabled) == {"get", "list", "watch", "patch"}
     pod = controller(enabled, "Deployment")["spec"]["template"]["spec"]
     assert "--untaint-nodes" in pod["containers"][0]["args"]
-    assert pod["tolerations"] == [
-        {"key": names.NOT_READY_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}
+    assert pod["tolerations"] == [{"key": names.NOT_READY_TAINT_KEY, "operator": "Exists"}]
+    # The agent must run on a tainted node even when told to tolerate little else.
+    narrow = rendered(
+        sandbox,
+        "taint.enabled=true",
+        "agent.tolerations[0].key=dedicated",
+        "agent.tolerations[0].operator=Exists",
+    )
+    agent = next(d for d in narrow if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    assert agent["tolerations"] == [
+        {"key": "dedicated", "operator": "Exists"},
+        {"key": names.NOT_READY_TAINT_KEY, "operator": "Exists"},
     ]
 
 

@@ -21,6 +21,7 @@ from ambient_cni.install.conflist import (
 from ambient_cni.install.installer import OWN_CONFLIST, Installer, InstallOptions
 from ambient_cni.install_report import (
     REPORT_FILE,
+    STALE_AFTER,
     InstallReport,
     read_report,
     remove_report,
@@ -174,6 +175,11 @@ def test_the_report_to_the_agent_round_trips_and_a_missing_or_bad_one_says_so(
     write_report(tmp_path, report)
     assert read_report(tmp_path) == report
     assert [p.name for p in tmp_path.iterdir()] == [REPORT_FILE]  # no temporary file left
+    # Not renewed: install-cni is not running, and nobody keeps istio-cni in the chain.
+    later = (tmp_path / REPORT_FILE).stat().st_mtime + STALE_AFTER + 5
+    stale = read_report(tmp_path, now=later)
+    assert not stale.installed
+    assert stale.message.startswith("install-cni has not reported for 35 s (running?)")
     (tmp_path / REPORT_FILE).write_text("{not json")
     found = read_report(tmp_path)
     assert not found.installed

@@ -10,14 +10,25 @@ from ambient_cni.controller.untaint import ready_for, without_key
 
 
 def anc(
-    *, ready: str = "True", observed: int | None = 4, generation: int = 4, owner: str | None = "u1"
+    *,
+    ready: tuple[str, str] = ("True", "AllEnrolled"),
+    observed: int | None = 4,
+    generation: int = 4,
+    owner: str | None = "u1",
+    **conditions: str,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": "node-1", "generation": generation}
     if owner is not None:
         meta["ownerReferences"] = [
             {"apiVersion": "v1", "kind": "Node", "name": "node-1", "uid": owner}
         ]
-    status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": ready}]}
+    found = {"ZtunnelConnected": "True", "HostRulesReady": "True", **conditions}
+    status: dict[str, Any] = {
+        "conditions": [
+            {"type": "Ready", "status": ready[0], "reason": ready[1]},
+            *({"type": kind, "status": value} for kind, value in found.items()),
+        ]
+    }
     if observed is not None:
         status["observedGeneration"] = observed
     return {"metadata": meta, "status": status}
@@ -27,7 +38,14 @@ def anc(
     ("obj", "expected"),
     [
         (anc(), "u1"),
-        (anc(ready="False"), None),
+        (anc(CniPluginInstalled="True"), "u1"),
+        # One pod failing is that pod's problem: the node still redirects new pods.
+        (anc(ready=("False", "NotReady")), "u1"),
+        (anc(ready=("False", "AgentStopped")), None),
+        (anc(ready=("False", "RedirectModeNotSupported")), None),
+        (anc(ZtunnelConnected="False"), None),
+        (anc(HostRulesReady="False"), None),
+        (anc(CniPluginInstalled="False"), None),
         (anc(observed=3), None),  # the agent has not reported on the current spec
         (anc(observed=None), None),  # a new object no agent has reported on
         (anc(owner=None), None),

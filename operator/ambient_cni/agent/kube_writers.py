@@ -25,6 +25,8 @@ class PodCache(Protocol):
     def get(self, key: str) -> dict[str, Any] | None: ...
 
 
+STATUS_WRITE_TIMEOUT = (3.0, 10.0)  # seconds to connect, to read the answer
+
 # Tries of an annotation write whose pod changed between its read and the write.
 CONFLICT_TRIES = 3
 
@@ -139,6 +141,8 @@ class KubeStatusWriter:
                 as_body({"status": patch}),
                 _content_type=MERGE_PATCH,
                 _preload_content=False,
+                # Bounded: the last write happens at shutdown, when the API may be unreachable.
+                _request_timeout=STATUS_WRITE_TIMEOUT,
             )
         except ApiException as exc:
             if exc.status == 404:

@@ -128,7 +128,11 @@ class NodeAgent:
         self._status_written_at = float("-inf")
         self._refused_mode: RedirectMode | None = None
         # install-cni's last word on the plugin (None: this node runs no CNI plugin)
-        self._cni_plugin: InstallReport | None = None
+        self._cni_plugin: InstallReport | None = (
+            None
+            if options.cni_run_dir is None
+            else InstallReport(installed=False, message="install-cni's report not read yet")
+        )
         self._stopped = False
         self._stop = threading.Event()
         self._drift: threading.Thread | None = None

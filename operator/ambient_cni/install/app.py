@@ -79,7 +79,6 @@ def run(
     if watch is not None:
         watch.start(stop)
     run_dir = Path(options.settings.agent_run_dir)
-    reported: InstallReport | None = None
     with INotify() as inotify:
         for directory in (options.conf_dir, options.bin_dir):
             inotify.add_watch(directory, WATCHED)
@@ -91,8 +90,10 @@ def run(
                 state = installer.ensure()
             if state.problem != health.state.problem and state.problem:
                 log.warning("not installed: %s", state.problem)
-            if not absent:
-                reported = _report(run_dir, state, reported)
+            if absent:
+                remove_report(run_dir)
+            else:
+                _report(run_dir, state)
             health.state = state
             # Wakes on a change in either dir, or after RECHECK; SIGTERM ends the wait too.
             inotify.read(timeout=int(RECHECK * 1000), read_delay=int(SETTLE * 1000))
@@ -108,22 +109,18 @@ def run(
     return 0
 
 
-def _report(
-    run_dir: Path, state: InstallState, before: InstallReport | None
-) -> InstallReport | None:
-    """Tell the agent (through the run dir they share) whether istio-cni is installed."""
+def _report(run_dir: Path, state: InstallState) -> None:
+    """Tell the agent (through the run dir they share) whether istio-cni is installed; on
+    every pass, so a report that stops being renewed says install-cni stopped."""
     report = InstallReport(
         installed=state.ready,
         message=f"istio-cni is chained in {state.config}" if state.ready else state.problem,
     )
-    if report != before:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_report(run_dir, report)
-        except OSError as exc:
-            log.warning("cannot tell the agent in %s: %s", run_dir, exc)
-            return before  # written again on the next pass
-    return report
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_report(run_dir, report)
+    except OSError as exc:
+        log.warning("cannot tell the agent in %s: %s", run_dir, exc)
 
 
 def uninstall(options: InstallOptions) -> int:
