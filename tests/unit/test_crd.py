@@ -44,6 +44,7 @@ def test_crd_names_columns_and_subresource() -> None:
         "MODE",
         "ZTUNNEL",
         "ENROLLED",
+        "SIDECARS",
         "PENDING",
         "FAILED",
         "READY",

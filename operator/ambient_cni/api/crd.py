@@ -22,6 +22,7 @@ PRINTER_COLUMNS = [
     {"name": "Mode", "type": "string", "jsonPath": ".spec.redirectMode"},
     {"name": "Ztunnel", "type": "boolean", "jsonPath": ".status.ztunnel.connected"},
     {"name": "Enrolled", "type": "integer", "jsonPath": ".status.enrolled"},
+    {"name": "Sidecars", "type": "integer", "jsonPath": ".status.sidecars"},
     {"name": "Pending", "type": "integer", "jsonPath": ".status.pending"},
     {"name": "Failed", "type": "integer", "jsonPath": ".status.failed"},
     {

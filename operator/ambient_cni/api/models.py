@@ -37,6 +37,30 @@ IP = Annotated[
 ]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 
+
+def _check_cidr(value: str) -> str:
+    """An address/bits prefix, host bits allowed (Istio renders the text as written)."""
+    if "/" not in value:
+        raise ValueError(f"{value!r} is not a CIDR (address/bits)")
+    ipaddress.ip_network(value, strict=False)
+    return value
+
+
+Cidr = Annotated[
+    str,
+    AfterValidator(_check_cidr),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 49,
+            "x-kubernetes-validations": [
+                {"rule": "isCIDR(self)", "message": "must be an IPv4 or IPv6 CIDR"}
+            ],
+        }
+    ),
+]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
 # A network interface name this project will put into a rule: what the kernel allows
 # (at most 15 bytes, IFNAMSIZ) narrowed to what cannot be read as anything but a name by
 # iptables or nft: ASCII letters, digits, "_", "." and "-", never first "-" or ".", so no
@@ -54,6 +78,7 @@ def is_interface_name(value: str) -> bool:
 Time = Annotated[datetime.datetime, WithJsonSchema({"type": "string", "format": "date-time"})]
 
 MAX_VIRTUAL_INTERFACES = 16
+MAX_CAPTURE_ITEMS = 64  # ports or ranges per option of a sidecar's capture
 # Far above any node's pod capacity; the bound lets the API server cost its CEL rules.
 MAX_WORKLOADS = 1024
 
@@ -61,6 +86,7 @@ RedirectMode = Literal["inpod", "node"]
 # Only the backends that exist; dataplane/factory.py builds each.
 Backend = Literal["iptables-nft", "iptables-legacy", "nftables"]
 WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
+InterceptionMode = Literal["REDIRECT", "TPROXY"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ConditionType = Literal[
     "Ready", "ZtunnelConnected", "HostRulesReady", "InSync", "CniPluginInstalled"
@@ -88,8 +114,39 @@ class ZtunnelRef(Wire):
     ready: bool = False
 
 
+def _items(default: list[Any] | None = None, alias: str | None = None) -> Any:
+    return Field(
+        default_factory=lambda: list(default or []), max_length=MAX_CAPTURE_ITEMS, alias=alias
+    )
+
+
+class SidecarCapture(Wire):
+    """How an injected sidecar's traffic is captured in its pod, from the pod's
+    `traffic.sidecar.istio.io/*` annotations and its istio-proxy container (reference
+    sidecar-interception.md section 2), validated; defaults are Istio's."""
+
+    interception_mode: InterceptionMode = "REDIRECT"
+    capture_all_inbound: bool = True  # includeInboundPorts "*"
+    include_inbound_ports: list[Port] = _items()
+    # The user's excludeInboundPorts with the proxy's own 15020, 15021, 15090 appended.
+    exclude_inbound_ports: list[Port] = _items([15020, 15021, 15090])
+    capture_all_outbound: bool = True  # includeOutboundIPRanges "*"
+    include_outbound_ip_ranges: list[Cidr] = _items(alias="includeOutboundIPRanges")
+    exclude_outbound_ip_ranges: list[Cidr] = _items(alias="excludeOutboundIPRanges")
+    include_outbound_ports: list[Port] = _items()
+    exclude_outbound_ports: list[Port] = _items([15020])
+    exclude_interfaces: list[InterfaceName] = _items()
+    reroute_virtual_interfaces: list[InterfaceName] = _items()
+    dns_capture: bool = False  # ISTIO_META_DNS_CAPTURE on istio-proxy
+    dual_stack: bool = False  # ISTIO_DUAL_STACK on istio-proxy
+    invalid_drop: bool = False  # INVALID_DROP on istio-proxy
+    proxy_uid: int = Field(default=1337, ge=1, le=2**31 - 1)
+    proxy_gid: int = Field(default=1337, ge=1, le=2**31 - 1)
+
+
 class Workload(Wire):
-    """An enrolled pod on the node and its per-pod knobs."""
+    """A pod on the node whose traffic the agent redirects, and its per-pod knobs: to
+    ztunnel (ambient), or, with `sidecar`, to the pod's own injected proxy."""
 
     uid: Name
     name: Name
@@ -104,6 +161,11 @@ class Workload(Wire):
     )
     reroute_virtual_interfaces: list[InterfaceName] = Field(
         default_factory=list, max_length=MAX_VIRTUAL_INTERFACES
+    )
+    sidecar: SidecarCapture | None = Field(
+        default=None,
+        description="Present for a pod with an injected sidecar: its capture, applied in "
+        "its netns instead of ambient redirection (never both).",
     )
 
     def to_wire(self) -> dict[str, Any]:
@@ -162,6 +224,8 @@ class WorkloadStatus(Wire):
     message: str | None = None
     since: Time | None = None
     last_repair: Repair | None = None
+    # A sidecar pod's capture in effect, in words ("REDIRECT; inbound: all ports but ...").
+    capture: str | None = Field(default=None, max_length=4096)
 
 
 class Condition(Wire):
@@ -183,6 +247,7 @@ class AmbientNodeConfigStatus(Wire):
     backend: Backend | None = None
     ztunnel: ZtunnelStatus | None = None
     enrolled: int = Field(default=0, ge=0)
+    sidecars: int = Field(default=0, ge=0, description="Sidecar pods whose capture is in place.")
     pending: int = Field(default=0, ge=0)
     failed: int = Field(default=0, ge=0)
     workloads: list[WorkloadStatus] = Field(
