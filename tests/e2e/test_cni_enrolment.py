@@ -18,6 +18,8 @@ from ambient_cni_sandbox.binaries import PLUGIN_BINARY
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import CNI_EXCLUDED, Mesh, uninstall_cni
 
+UNTAINTING_USER = "ambient-cni-controller-untaint"
+
 # The client's process makes its one call the moment it starts, and exits.
 CALL_AT_ONCE = (
     "import sys, urllib.request\n"
@@ -27,7 +29,15 @@ CALL_AT_ONCE = (
 
 @pytest.fixture(scope="module")
 def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
-    running = Mesh(sandbox, "--drift-interval=2", cni=True, controller_args=["--untaint-nodes"])
+    running = Mesh(
+        sandbox,
+        "--drift-interval=2",
+        cni=True,
+        controller_args=["--untaint-nodes"],
+        # Its own user: the audit log then tells its node patches from the default
+        # controller's, which never writes nodes (test_controller.py).
+        controller_kubeconfig=sandbox.user_kubeconfig(UNTAINTING_USER, groups="system:masters"),
+    )
     running.start()
     try:
         yield running
