@@ -71,9 +71,7 @@ CASES: dict[str, tuple[SidecarCapture, int]] = {
         ),
         4,
     ),
-    "tproxy-no-inbound": (
-        SidecarCapture(interception_mode="TPROXY", capture_all_inbound=False), 4
-    ),
+    "tproxy-no-inbound": (SidecarCapture(interception_mode="TPROXY", capture_all_inbound=False), 4),
     "interfaces": (
         SidecarCapture(
             interception_mode="TPROXY",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
-from ambient_cni.api.models import Backend
+from ambient_cni.api.models import Backend, SidecarCapture
 
 from .constants import Family
 from .redirection import PodRedirect
@@ -122,6 +122,20 @@ class PodDataplane(Protocol):
 
     def remove(self, netns: Path, families: Sequence[Family] = (4, 6)) -> bool:
         """Remove all of ours; True if anything was there."""
+        ...
+
+
+class SidecarDataplane(Protocol):
+    """A sidecar pod's capture in its network namespace: its rules and, for TPROXY, its
+    policy routing (sidecar sheet sections 3-7)."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    def ensure(self, netns: Path, capture: SidecarCapture, families: Sequence[Family]) -> Changes:
+        """Make the capture exactly right for these families (and none of ours in others);
+        says what had to change. Raises DataplaneError, having changed nothing when the
+        kernel refuses the ruleset."""
         ...
 
 

@@ -25,7 +25,15 @@ from .constants import Family
 from .errors import DataplaneError, first_error
 from .interfaces import NO_CHANGES, Change, ChangeKind, Changes, Completed, Exec, Runner
 from .iptables_flavour import Flavour
-from .iptables_state import Tables, differences, our_rules, removal_input, replace_input
+from .iptables_state import (
+    INPOD,
+    Ownership,
+    Tables,
+    differences,
+    our_rules,
+    removal_input,
+    replace_input,
+)
 
 # Prepares a scratch namespace before a ruleset is learnt there (e.g. creates the
 # address sets the ruleset matches on).
@@ -33,9 +41,10 @@ Prepare = Callable[[Path], None]
 
 
 class IptablesChains:
-    def __init__(self, flavour: Flavour, runner: Runner):
+    def __init__(self, flavour: Flavour, runner: Runner, owned: Ownership = INPOD):
         self.flavour = flavour
         self.runner = runner
+        self.owned = owned
         self._learnt: dict[tuple[Family, str], Tables] = {}
         self._lock = threading.Lock()
 
@@ -66,7 +75,7 @@ class IptablesChains:
         return tables
 
     def read(self, run: Exec, family: Family) -> Tables:
-        return our_rules(self._save(run, family))
+        return our_rules(self._save(run, family), self.owned)
 
     def ensure(
         self,
@@ -90,10 +99,10 @@ class IptablesChains:
         if try_fresh and self._restore_status(run, family, ruleset).returncode == 0:
             return Changes((Change(kind, f"IPv{family}: the ruleset applied"),))
         saved = self._save(run, family)
-        have = our_rules(saved)
+        have = our_rules(saved, self.owned)
         if have == want:
             return NO_CHANGES
-        self._restore(run, family, replace_input(saved, ruleset), rejected)
+        self._restore(run, family, replace_input(saved, ruleset, self.owned), rejected)
         if self.read(run, family) != want:
             raise DataplaneError(
                 "RulesNotApplied", "the rules read back differ from those applied", retryable=True
@@ -103,7 +112,7 @@ class IptablesChains:
 
     def remove(self, run: Exec, family: Family, *, failed: str = "RuleRemovalFailed") -> bool:
         """Remove our chains and the jumps to them; True if anything was there."""
-        script = removal_input(self._save(run, family))
+        script = removal_input(self._save(run, family), self.owned)
         if not script:
             return False
         result = self._restore_status(run, family, script)

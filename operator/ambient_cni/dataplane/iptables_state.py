@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 from .constants import OUTPUT_CHAIN, POSTROUTING_CHAIN, PREROUTING_CHAIN
 
@@ -10,8 +11,21 @@ OUR_CHAINS = (PREROUTING_CHAIN, OUTPUT_CHAIN, POSTROUTING_CHAIN)
 Tables = dict[str, list[str]]
 
 
-def _ours(line: str) -> bool:
-    return any(chain in line.split() for chain in OUR_CHAINS)
+@dataclass(frozen=True)
+class Ownership:
+    """What of a namespace's iptables is ours: our chains and every rule that names one,
+    and every rule of the built-in chains in `builtin_rules` (a sidecar's capture puts
+    rules straight into PREROUTING and OUTPUT, some naming no chain of ours)."""
+
+    chains: frozenset[str]
+    builtin_rules: frozenset[str] = frozenset()
+
+    def owns(self, rule: str) -> bool:
+        words = rule.split()
+        return words[1] in self.builtin_rules or any(c in words for c in self.chains)
+
+
+INPOD = Ownership(frozenset(OUR_CHAINS))
 
 
 def parse_save(saved: str) -> dict[str, tuple[list[str], list[str]]]:
@@ -31,23 +45,23 @@ def parse_save(saved: str) -> dict[str, tuple[list[str], list[str]]]:
     return tables
 
 
-def our_rules(saved: str) -> Tables:
+def our_rules(saved: str, owned: Ownership = INPOD) -> Tables:
     """Only what this project owns: our chains and the rules that jump to or live in them."""
     result: Tables = {}
     for table, (chains, rules) in parse_save(saved).items():
-        mine = [f":{chain}" for chain in chains if chain in OUR_CHAINS]
-        mine += [rule for rule in rules if _ours(rule)]
+        mine = [f":{chain}" for chain in chains if chain in owned.chains]
+        mine += [rule for rule in rules if owned.owns(rule)]
         if mine:
             result[table] = mine
     return result
 
 
-def removal_input(saved: str) -> str:
+def removal_input(saved: str, owned: Ownership = INPOD) -> str:
     """iptables-restore --noflush input removing all of ours in `saved`, and nothing else."""
     lines: list[str] = []
     for table, (chains, rules) in parse_save(saved).items():
-        ours = [chain for chain in chains if chain in OUR_CHAINS]
-        jumps = [rule for rule in rules if _ours(rule) and rule.split()[1] not in OUR_CHAINS]
+        ours = [chain for chain in chains if chain in owned.chains]
+        jumps = [rule for rule in rules if owned.owns(rule) and rule.split()[1] not in owned.chains]
         if not ours and not jumps:
             continue
         lines.append(f"*{table}")
@@ -58,13 +72,12 @@ def removal_input(saved: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-def replace_input(saved: str, ruleset: str) -> str:
+def replace_input(saved: str, ruleset: str, owned: Ownership = INPOD) -> str:
     """One transaction per table: remove what is there of ours, then add the ruleset."""
-    removal = {block.split("\n", 1)[0]: block for block in _blocks(removal_input(saved))}
+    removal = {_table(block): block for block in _blocks(removal_input(saved, owned))}
     merged: list[str] = []
     for block in _blocks(ruleset):
-        header = block.split("\n", 1)[0]
-        old = removal.pop(header, None)
+        old = removal.pop(_table(block), None)
         if old is None:
             merged.append(block)
         else:
@@ -72,6 +85,11 @@ def replace_input(saved: str, ruleset: str) -> str:
             merged.append(old.rsplit("COMMIT", 1)[0] + block.split("\n", 1)[1])
     merged += removal.values()  # tables ours no longer uses (e.g. raw without DNS capture)
     return "".join(merged)
+
+
+def _table(block: str) -> str:
+    """The table a restore block is for: `*nat` and Istio's `* nat` alike."""
+    return block.split("\n", 1)[0][1:].strip()
 
 
 def _blocks(restore_input: str) -> list[str]:
