@@ -28,6 +28,7 @@ from ambient_cni.agent.install_watch import InstallReportWatch
 from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
 from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
+from ambient_cni.agent.sidecar_mode import SidecarMode
 from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api import names
 from ambient_cni.daemonset_watch import DaemonSetWatch
@@ -137,12 +138,14 @@ def run(
         ztunnel=zds,
         pod_api=pod_api,
     )
+    sidecar = SidecarMode(dataplane=dataplane.sidecars, resolver=resolver, handles=HeldNetns())
     agent = NodeAgent(
         options,
         {inpod.name: inpod},
         zds,
         KubeStatusWriter(api, options.node),
         dataplane.backend,
+        sidecar=sidecar,
     )
     zds.on_change = agent.ztunnel_changed
     custom = CustomObjectsApi(api)

@@ -17,19 +17,18 @@ from ambient_cni.api import names
 from ambient_cni.api.models import Backend, RedirectMode, Workload
 from ambient_cni.dataplane.address_sets import canonical_ip, prune
 from ambient_cni.dataplane.errors import DataplaneError
-from ambient_cni.dataplane.interfaces import Changes, HostDataplane, PodDataplane
+from ambient_cni.dataplane.interfaces import HostDataplane, PodDataplane
 from ambient_cni.dataplane.redirection import family_of, pod_redirects
 from ambient_cni.zds import WorkloadInfo
 
 from . import metrics
 from .interfaces import NetnsHandles, NetnsNotFoundError, NetnsResolver, PodApi, ZdsError, Ztunnel
 from .mode import HostReport, NodeDefaults, PodState, Step
+from .steps import failed, repaired, still_redirected
 
 log = logging.getLogger("ambient_cni.agent.inpod")
 
-RETRY_FAILED = 1.0
 RETRY_PENDING = 2.0
-RETRY_REMOVING = 5.0
 
 
 def workload_info(workload: Workload) -> WorkloadInfo:
@@ -84,7 +83,7 @@ class InpodMode:
         except NetnsNotFoundError as exc:
             held = self.handles.held(workload.uid)  # unmounted, while its process lives
             if held is None:
-                return _failed(pod, "NetnsNotFound", str(exc))
+                return failed(pod, "NetnsNotFound", str(exc))
             netns = held
         if pod.netns is not None and netns != pod.netns:
             # A new sandbox for the same pod (a held path changes only with the namespace):
@@ -93,9 +92,9 @@ class InpodMode:
         try:
             changes = self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
         except DataplaneError as exc:
-            return _failed(pod, exc.reason, exc.message)
+            return failed(pod, exc.reason, exc.message)
         if changes and pod.outcome.state == "Enrolled":
-            pod = _repaired(pod, changes)
+            pod = repaired(pod, changes)
         return Step(dataclasses.replace(pod, netns=netns, kernel_done="in"), more=True)
 
     def _announce(self, pod: PodState, netns: Path) -> Step:
@@ -113,7 +112,7 @@ class InpodMode:
         try:
             self.host.addresses.add(list(workload.ips), workload.uid)
         except Exception as exc:
-            return _failed(pod, "IpsetFailed", str(exc))
+            return failed(pod, "IpsetFailed", str(exc))
         pod = self._annotate(pod, names.REDIRECTION_ENABLED)
         return Step(pod.with_outcome("Enrolled", "Enrolled", None))
 
@@ -141,14 +140,14 @@ class InpodMode:
             try:
                 netns = self.resolver.resolve(workload.uid, workload.ips)
             except NetnsNotFoundError as exc:
-                return _still_redirected(pod, str(exc))
+                return still_redirected(pod, str(exc))
         if netns is not None:
             families = tuple(sorted({family_of(ip) for ip in workload.ips}))
             try:
                 self.pods.remove(netns, families)
             except DataplaneError as exc:
                 if exc.reason != "NetnsNotFound" or self.pod_api.exists(workload):
-                    return _still_redirected(pod, exc.message, exc.reason)
+                    return still_redirected(pod, exc.message, exc.reason)
         return Step(dataclasses.replace(pod, kernel_done="out"), more=True)
 
     def _annotate(self, pod: PodState, value: str | None) -> PodState:
@@ -178,31 +177,3 @@ class InpodMode:
 
     def uninstall_host(self) -> bool:
         return self.host.uninstall()
-
-
-def _repaired(pod: PodState, changes: Changes) -> PodState:
-    """An enrolled pod's redirection was changed behind the agent's back and is right again."""
-    workload = pod.workload
-    for change in changes.items:
-        metrics.REPAIRS.labels(change.kind).inc()
-    what = changes.describe()
-    log.warning("repaired %s/%s: %s", workload.namespace, workload.name, what)
-    return pod.with_repair("DriftRepaired", what)
-
-
-def _still_redirected(pod: PodState, message: str, reason: str = "NetnsNotFound") -> Step:
-    workload = pod.workload
-    log.warning(
-        "%s/%s: cannot take its redirection out yet (%s: %s); it stays redirected",
-        workload.namespace,
-        workload.name,
-        reason,
-        message,
-    )
-    return Step(pod.with_outcome("Removing", reason, message), RETRY_REMOVING)
-
-
-def _failed(pod: PodState, reason: str, message: str) -> Step:
-    workload = pod.workload
-    log.warning("%s/%s: %s: %s", workload.namespace, workload.name, reason, message)
-    return Step(pod.with_outcome("Failed", reason, message), RETRY_FAILED)

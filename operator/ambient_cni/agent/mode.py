@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from ambient_cni.api.models import Backend, RedirectMode, Repair, Workload, WorkloadState
+from ambient_cni.sidecar import describe
 
 from .status import PodOutcome
 
@@ -76,6 +77,7 @@ def outcome(
             "message": message,
             "since": now(),
             "last_repair": last_repair,
+            "capture": describe(workload.sidecar) if workload.sidecar else None,
         }
     )
 
@@ -106,12 +108,8 @@ class NodeDefaults:
     dns_capture: bool = True
 
 
-class RedirectModeHandler(Protocol):
-    @property
-    def name(self) -> RedirectMode: ...
-
-    @property
-    def backend(self) -> Backend: ...
+class PodHandler(Protocol):
+    """What brings one pod in and takes it out: a redirect mode, or sidecar capture."""
 
     def enrol(self, pod: PodState, defaults: NodeDefaults) -> Step:
         """Bring the pod to fully redirected (idempotent: a pass over a redirected pod changes
@@ -121,6 +119,14 @@ class RedirectModeHandler(Protocol):
     def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
         """Take the pod out, in the reverse order; never touch an address another pod holds."""
         ...
+
+
+class RedirectModeHandler(PodHandler, Protocol):
+    @property
+    def name(self) -> RedirectMode: ...
+
+    @property
+    def backend(self) -> Backend: ...
 
     def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
         """Make the node's side right; with `prune_to` (IP -> pod UID), also drop every address

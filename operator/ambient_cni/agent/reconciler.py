@@ -38,7 +38,7 @@ from ambient_cni.workqueue import WorkQueue
 
 from . import metrics
 from .interfaces import StatusWriteError, StatusWriter, Ztunnel
-from .mode import NodeDefaults, PodState, RedirectModeHandler, Step, now, outcome
+from .mode import NodeDefaults, PodHandler, PodState, RedirectModeHandler, Step, now, outcome
 from .status import NodeFacts, PodOutcome, render
 
 log = logging.getLogger("ambient_cni.agent")
@@ -102,9 +102,12 @@ class NodeAgent:
         ztunnel: Ztunnel,
         status_writer: StatusWriter,
         backend: Backend,
+        *,
+        sidecar: PodHandler | None = None,
     ):
         self.options = options
         self.modes = dict(modes)
+        self.sidecar = sidecar
         self.ztunnel = ztunnel
         self.status_writer = status_writer
         self.backend = backend
@@ -355,7 +358,9 @@ class NodeAgent:
         with self._lock:
             mode = self._mode()
             first = not self._host.pruned
-            wanted = {ip: w.uid for w in self._desired_workloads() for ip in w.ips}
+            wanted = {
+                ip: w.uid for w in self._desired_workloads() if w.sidecar is None for ip in w.ips
+            }
         if mode is None:
             return  # no spec yet, or a mode this agent lacks: touch nothing
         report = mode.ensure_host(wanted if first else None)
@@ -388,14 +393,17 @@ class NodeAgent:
             held = _ips_held(self._records, but=uid) if desired is None and record else set()
         if mode is None:
             return  # a mode this agent lacks: every pod is kept exactly as it is
+        handler = self._handler(mode, desired or (record.workload if record else None))
+        if handler is None:
+            return  # a sidecar pod, and this agent captures none: kept as it is
         started = time.monotonic()
         if desired is not None:
             pod = PodState.new(desired) if record is None else _with_workload(record, desired)
-            step = mode.enrol(pod, defaults)
+            step = handler.enrol(pod, defaults)
             if not step.more:
                 metrics.POD_RECONCILES.labels((step.state or pod).outcome.state).inc()
         elif record is not None:
-            step = mode.unenrol(record, held)
+            step = handler.unenrol(record, held)
             if not step.more:
                 metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
         else:
@@ -405,6 +413,12 @@ class NodeAgent:
         )
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
+
+    def _handler(self, mode: RedirectModeHandler, workload: Workload | None) -> PodHandler | None:
+        """Sidecar capture for a pod with an injected proxy, the node's mode for the rest."""
+        if workload is not None and workload.sidecar is not None:
+            return self.sidecar
+        return mode
 
     def _store(self, uid: str, step: Step, generation: int | None, number: int = 0) -> None:
         """Keep the pod's new state and schedule its retry: the one place records change."""
@@ -532,7 +546,12 @@ def _with_workload(record: PodState, desired: Workload) -> PodState:
 
 def _ips_held(records: Mapping[str, PodState], but: str) -> set[str]:
     """Addresses other pods hold (a reused IP): our records say, no set listing per pod."""
-    return {_canonical_ip(ip) for uid, r in records.items() if uid != but for ip in r.workload.ips}
+    return {
+        _canonical_ip(ip)
+        for uid, r in records.items()
+        if uid != but and r.workload.sidecar is None  # sidecar pods are in no probe set
+        for ip in r.workload.ips
+    }
 
 
 @functools.lru_cache(maxsize=65536)

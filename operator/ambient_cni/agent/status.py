@@ -35,6 +35,7 @@ class PodOutcome(BaseModel):
     message: str | None = None
     since: datetime.datetime
     last_repair: Repair | None = None
+    capture: str | None = None  # a sidecar pod's capture in effect; None for ambient pods
 
 
 class NodeFacts(BaseModel):
@@ -87,6 +88,8 @@ def render(
         state: sum(1 for p in pods if p.state == state)
         for state in ("Enrolled", "Pending", "Failed")
     }
+    sidecars = sum(1 for p in pods if p.state == "Enrolled" and p.capture is not None)
+    counts["Enrolled"] -= sidecars  # `enrolled` counts ambient pods, `sidecars` the others
     make = _Conditions(facts.generation, now, previous).make
     zt_reason = "Connected" if facts.ztunnel_connected else "NotConnected"
     if not facts.ztunnel_connected:
@@ -127,7 +130,7 @@ def render(
             "Ready",
             ready,
             "AllEnrolled" if ready else not_ready,
-            f"{counts['Enrolled']} workload(s) enrolled" if ready else "; ".join(problems),
+            _enrolled(counts["Enrolled"], sidecars) if ready else "; ".join(problems),
         ),
         make("ZtunnelConnected", facts.ztunnel_connected, zt_reason, zt_message),
         make("HostRulesReady", facts.host_rules_ok, host_reason, facts.host_rules_message),
@@ -153,6 +156,7 @@ def render(
             since=facts.ztunnel_since if facts.ztunnel_connected else None,
         ),
         enrolled=counts["Enrolled"],
+        sidecars=sidecars,
         pending=counts["Pending"],
         failed=counts["Failed"],
         workloads=[
@@ -165,9 +169,15 @@ def render(
                 message=p.message,
                 since=p.since,
                 last_repair=p.last_repair,
+                capture=p.capture,
             )
             for p in pods
         ],
         conditions=conditions,
         last_sync_time=now,
     )
+
+
+def _enrolled(ambient: int, sidecars: int) -> str:
+    said = f"{ambient} workload(s) enrolled"
+    return f"{said}, {sidecars} sidecar pod(s) captured" if sidecars else said

@@ -16,11 +16,12 @@ from ambient_cni.netns import NetnsWorkers
 
 from .constants import BACKEND_CHOICES, PROBE_IPSET
 from .errors import DataplaneError
-from .interfaces import HostDataplane, PodDataplane, Runner
+from .interfaces import HostDataplane, PodDataplane, Runner, SidecarDataplane
 from .ipset import IpsetAddressSets
 from .iptables_flavour import Flavour, FlavourName, count_rules
 from .iptables_host import IptablesHostDataplane
 from .iptables_pod import IptablesPodDataplane
+from .iptables_sidecar import IptablesSidecarDataplane
 from .kubelet_uid import kubelet_uid
 from .libnftables import Nft
 from .nft_host import NftablesHostDataplane, NftAddressSets
@@ -37,6 +38,9 @@ class Dataplane:
     backend: Backend
     pods: PodDataplane
     host: HostDataplane
+    # Sidecar capture is iptables on every backend (the flavour the node uses, nft with
+    # the nftables backend): Istio's native nftables form for sidecars is not built here.
+    sidecars: SidecarDataplane
 
 
 @dataclass
@@ -60,6 +64,7 @@ def _iptables(name: FlavourName) -> BackendBuilder:
             host=IptablesHostDataplane(
                 flavour, runner, IpsetAddressSets(PROBE_IPSET, host_netns), host_netns
             ),
+            sidecars=IptablesSidecarDataplane(flavour, runner),
         )
 
     return build
@@ -84,6 +89,7 @@ def _nftables(options: BackendOptions) -> Dataplane:
             uid,
             options.host_netns,
         ),
+        sidecars=IptablesSidecarDataplane(Flavour("nft"), options.runner),
     )
 
 

@@ -65,7 +65,8 @@ class IptablesSidecarDataplane:
         for family, ruleset in rulesets:
             # In a scratch namespace: a ruleset the kernel refuses fails before the pod's.
             self.chains.learn(family, ruleset)
-        others = [f for f in (4, 6) if f not in families]
+        both: tuple[Family, ...] = (4, 6)
+        others = [f for f in both if f not in families]
         tproxy = capture.interception_mode == "TPROXY"
 
         def apply(run: Exec) -> Changes:
