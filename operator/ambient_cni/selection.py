@@ -1,9 +1,11 @@
-"""Who is enrolled in ambient: pure functions over reduced views of Pods and Namespaces.
+"""Who is enrolled in ambient, and whose sidecar is captured: pure functions over reduced
+views of Pods and Namespaces.
 
 Implements section 1 of the reference sheet: the namespace and pod
 `istio.io/dataplane-mode` labels, the exclusions (excluded namespaces,
 hostNetwork, sidecar pods, ztunnel and node agent pods, terminal pods,
-`ambient.istio.io/redirection: disabled`) and the per-pod knobs.
+`ambient.istio.io/redirection: disabled`) and the per-pod knobs; and for pods
+with an injected sidecar, section 1 of the sidecar sheet (sidecar.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .api import names
 from .api.models import MAX_VIRTUAL_INTERFACES, Workload, is_interface_name
+from .sidecar import ProxyFacts, SidecarDecision, decide_sidecar, proxy_facts
 
 Obj = Mapping[str, Any]
 
@@ -44,6 +47,7 @@ class PodView(BaseModel):
     ready: bool = False
     deleting: bool = False
     created: str = ""
+    proxy: ProxyFacts | None = None  # with an istio-proxy container: what sidecar.py reads
 
 
 class Decision(BaseModel):
@@ -90,6 +94,14 @@ def pod_view(pod: Obj) -> PodView:
         ready=ready,
         deleting=bool(meta.get("deletionTimestamp")),
         created=str(meta.get("creationTimestamp") or ""),
+        proxy=proxy_facts(pod),
+    )
+
+
+def is_node_agent(pod: PodView, config: SelectionConfig) -> bool:
+    return (
+        pod.namespace == config.system_namespace
+        and pod.labels.get(names.NODE_AGENT_LABEL) == names.NODE_AGENT_APP
     )
 
 
@@ -114,10 +126,7 @@ def decide(
         return Decision(enrolled=False, reason="SidecarPod")
     if is_ztunnel(pod, config):
         return Decision(enrolled=False, reason="ZtunnelPod")
-    if (
-        pod.namespace == config.system_namespace
-        and pod.labels.get(names.NODE_AGENT_LABEL) == names.NODE_AGENT_APP
-    ):
+    if is_node_agent(pod, config):
         return Decision(enrolled=False, reason="NodeAgentPod")
     if pod.phase in ("Succeeded", "Failed"):
         return Decision(enrolled=False, reason="Terminal")
@@ -205,4 +214,34 @@ def workload(pod: PodView) -> Workload:
         dns_capture=parsed.dns_capture,
         bypass_inbound_capture=parsed.bypass_inbound_capture,
         reroute_virtual_interfaces=list(parsed.reroute_virtual_interfaces),
+    )
+
+
+def decide_sidecar_pod(pod: PodView, config: SelectionConfig) -> SidecarDecision:
+    """Whether a pod (not enrolled in ambient) gets sidecar capture: Istio's plugin skips
+    its own agent's pods and excluded namespaces, then looks at the pod's proxy."""
+    if pod.namespace in config.excluded_namespaces:
+        return SidecarDecision(captured=False, reason="ExcludedNamespace")
+    if is_node_agent(pod, config):
+        return SidecarDecision(captured=False, reason="NodeAgentPod")
+    return decide_sidecar(pod.proxy)
+
+
+def sidecar_workload(pod: PodView, config: SelectionConfig) -> Workload | None:
+    """The spec entry of a pod whose sidecar's capture the agent keeps, if it has one: a
+    running pod of its own network namespace, with an address."""
+    if pod.host_network or pod.phase in ("Succeeded", "Failed") or not pod.node_name:
+        return None
+    if not pod.ips:
+        return None
+    decision = decide_sidecar_pod(pod, config)
+    if decision.capture is None:
+        return None
+    return Workload(
+        uid=pod.uid,
+        name=pod.name,
+        namespace=pod.namespace,
+        service_account=pod.service_account,
+        ips=list(pod.ips[:2]),
+        sidecar=decision.capture,
     )

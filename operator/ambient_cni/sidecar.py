@@ -56,6 +56,7 @@ PROXY_ENV = ("DISABLE_ENVOY", "ISTIO_META_DNS_CAPTURE", "ISTIO_DUAL_STACK", "INV
 # Always kept out of inbound capture: the proxy's status, health and metrics ports.
 PROXY_INBOUND_PORTS = (15020, 15021, 15090)
 DEFAULT_PROXY_ID = 1337
+DESCRIBED = 4096  # status.workloads[].capture's limit
 MODES: dict[str, InterceptionMode] = {"REDIRECT": "REDIRECT", "TPROXY": "TPROXY"}
 _INTERFACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.\-]*")
 _TRUE = ("1", "t", "T", "TRUE", "true", "True")
@@ -303,4 +304,5 @@ def describe(capture: SidecarCapture) -> str:
         parts.append(f"interfaces not captured: {','.join(capture.exclude_interfaces)}")
     if capture.reroute_virtual_interfaces:
         parts.append(f"virtual interfaces: {','.join(capture.reroute_virtual_interfaces)}")
-    return "; ".join(parts)
+    said = "; ".join(parts)
+    return said if len(said) <= DESCRIBED else said[: DESCRIBED - 3] + "..."

@@ -26,7 +26,8 @@ from ambient_cni.netns import run_in_netns
 from . import pki
 from .controlplane import write_kubeconfig
 from .lifecycle import require_state
-from .state import SandboxState
+from .podspec import sidecar_log_name
+from .state import SandboxState, paths_for
 
 
 class WaitTimeout(AssertionError):
@@ -205,9 +206,12 @@ class SandboxCluster:
         env: Mapping[str, str] | None = None,
         service_account: str | None = None,
         node_selector: Mapping[str, str] | None = None,
+        sidecar: Mapping[str, Any] | None = None,
     ) -> Obj:
         """A pod; with `node` it is bound there at once (no scheduler, as `spec.nodeName`
-        is), otherwise the sandbox's scheduler places it."""
+        is), otherwise the sandbox's scheduler places it. With `sidecar` (fields of the
+        container, e.g. a securityContext), it is a pod as Istio's injector leaves it: an
+        `istio-proxy` container (the sandbox's Envoy stand-in) and its status annotation."""
         container: dict[str, Any] = {"name": "main", "image": "sandbox/echo"}
         if command is not None:
             container["command"] = list(command)
@@ -217,8 +221,22 @@ class SandboxCluster:
             container["ports"] = [{"containerPort": port}]
         if env:
             container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+        containers = [container]
+        annotations = dict(annotations or {})
+        if sidecar is not None:
+            containers.append(
+                {
+                    "name": "istio-proxy",
+                    "image": "sandbox/sidecar",
+                    "args": ["proxy", "sidecar"],
+                    **dict(sidecar),
+                }
+            )
+            annotations.setdefault(
+                "sidecar.istio.io/status", '{"containers":["istio-proxy"],"version":"sandbox"}'
+            )
         spec: dict[str, Any] = {
-            "containers": [container],
+            "containers": containers,
             "restartPolicy": restart_policy,
             "terminationGracePeriodSeconds": 5,
         }
@@ -237,7 +255,7 @@ class SandboxCluster:
                 "name": name,
                 "namespace": namespace,
                 "labels": dict(labels or {}),
-                "annotations": dict(annotations or {}),
+                "annotations": annotations,
             },
             "spec": spec,
         }
@@ -352,6 +370,16 @@ class SandboxCluster:
                 conn.close()
 
         return run_in_netns(self.pod_netns(from_pod), call)
+
+    def sidecar_connections(self, pod: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """What the pod's Envoy stand-in relayed, one record per closed connection."""
+        meta = pod["metadata"]
+        path = paths_for(self.name).pods_dir(pod["spec"]["nodeName"]) / sidecar_log_name(
+            meta["namespace"], meta["name"], meta["uid"]
+        )
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def exec_in_pod(
         self, pod: Mapping[str, Any], argv: Sequence[str], *, timeout: float = 30.0

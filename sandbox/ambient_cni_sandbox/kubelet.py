@@ -42,13 +42,17 @@ from . import network
 from .binaries import gomod_dir, parse_pins
 from .cni import CniError, CniRuntime, SandboxPod
 from .podspec import (
+    SIDECAR_PORTS,
     PodRuntime,
     PodSpecError,
+    app_container,
     container_run,
     grace_seconds,
     readiness_port,
     render_status,
     restart_on_exit,
+    sidecar_log_name,
+    sidecar_run,
     uses_host_network,
 )
 from .processes import TAG_ENV, is_running, listens_on, start_time, terminate_group
@@ -67,6 +71,7 @@ SANDBOX_RETRY_S = 1.0
 SANDBOX_RETRY_MAX_S = 10.0
 MAX_BACKOFF = 30.0
 READINESS_FAST_SECONDS = 10.0
+SIDECAR_START_SECONDS = 10.0
 SANDBOX_LABEL = "sandbox.ambient-cni.dev/name"
 KUBELET_VERSION_FALLBACK = "v0.0.0"
 
@@ -91,6 +96,8 @@ class LocalPod(BaseModel):
     ip: str
     pid: int | None = None
     pid_start: int | None = None
+    sidecar_pid: int | None = None  # the istio-proxy container's process, in a sidecar pod
+    sidecar_pid_start: int | None = None
     restart_at: float | None = None  # monotonic time of the next restart after a crash
     ready_port: int | None = None  # Ready once something listens here (None: Ready on start)
     launched_at: float = 0.0  # monotonic time of the last start, for readiness polling
@@ -338,7 +345,7 @@ class Kubelet:
             self.queue.add_after(uid, wait)
             return None
         host_network = uses_host_network(pod)
-        container = (pod["spec"].get("containers") or [{}])[0]
+        container = app_container(pod)
         runtime = PodRuntime(
             start_time=now(),
             host_ip=self.node.ip,
@@ -421,12 +428,58 @@ class Kubelet:
                 "event %s for %s/%s not recorded: %s", reason, local.namespace, local.name, exc
             )
 
+    def sidecar_log(self, local: LocalPod) -> Path:
+        """Where the pod's Envoy stand-in logs each connection it relays."""
+        return self.records / sidecar_log_name(local.namespace, local.name, local.uid)
+
+    def _start_sidecar(self, pod: Obj, local: LocalPod) -> str | None:
+        """Start the pod's istio-proxy stand-in, if it has one and it is not running, and
+        wait until it listens, as the app must not start before its proxy; why not, if not."""
+        log_path = self.sidecar_log(local)
+        run = sidecar_run(pod, python=sys.executable, log=str(log_path))
+        if run is None:
+            return None
+        pid = local.sidecar_pid
+        if pid and is_running(pid) and start_time(pid) == local.sidecar_pid_start:
+            return None
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), TAG_ENV: self.state.name}
+
+        def spawn() -> subprocess.Popen[bytes]:
+            with log_path.with_suffix(".log").open("ab") as out:
+                return subprocess.Popen(
+                    list(run.argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd="/",
+                    start_new_session=True,  # it drops to run.user itself, once loaded
+                )
+
+        try:
+            proc = run_in_netns(local.netns, spawn)
+        except OSError as exc:
+            return f"cannot start container istio-proxy: {exc.strerror or exc}"
+        local.sidecar_pid, local.sidecar_pid_start = proc.pid, start_time(proc.pid)
+        self.save(local)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaped when it exits
+        deadline = time.monotonic() + SIDECAR_START_SECONDS
+        while not all(listens_on(proc.pid, port) for port in SIDECAR_PORTS):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return f"container istio-proxy did not listen on {SIDECAR_PORTS}"
+            time.sleep(0.02)  # polled, with a deadline
+        return None
+
     def launch(self, pod: Obj, local: LocalPod) -> None:
         runtime = local.runtime
         try:
             run = container_run(pod, pod_ip=local.ip, host_ip=self.node.ip, python=sys.executable)
         except PodSpecError as exc:
             self._fail(local, exc.reason, exc.message)
+            return
+        problem = self._start_sidecar(pod, local)
+        if problem is not None:
+            self._fail(local, "StartError", problem)
             return
         log_path = self.records / f"{local.namespace}_{local.name}_{local.uid}.log"
         env = {
@@ -549,6 +602,9 @@ class Kubelet:
         """Stop the pod's process, remove its namespace, forget it."""
         if local.pid and is_running(local.pid) and start_time(local.pid) == local.pid_start:
             terminate_group(local.pid, grace=float(grace))
+        pid = local.sidecar_pid
+        if pid and is_running(pid) and start_time(pid) == local.sidecar_pid_start:
+            terminate_group(pid, grace=1.0)
         self._release_network(local)
         with self.lock:
             self.local.pop(local.uid, None)

@@ -1,9 +1,11 @@
 """What the simulated kubelet runs for a pod, and the status it reports: pure functions.
 
-Pods are plain dicts in the API's JSON form (camelCase). Only the first
-container runs. With no `command` it runs the sandbox's HTTP echo server (the
-"image" every sandbox pod has); `args` are appended either way, as the
-container runtime would append them to the image's entrypoint.
+Pods are plain dicts in the API's JSON form (camelCase). The first container
+runs (the first but `istio-proxy`, in a sidecar pod). With no `command` it runs
+the sandbox's HTTP echo server (the "image" every sandbox pod has); `args` are
+appended either way, as the container runtime would append them to the image's
+entrypoint. An `istio-proxy` container of image `sandbox/sidecar` runs the
+Envoy stand-in (sidecar.py) as its user and group, before the app.
 """
 
 from __future__ import annotations
@@ -48,12 +50,62 @@ class ContainerRun(BaseModel):
     port: int
 
 
+SIDECAR_CONTAINER = "istio-proxy"
+SIDECAR_IMAGE = "sandbox/sidecar"
+SIDECAR_MODULE = "ambient_cni_sandbox.sidecar"
+SIDECAR_PORTS = (15001, 15006)
+
+
+def app_container(pod: Pod) -> Mapping[str, Any]:
+    """The container that runs (the first but istio-proxy), or {} if there is none."""
+    try:
+        return _first_container(pod)
+    except PodSpecError:
+        return {}
+
+
 def _first_container(pod: Pod) -> Mapping[str, Any]:
-    containers = pod.get("spec", {}).get("containers") or []
+    containers = [
+        c for c in pod.get("spec", {}).get("containers") or [] if c.get("name") != SIDECAR_CONTAINER
+    ]
     if not containers:
         raise PodSpecError("CreateContainerConfigError", "the pod has no containers")
     first: Mapping[str, Any] = containers[0]
     return first
+
+
+def sidecar_log_name(namespace: str, name: str, uid: str) -> str:
+    """The file (in the node's pod records) where a pod's Envoy stand-in logs connections."""
+    return f"{namespace}_{name}_{uid}.sidecar.jsonl"
+
+
+class SidecarRun(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    argv: tuple[str, ...]
+    user: int
+    group: int
+
+
+def sidecar_run(pod: Pod, *, python: str, log: str) -> SidecarRun | None:
+    """The Envoy stand-in for the pod's `istio-proxy` container, if it has one of the
+    sandbox's image; as its securityContext's user and group (1337 unless said)."""
+    spec = pod.get("spec", {})
+    containers = [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+    proxy = next((c for c in containers if c.get("name") == SIDECAR_CONTAINER), None)
+    if proxy is None or proxy.get("image") != SIDECAR_IMAGE:
+        return None
+    security = proxy.get("securityContext") or {}
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    tproxy = annotations.get("sidecar.istio.io/interceptionMode") == "TPROXY"
+    user = 1337 if security.get("runAsUser") is None else int(security["runAsUser"])
+    group = 1337 if security.get("runAsGroup") is None else int(security["runAsGroup"])
+    ids = ("--user", str(user), "--group", str(group))
+    return SidecarRun(
+        argv=(python, "-m", SIDECAR_MODULE, "--log", log, *ids, *(["--tproxy"] if tproxy else [])),
+        user=user,
+        group=group,
+    )
 
 
 def container_port(pod: Pod) -> int:

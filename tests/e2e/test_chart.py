@@ -328,10 +328,18 @@ def test_the_charts_service_accounts_do_the_whole_job(
     waited = run_readme(sandbox, README_WAIT)
     assert waited.returncode == 0, waited.stderr
     table = run_readme(sandbox, README_STATUS).stdout.splitlines()
-    assert table[0].split()[:6] == ["NAME", "MODE", "ZTUNNEL", "ENROLLED", "PENDING", "FAILED"]
+    assert table[0].split()[:7] == [
+        "NAME",
+        "MODE",
+        "ZTUNNEL",
+        "ENROLLED",
+        "SIDECARS",
+        "PENDING",
+        "FAILED",
+    ]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["node-1"][1:7] == ["inpod", "true", "1", "0", "0", "True"]
-    assert rows["node-2"][1:7] == ["inpod", "true", "1", "0", "0", "True"]
+    assert rows["node-1"][1:8] == ["inpod", "true", "1", "0", "0", "0", "True"]
+    assert rows["node-2"][1:8] == ["inpod", "true", "1", "0", "0", "0", "True"]
 
     # The helm test hook's command, with the hook pod's ServiceAccount.
     ready = subprocess.run(

@@ -77,6 +77,7 @@ def test_one_object_per_node_with_printer_columns(
         "MODE",
         "ZTUNNEL",
         "ENROLLED",
+        "SIDECARS",
         "PENDING",
         "FAILED",
         "READY",

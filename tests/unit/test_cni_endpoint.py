@@ -143,3 +143,36 @@ def test_an_add_without_a_netns_is_refused_and_a_del_without_one_accepted() -> N
     assert not endpoint(Pods(pod(), AMBIENT), enroller).add(event).ok
     assert endpoint(Pods(pod(), AMBIENT), enroller).delete(event).ok
     assert enroller.enrolled == []
+
+
+def sidecar_pod(annotations: dict[str, str]) -> dict[str, Any]:
+    found = pod(labels=AMBIENT)  # a sidecar pod in an ambient namespace: never both
+    found["metadata"]["annotations"] = {"sidecar.istio.io/status": "{}", **annotations}
+    found["spec"]["containers"].append({"name": "istio-proxy", "args": ["proxy", "sidecar"]})
+    return found
+
+
+def test_a_sidecar_pod_gets_its_capture_before_the_answer_and_no_ambient_redirection() -> None:
+    enroller = Enroller()
+    answer = endpoint(Pods(sidecar_pod({}), AMBIENT), enroller).add(
+        PluginEvent.model_validate_json(BODY)
+    )
+    assert (answer.ok, answer.message) == (True, "sidecar capture in place")
+    [wanted] = enroller.enrolled
+    assert wanted.sidecar is not None
+    assert wanted.sidecar.interception_mode == "REDIRECT"
+    assert wanted.ips == ["10.244.0.7"]
+
+
+def test_a_sidecar_pod_with_a_malformed_annotation_is_refused_naming_it() -> None:
+    enroller = Enroller()
+    key = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+    answer = endpoint(Pods(sidecar_pod({key: "10.0.0.0/33"}), None), enroller).add(
+        PluginEvent.model_validate_json(BODY)
+    )
+    assert not answer.ok
+    assert answer.message == (
+        f"pod shop/web: sidecar capture refused: annotation {key}='10.0.0.0/33': "
+        "'10.0.0.0/33' is not a CIDR"
+    )
+    assert enroller.enrolled == []

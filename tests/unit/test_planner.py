@@ -2,8 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ambient_cni.api.models import SidecarCapture
 from ambient_cni.controller.planner import PlannerConfig, choose_ztunnel, plan
 from ambient_cni.selection import PodView, SelectionConfig
+from ambient_cni.sidecar import ProxyFacts
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -87,3 +89,22 @@ def test_plan_is_deterministic() -> None:
     first = plan(["node-1"], pods, {"shop": AMBIENT}, PlannerConfig())
     again = plan(["node-1"], list(reversed(pods)), {"shop": AMBIENT}, PlannerConfig())
     assert first == again
+
+
+def test_sidecar_pods_are_listed_with_their_capture_and_never_as_ambient() -> None:
+    injected = {"sidecar.istio.io/status": "{}"}
+    proxy = ProxyFacts(proxy_args=("proxy", "sidecar"), annotations=injected)
+    pods = [
+        pod("app"),
+        pod("side", annotations=injected, proxy=proxy),
+        pod("kube", namespace="kube-system", annotations=injected, proxy=proxy),
+        pod("own", proxy=proxy),  # a proxy container but never injected: ambient
+        pod("done", annotations=injected, proxy=proxy, phase="Succeeded"),
+        pod("early", annotations=injected, proxy=proxy, ips=()),
+    ]
+    spec = plan(["node-1"], pods, {"shop": AMBIENT}, PlannerConfig())["node-1"]
+    found = {w.name: w.sidecar for w in spec.workloads}
+    assert sorted(found) == ["app", "own", "side"]
+    assert found["app"] is None
+    assert found["own"] is None
+    assert found["side"] == SidecarCapture()

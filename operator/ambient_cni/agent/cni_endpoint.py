@@ -4,8 +4,10 @@ On ADD the pod and its namespace are read from the API server, the same pure
 selection as the controller's decides, and a pod that is to be redirected is
 enrolled whole (rules in the netns the plugin names, ztunnel's ack, probe
 set, annotation) before the answer: fail closed, so its sandbox is torn down
-and retried rather than started unredirected. A pod that is not to be
-redirected gets its answer at once.
+and retried rather than started unredirected. A pod with an injected sidecar
+gets its capture in the same way instead (never both), and one whose sidecar
+annotations are malformed gets an error naming the annotation and the value.
+A pod that is not to be redirected gets its answer at once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from ambient_cni.api.models import Workload
-from ambient_cni.selection import SelectionConfig, decide, pod_view, workload
+from ambient_cni.selection import (
+    SelectionConfig,
+    decide,
+    decide_sidecar_pod,
+    pod_view,
+    sidecar_workload,
+    workload,
+)
 
 from .interfaces import NetnsReports, PodSource
 from .status import PodOutcome
@@ -115,17 +124,26 @@ class CniEndpoint:
             return CniAnswer(False, f"pod {who}: the plugins before istio-cni gave it no IP")
         view = view.model_copy(update={"ips": ips, "node_name": view.node_name or self.node})
         decision = decide(view, self.pods.namespace_labels(event.PodNamespace), self.selection)
-        if not decision.enrolled:
-            log.debug("CNI ADD %s: not redirected (%s)", who, decision.reason)
-            return CniAnswer(True, f"not redirected: {decision.reason}")
-        wanted = workload(view)
+        if decision.enrolled:
+            wanted = workload(view)
+        else:
+            sidecar = decide_sidecar_pod(view, self.selection)
+            if sidecar.error is not None:
+                log.warning("CNI ADD %s: %s", who, sidecar.error)
+                return CniAnswer(False, f"pod {who}: sidecar capture refused: {sidecar.error}")
+            found = sidecar_workload(view, self.selection) if sidecar.captured else None
+            if found is None:
+                log.debug("CNI ADD %s: not redirected (%s)", who, decision.reason)
+                return CniAnswer(True, f"not redirected: {decision.reason}")
+            wanted = found
         self._sandboxes[wanted.uid] = event.ContainerID
         self.netns.report(wanted.uid, Path(event.Netns))
         budget = self.answer_within - (time.monotonic() - arrived)
         result = self.enroller.enrol_now(wanted, max(budget, 0.0))
         if result.state == "Enrolled":
-            log.info("CNI ADD %s: redirected before it starts", who)
-            return CniAnswer(True, "redirected")
+            what = "sidecar capture in place" if wanted.sidecar else "redirected"
+            log.info("CNI ADD %s: %s before it starts", who, what)
+            return CniAnswer(True, what)
         why = ": ".join(part for part in (result.reason, result.message) if part)
         return CniAnswer(False, f"pod {who} is to be redirected and is not yet ({why})")
 

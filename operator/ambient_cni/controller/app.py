@@ -32,7 +32,7 @@ from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
-from ambient_cni.selection import PodView, knobs, pod_view
+from ambient_cni.selection import PodView, decide_sidecar_pod, knobs, pod_view
 
 log = logging.getLogger("ambient_cni.controller")
 
@@ -147,6 +147,10 @@ class Controller:
         """A log line and an Event per ignored annotation value, once per change of it (a
         pod changes for many other reasons: status, our own annotation)."""
         warnings = knobs(view)[1]
+        if view.proxy is not None:
+            sidecar = decide_sidecar_pod(view, self.options.planner.selection)
+            if sidecar.error is not None:
+                warnings += (f"sidecar capture not applied: {sidecar.error}",)
         before = self._warned.get(view.uid, ())
         if warnings == before:
             return

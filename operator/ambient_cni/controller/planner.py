@@ -7,7 +7,14 @@ from collections.abc import Iterable, Mapping
 from pydantic import BaseModel, ConfigDict
 
 from ambient_cni.api.models import AmbientNodeConfigSpec, RedirectMode, ZtunnelRef
-from ambient_cni.selection import PodView, SelectionConfig, decide, is_ztunnel, workload
+from ambient_cni.selection import (
+    PodView,
+    SelectionConfig,
+    decide,
+    is_ztunnel,
+    sidecar_workload,
+    workload,
+)
 
 
 class PlannerConfig(BaseModel):
@@ -46,11 +53,12 @@ def plan_node(
 ) -> AmbientNodeConfigSpec:
     """The spec of one node, from the pods bound to it."""
     pods = list(pods)
-    enrolled = [
-        workload(p)
-        for p in pods
-        if decide(p, namespace_labels.get(p.namespace), config.selection).enrolled
-    ]
+    enrolled = []
+    for pod in pods:
+        if decide(pod, namespace_labels.get(pod.namespace), config.selection).enrolled:
+            enrolled.append(workload(pod))
+        elif pod.proxy is not None and (found := sidecar_workload(pod, config.selection)):
+            enrolled.append(found)  # never both: an ambient pod is not a sidecar pod
     enrolled.sort(key=lambda w: (w.namespace, w.name, w.uid))
     return AmbientNodeConfigSpec(
         node_name=node,
