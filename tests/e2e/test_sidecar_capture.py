@@ -178,3 +178,38 @@ def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     # The one call it logged is the one after the repair.
     logged = wait_for("the proxy's record", lambda: relayed(sandbox, web, "outbound"))
     assert len(logged) == 1
+
+
+def test_in_tproxy_mode_the_app_sees_the_real_client(
+    sandbox: SandboxCluster,
+    mesh: Mesh,
+    namespace: str,
+    peers: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    server, client = peers
+    sandbox.create_pod(
+        namespace,
+        "web",
+        node="node-1",
+        port=8080,
+        # As Istio injects a TPROXY proxy: root (for IP_TRANSPARENT), group 1337.
+        sidecar={"securityContext": {"runAsUser": 0, "runAsGroup": 1337}},
+        annotations={"sidecar.istio.io/interceptionMode": "TPROXY"},
+    )
+    web = sandbox.wait_running(namespace, "web")
+    reply = sandbox.http_get(client, pod_ip(web))
+    assert reply.status == 200
+    # The proxy bound the client's own address: the reply found its way back to it only
+    # through the connmark restore and `fwmark 1337 lookup 133`.
+    assert client_seen(reply) == pod_ip(client)
+    inbound = wait_for("the proxy's record", lambda: relayed(sandbox, web, "inbound"))
+    assert [(c["src"].rsplit(":", 1)[0], c["dst"]) for c in inbound] == [
+        (pod_ip(client), f"{pod_ip(web)}:8080")
+    ]
+    assert sandbox.http_get(web, pod_ip(server)).status == 200
+    outbound = wait_for("the proxy's record", lambda: relayed(sandbox, web, "outbound"))
+    assert [c["dst"] for c in outbound] == [f"{pod_ip(server)}:8080"]
+    entry = wait_for("web in node-1's status", lambda: mesh.workload("node-1", "web"))
+    assert entry["capture"].startswith("TPROXY; ")
+    rules = sandbox.exec_in_pod(web, ["ip", "rule"]).stdout
+    assert "fwmark 0x539 lookup 133" in rules
