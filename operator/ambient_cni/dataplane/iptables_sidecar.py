@@ -10,6 +10,7 @@ the pod's namespace has no other writer of iptables, Istio's plugin being the on
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from .interfaces import NO_CHANGES, Change, Changes, Exec, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
 from .iptables_state import Ownership
-from .routing import MarkRoute, PolicyRouting
+from .routing import MarkRoute, PolicyRouting, ipv6_on_loopback
+from .rtnetlink import address_message, created, rtnetlink
 from .sidecar_rules import TPROXY_MARK, TPROXY_RULE_PRIORITY, TPROXY_TABLE, sidecar_ruleset
 
 SIDECAR_CHAINS = frozenset(
@@ -38,6 +40,7 @@ SIDECAR_CHAINS = frozenset(
     }
 )
 SIDECAR_OWNED = Ownership(SIDECAR_CHAINS, builtin_rules=frozenset({"PREROUTING", "OUTPUT"}))
+PASSTHROUGH_SOURCE_V6 = "::6"
 # `ip rule add fwmark 1337 lookup 133`: the kernel keeps the mark's mask as all ones.
 TPROXY_ROUTE = MarkRoute(TPROXY_MARK, 0xFFFFFFFF, TPROXY_RULE_PRIORITY, TPROXY_TABLE)
 
@@ -76,6 +79,12 @@ class IptablesSidecarDataplane:
             for family in others:  # say, IPv6 rules of an earlier capture
                 if self.chains.remove(run, family):
                     changes += Changes((Change("rules", f"IPv{family}: rules removed"),))
+            if 6 in families and ipv6_on_loopback():
+                # Istio's plugin adds the IPv6 passthrough source to lo ("exists" is fine).
+                with rtnetlink() as sock:
+                    lo = socket.if_nametoindex("lo")
+                    if created(sock, address_message(lo, PASSTHROUGH_SOURCE_V6, 128)):
+                        changes += Changes((Change("routing", "::6/128 added to lo"),))
             if tproxy:
                 changes += self.routing.ensure(None, families)
             elif self.routing.remove(None, (4, 6)):

@@ -87,7 +87,7 @@ def _af(family: Family) -> int:
     return socket.AF_INET if family == 4 else socket.AF_INET6
 
 
-def _ipv6_on_loopback() -> bool:
+def ipv6_on_loopback() -> bool:
     try:
         return Path("/proc/sys/net/ipv6/conf/lo/disable_ipv6").read_text().strip() == "0"
     except OSError:
@@ -104,7 +104,7 @@ def _our_rules(ipr: IPRoute, route: MarkRoute, family: Family) -> list[Any]:
 
 def _applicable(families: Sequence[Family]) -> list[Family]:
     """IPv6 routing only where the namespace has IPv6 (its loopback is up for it)."""
-    return [f for f in families if f == 4 or _ipv6_on_loopback()]
+    return [f for f in families if f == 4 or ipv6_on_loopback()]
 
 
 class PolicyRouting:

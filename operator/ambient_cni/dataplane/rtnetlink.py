@@ -102,3 +102,14 @@ def addresses() -> set[str]:
                     if address := message.get_attr("IFA_ADDRESS"):
                         found.add(str(address))
                 offset += (length + 3) & ~3
+
+
+def address_message(ifindex: int, address: str, prefixlen: int) -> bytes:
+    """RTM_NEWADDR for `address`/`prefixlen` on link `ifindex` (IPv6 only)."""
+    message = ifaddrmsg()
+    message["header"]["type"] = RTM_NEWADDR
+    message["family"] = socket.AF_INET6
+    message["prefixlen"] = prefixlen
+    message["index"] = ifindex
+    message["attrs"] = [("IFA_LOCAL", address), ("IFA_ADDRESS", address)]
+    return encoded(message)
