@@ -217,24 +217,42 @@ def workload(pod: PodView) -> Workload:
     )
 
 
-def decide_sidecar_pod(pod: PodView, config: SelectionConfig) -> SidecarDecision:
-    """Whether a pod (not enrolled in ambient) gets sidecar capture: Istio's plugin skips
-    its own agent's pods and excluded namespaces, then looks at the pod's proxy."""
+def ambient_selected(pod: PodView, namespace_labels: Mapping[str, str] | None) -> bool:
+    """Whether the ambient labels select the pod (Istio's enablement selectors)."""
+    pod_mode = pod.labels.get(names.DATAPLANE_MODE_LABEL)
+    ns_mode = (namespace_labels or {}).get(names.DATAPLANE_MODE_LABEL)
+    return pod_mode != names.DATAPLANE_MODE_NONE and names.DATAPLANE_MODE_AMBIENT in (
+        pod_mode,
+        ns_mode,
+    )
+
+
+def decide_sidecar_pod(
+    pod: PodView, namespace_labels: Mapping[str, str] | None, config: SelectionConfig
+) -> SidecarDecision:
+    """Whether a pod gets sidecar capture: Istio's plugin skips its own agent's pods and
+    excluded namespaces, leaves a pod the ambient labels select to the ambient path (which
+    redirects no sidecar pod: such a pod gets neither, as in Istio), then looks at the
+    pod's proxy."""
     if pod.namespace in config.excluded_namespaces:
         return SidecarDecision(captured=False, reason="ExcludedNamespace")
     if is_node_agent(pod, config):
         return SidecarDecision(captured=False, reason="NodeAgentPod")
+    if ambient_selected(pod, namespace_labels):
+        return SidecarDecision(captured=False, reason="AmbientSelected")
     return decide_sidecar(pod.proxy)
 
 
-def sidecar_workload(pod: PodView, config: SelectionConfig) -> Workload | None:
+def sidecar_workload(
+    pod: PodView, namespace_labels: Mapping[str, str] | None, config: SelectionConfig
+) -> Workload | None:
     """The spec entry of a pod whose sidecar's capture the agent keeps, if it has one: a
     running pod of its own network namespace, with an address."""
     if pod.host_network or pod.phase in ("Succeeded", "Failed") or not pod.node_name:
         return None
     if not pod.ips:
         return None
-    decision = decide_sidecar_pod(pod, config)
+    decision = decide_sidecar_pod(pod, namespace_labels, config)
     if decision.capture is None:
         return None
     return Workload(

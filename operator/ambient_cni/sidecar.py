@@ -10,15 +10,14 @@ value, never a partial capture. Where this differs from Istio, it says so.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .api import names
-from .api.models import InterceptionMode, SidecarCapture
+from .api.models import MAX_CAPTURE_ITEMS, InterceptionMode, SidecarCapture, is_cidr
 
 Obj = Mapping[str, Any]
 
@@ -184,17 +183,60 @@ def capture_of(facts: ProxyFacts) -> SidecarCapture:
         else interfaces(KUBEVIRT_INTERFACES)
     )
     uid, gid = facts.run_as_user, facts.run_as_group
+    excluded_inbound = _with_proxy_ports(ports(EXCLUDE_INBOUND_PORTS, [15020]))
+    if len(excluded_inbound) > MAX_CAPTURE_ITEMS:
+        raise InvalidAnnotation(
+            EXCLUDE_INBOUND_PORTS, found[EXCLUDE_INBOUND_PORTS], f"more than {MAX_CAPTURE_ITEMS}"
+        )
+    try:
+        return _capture(
+            facts,
+            mode=MODES[mode],
+            all_inbound=all_inbound,
+            include_inbound=include_inbound,
+            excluded_inbound=excluded_inbound,
+            all_outbound=all_outbound,
+            include_ranges=include_ranges,
+            exclude_ranges=ranges(EXCLUDE_OUTBOUND_IP_RANGES),
+            include_outbound_ports=ports(INCLUDE_OUTBOUND_PORTS, []),
+            exclude_outbound_ports=ports(EXCLUDE_OUTBOUND_PORTS, [15020]),
+            exclude_interfaces=interfaces(EXCLUDE_INTERFACES),
+            virtual=virtual,
+            uid=uid,
+            gid=gid,
+        )
+    except ValidationError as exc:  # each value was checked; this is the last safety net
+        raise InvalidAnnotation("sidecar annotations", "", str(exc).splitlines()[0]) from None
+
+
+def _capture(
+    facts: ProxyFacts,
+    *,
+    mode: InterceptionMode,
+    all_inbound: bool,
+    include_inbound: list[int],
+    excluded_inbound: list[int],
+    all_outbound: bool,
+    include_ranges: list[str],
+    exclude_ranges: list[str],
+    include_outbound_ports: list[int],
+    exclude_outbound_ports: list[int],
+    exclude_interfaces: list[str],
+    virtual: list[str],
+    uid: int | None,
+    gid: int | None,
+) -> SidecarCapture:
     return SidecarCapture(
-        interception_mode=MODES[mode],
+        interception_mode=mode,
         capture_all_inbound=all_inbound,
         include_inbound_ports=include_inbound,
-        exclude_inbound_ports=_with_proxy_ports(ports(EXCLUDE_INBOUND_PORTS, [15020])),
+        exclude_inbound_ports=excluded_inbound,
         capture_all_outbound=all_outbound,
         include_outbound_ip_ranges=include_ranges,
-        exclude_outbound_ip_ranges=ranges(EXCLUDE_OUTBOUND_IP_RANGES),
-        include_outbound_ports=ports(INCLUDE_OUTBOUND_PORTS, []),
-        exclude_outbound_ports=ports(EXCLUDE_OUTBOUND_PORTS, [15020]),
-        exclude_interfaces=interfaces(EXCLUDE_INTERFACES),
+        exclude_outbound_ip_ranges=exclude_ranges,
+        include_outbound_ports=include_outbound_ports,
+        exclude_outbound_ports=exclude_outbound_ports,
+        exclude_interfaces=exclude_interfaces,
         reroute_virtual_interfaces=virtual,
         dns_capture=bool(_bool(facts.env.get("ISTIO_META_DNS_CAPTURE"))),
         dual_stack=bool(_bool(facts.env.get("ISTIO_DUAL_STACK"))),
@@ -216,15 +258,11 @@ def _ranges(key: str, value: str) -> list[str]:
     """Comma-separated CIDRs, split as Istio splits them (no trimming, no empty items)."""
     if value == "":
         return []
-    ranges = []
-    for item in value.split(","):
-        if "/" not in item:
+    ranges = value.split(",")
+    for item in ranges:
+        if not is_cidr(item):
             raise InvalidAnnotation(key, value, f"{item!r} is not a CIDR (address/bits)")
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise InvalidAnnotation(key, value, f"{item!r} is not a CIDR") from None
-        ranges.append(item)
+    _at_most(key, value, ranges)
     return ranges
 
 
@@ -235,11 +273,10 @@ def _ranges_or_all(key: str, value: str) -> tuple[bool, list[str]]:
 def _ports(key: str, value: str) -> list[int]:
     """Comma-separated ports, 0-65535. Istio lets `*` through here and iptables then
     refuses the rule; this refuses it at once, naming the annotation."""
-    value = value.strip()
-    if value == "":
+    if value.strip() == "":
         return []
     ports = []
-    for item in value.split(","):
+    for item in value.strip().split(","):
         text = item.strip()
         if not text.isascii() or not text.isdigit():
             raise InvalidAnnotation(key, value, f"{text!r} is not a port number")
@@ -247,15 +284,21 @@ def _ports(key: str, value: str) -> list[int]:
         if port > 65535:
             raise InvalidAnnotation(key, value, f"port {port} is out of range 0-65535")
         ports.append(port)
+    _at_most(key, value, ports)
     return ports
 
 
 def _ports_or_all(key: str, value: str) -> tuple[bool, list[int]]:
-    return (True, []) if value.strip() == "*" else (False, _ports(key, value))
+    return (True, []) if value == "*" else (False, _ports(key, value))
+
+
+def _at_most(key: str, value: str, items: list[Any]) -> None:
+    if len(items) > MAX_CAPTURE_ITEMS:
+        raise InvalidAnnotation(key, value, f"more than {MAX_CAPTURE_ITEMS} items")
 
 
 def _interfaces(key: str, value: str) -> list[str]:
-    if value.strip() == "":
+    if value == "":
         return []
     found = []
     for item in value.split(","):
@@ -263,6 +306,7 @@ def _interfaces(key: str, value: str) -> list[str]:
         if not name or len(name) > 15 or _INTERFACE.fullmatch(name) is None:
             raise InvalidAnnotation(key, value, f"{name!r} is not an interface name")
         found.append(name)
+    _at_most(key, value, found)
     return found
 
 

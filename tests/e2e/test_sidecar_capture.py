@@ -158,15 +158,13 @@ def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     namespace: str,
     peers: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
-    server, _ = peers
+    server, client = peers
     sandbox.create_pod(namespace, "web", node="node-1", port=8080, sidecar={})
     web = sandbox.wait_running(namespace, "web")
-    wait_for(
-        "web Enrolled", lambda: (mesh.workload("node-1", "web") or {}).get("state") == "Enrolled"
-    )
+    wait_for("web Enrolled", lambda: state(mesh, "web") == "Enrolled")
     flushed = sandbox.exec_in_pod(web, ["iptables", "-t", "nat", "-F", "OUTPUT"])
     assert flushed.returncode == 0, flushed.stderr
-    sandbox.http_get(web, pod_ip(server))  # not through the proxy: its capture is gone
+    assert sandbox.http_get(web, pod_ip(server)).status == 200  # with the capture gone
     repair = wait_for(
         "the capture repaired",
         lambda: (mesh.workload("node-1", "web") or {}).get("lastRepair"),
@@ -174,10 +172,13 @@ def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     )
     assert repair["reason"] == "DriftRepaired"
     assert "nat" in repair["message"]
-    sandbox.http_get(web, pod_ip(server))
-    # The one call it logged is the one after the repair.
-    logged = wait_for("the proxy's record", lambda: relayed(sandbox, web, "outbound"))
-    assert len(logged) == 1
+    assert sandbox.http_get(web, pod_ip(client)).status == 200
+    # Once the call after the repair is logged, it is the only one: the one before went
+    # direct.
+    wait_for(
+        "the proxy's record",
+        lambda: [c["dst"] for c in relayed(sandbox, web, "outbound")] == [f"{pod_ip(client)}:8080"],
+    )
 
 
 def test_in_tproxy_mode_the_app_sees_the_real_client(

@@ -22,8 +22,9 @@ from ambient_cni.agent import reconciler
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.interfaces import NetnsNotFoundError, ZdsError
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
+from ambient_cni.agent.sidecar_mode import SidecarMode
 from ambient_cni.agent.zds_server import ZdsServer
-from ambient_cni.api.models import Backend, Workload
+from ambient_cni.api.models import Backend, SidecarCapture, Workload
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
 from ambient_cni.dataplane.interfaces import NO_CHANGES, Change, Changes
@@ -245,15 +246,31 @@ def workload(index: int) -> dict[str, Any]:
     }
 
 
-def node_object(generation: int, indexes: Iterable[int], mode: str = "inpod") -> dict[str, Any]:
+def node_object(
+    generation: int, indexes: Iterable[int], mode: str = "inpod", sidecars: Iterable[int] = ()
+) -> dict[str, Any]:
+    with_sidecar = set(sidecars)
     return {
         "metadata": {"name": "node-1", "generation": generation},
         "spec": {
             "nodeName": "node-1",
             "redirectMode": mode,
-            "workloads": [workload(i) for i in indexes],
+            "workloads": [
+                {**workload(i), **({"sidecar": {}} if i in with_sidecar else {})} for i in indexes
+            ],
         },
     }
+
+
+@dataclass
+class FakeSidecars:
+    journal: Journal
+    netns_of: dict[Path, str]
+    backend: Backend = "iptables-nft"
+
+    def ensure(self, netns: Path, capture: SidecarCapture, families: Sequence[int]) -> Changes:
+        self.journal.note("sidecar-rules", self.netns_of[netns])
+        return NO_CHANGES
 
 
 @dataclass
@@ -269,10 +286,12 @@ class Node:
     generation: int = 0
     indexes: tuple[int, ...] = ()
 
-    def spec(self, indexes: Iterable[int], *, mode: str = "inpod") -> None:
+    def spec(
+        self, indexes: Iterable[int], *, mode: str = "inpod", sidecars: Iterable[int] = ()
+    ) -> None:
         self.generation += 1
         self.indexes = tuple(indexes)
-        self.agent.on_object(node_object(self.generation, self.indexes, mode))
+        self.agent.on_object(node_object(self.generation, self.indexes, mode, sidecars))
 
     def status_edited(self, status: dict[str, Any]) -> None:
         """Someone else writes the status; the watch brings it to the agent."""
@@ -315,6 +334,9 @@ def node(tmp_path: Path) -> Iterator[Node]:
         ztunnel,
         status,
         "iptables-nft",
+        sidecar=SidecarMode(
+            dataplane=FakeSidecars(journal, pods.netns_of), resolver=resolver, handles=handles
+        ),
     )
     agent.start()
     try:
@@ -338,6 +360,25 @@ def test_a_pod_is_enrolled_in_istios_order_and_removed_in_reverse(node: Node) ->
         "zds-del",
         "annotation=None",
     ]
+
+
+def test_a_pod_that_becomes_a_sidecar_pod_leaves_ambient_first_and_counts_apart(
+    node: Node,
+) -> None:
+    node.spec([0, 1])
+    wait_for("both Enrolled", lambda: node.state(0) == node.state(1) == "Enrolled")
+    node.spec([0, 1], sidecars=[0])
+    wait_for("pod-0 captured", lambda: "sidecar-rules" in node.journal.of("uid-0"))
+    assert node.journal.of("uid-0")[4:] == [
+        "rules-removed",
+        "ipset-removed",
+        "zds-del",
+        "annotation=None",
+        "sidecar-rules",
+    ]
+    wait_for("counted apart", lambda: node.status.read().get("sidecars") == 1)
+    assert node.status.read()["enrolled"] == 1
+    assert node.ztunnel.holds("uid-0") is False
 
 
 def test_a_burst_puts_every_pods_rules_in_before_any_api_write(node: Node) -> None:

@@ -146,7 +146,7 @@ def test_an_add_without_a_netns_is_refused_and_a_del_without_one_accepted() -> N
 
 
 def sidecar_pod(annotations: dict[str, str]) -> dict[str, Any]:
-    found = pod(labels=AMBIENT)  # a sidecar pod in an ambient namespace: never both
+    found = pod()
     found["metadata"]["annotations"] = {"sidecar.istio.io/status": "{}", **annotations}
     found["spec"]["containers"].append({"name": "istio-proxy", "args": ["proxy", "sidecar"]})
     return found
@@ -154,7 +154,7 @@ def sidecar_pod(annotations: dict[str, str]) -> dict[str, Any]:
 
 def test_a_sidecar_pod_gets_its_capture_before_the_answer_and_no_ambient_redirection() -> None:
     enroller = Enroller()
-    answer = endpoint(Pods(sidecar_pod({}), AMBIENT), enroller).add(
+    answer = endpoint(Pods(sidecar_pod({}), None), enroller).add(
         PluginEvent.model_validate_json(BODY)
     )
     assert (answer.ok, answer.message) == (True, "sidecar capture in place")
@@ -173,6 +173,15 @@ def test_a_sidecar_pod_with_a_malformed_annotation_is_refused_naming_it() -> Non
     assert not answer.ok
     assert answer.message == (
         f"pod shop/web: sidecar capture refused: annotation {key}='10.0.0.0/33': "
-        "'10.0.0.0/33' is not a CIDR"
+        "'10.0.0.0/33' is not a CIDR (address/bits)"
     )
+    assert enroller.enrolled == []
+
+
+def test_a_sidecar_pod_the_ambient_labels_select_gets_neither_as_in_istio() -> None:
+    enroller = Enroller()
+    answer = endpoint(Pods(sidecar_pod({}), AMBIENT), enroller).add(
+        PluginEvent.model_validate_json(BODY)
+    )
+    assert (answer.ok, answer.message) == (True, "not redirected: SidecarPod")
     assert enroller.enrolled == []

@@ -80,12 +80,14 @@ SIDECAR_SAVED = """*nat
 COMMIT
 *filter
 :INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
 -A INPUT -j ACCEPT
+-A OUTPUT -d 10.9.9.9/32 -j REJECT
 COMMIT
 """
 
 
-def test_a_sidecar_owns_its_chains_and_every_prerouting_and_output_rule() -> None:
+def test_a_sidecar_owns_its_chains_and_nat_mangle_raw_prerouting_and_output() -> None:
     assert our_rules(SIDECAR_SAVED, SIDECAR_OWNED) == {
         "nat": [
             ":ISTIO_INBOUND",

@@ -96,13 +96,16 @@ def test_sidecar_pods_are_listed_with_their_capture_and_never_as_ambient() -> No
     proxy = ProxyFacts(proxy_args=("proxy", "sidecar"), annotations=injected)
     pods = [
         pod("app"),
-        pod("side", annotations=injected, proxy=proxy),
+        pod("side", namespace="web", annotations=injected, proxy=proxy),
         pod("kube", namespace="kube-system", annotations=injected, proxy=proxy),
         pod("own", proxy=proxy),  # a proxy container but never injected: ambient
-        pod("done", annotations=injected, proxy=proxy, phase="Succeeded"),
-        pod("early", annotations=injected, proxy=proxy, ips=()),
+        pod("done", namespace="web", annotations=injected, proxy=proxy, phase="Succeeded"),
+        pod("early", namespace="web", annotations=injected, proxy=proxy, ips=()),
+        # Injected, in an ambient namespace: neither (Istio leaves it to the ambient path,
+        # which redirects no sidecar pod).
+        pod("both", annotations=injected, proxy=proxy),
     ]
-    spec = plan(["node-1"], pods, {"shop": AMBIENT}, PlannerConfig())["node-1"]
+    spec = plan(["node-1"], pods, {"shop": AMBIENT, "web": {}}, PlannerConfig())["node-1"]
     found = {w.name: w.sidecar for w in spec.workloads}
     assert sorted(found) == ["app", "own", "side"]
     assert found["app"] is None

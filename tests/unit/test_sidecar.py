@@ -170,6 +170,14 @@ def test_the_proxy_containers_env_and_ids() -> None:
         ("traffic.sidecar.istio.io/includeInboundPorts", "http", "not a port number"),
         ("traffic.sidecar.istio.io/excludeInterfaces", "eth0;reboot", "not an interface name"),
         ("traffic.sidecar.istio.io/excludeInterfaces", "a-very-long-interface", "not an interface"),
+        ("traffic.sidecar.istio.io/excludeInterfaces", " ", "not an interface name"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", " * ", "not a port number"),
+        (TRAFFIC + "includeOutboundIPRanges", "10.0.0.0/255.0.0.0", "not a CIDR"),
+        (TRAFFIC + "includeOutboundIPRanges", "10.0.0.0/08", "not a CIDR"),
+        (TRAFFIC + "includeOutboundIPRanges", "fe80::1%eth0/64", "not a CIDR"),
+        (TRAFFIC + "includeOutboundIPRanges", 'fe80::1%"x/64', "not a CIDR"),
+        (TRAFFIC + "excludeOutboundPorts", ",".join(["1"] * 65), "more than 64 items"),
+        (TRAFFIC + "excludeInboundPorts", ",".join(str(p) for p in range(62)), "more than 64"),
     ],
 )
 def test_a_malformed_annotation_is_an_error_naming_it_and_its_value(

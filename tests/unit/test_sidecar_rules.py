@@ -111,8 +111,10 @@ def test_rendered_as_the_golden_file(name: str) -> None:
     ("dual_stack", "ips", "expected"),
     [
         (False, ["10.0.0.5"], (4,)),
-        (False, ["10.0.0.5", "fd00::5"], (4,)),  # the first address decides
-        (False, ["fd00::5", "10.0.0.5"], (4, 6)),
+        # Istio takes the first interface address, and the kernel lists IPv4 first.
+        (False, ["10.0.0.5", "fd00::5"], (4,)),
+        (False, ["fd00::5", "10.0.0.5"], (4,)),
+        (False, ["fd00::5"], (4, 6)),
         (True, ["10.0.0.5", "fd00::5"], (4, 6)),
         (True, ["10.0.0.5"], (4,)),
     ],

@@ -123,15 +123,16 @@ class CniEndpoint:
         if not ips:
             return CniAnswer(False, f"pod {who}: the plugins before istio-cni gave it no IP")
         view = view.model_copy(update={"ips": ips, "node_name": view.node_name or self.node})
-        decision = decide(view, self.pods.namespace_labels(event.PodNamespace), self.selection)
+        labels = self.pods.namespace_labels(event.PodNamespace)
+        decision = decide(view, labels, self.selection)
         if decision.enrolled:
             wanted = workload(view)
         else:
-            sidecar = decide_sidecar_pod(view, self.selection)
+            sidecar = decide_sidecar_pod(view, labels, self.selection)
             if sidecar.error is not None:
                 log.warning("CNI ADD %s: %s", who, sidecar.error)
                 return CniAnswer(False, f"pod {who}: sidecar capture refused: {sidecar.error}")
-            found = sidecar_workload(view, self.selection) if sidecar.captured else None
+            found = sidecar_workload(view, labels, self.selection) if sidecar.captured else None
             if found is None:
                 log.debug("CNI ADD %s: not redirected (%s)", who, decision.reason)
                 return CniAnswer(True, f"not redirected: {decision.reason}")

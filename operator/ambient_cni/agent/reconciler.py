@@ -265,7 +265,7 @@ class NodeAgent:
         pass did the kernel's part and all the rest; an older outcome never counts."""
         uid = workload.uid
         with self._lock:
-            if self._mode() is None:
+            if self._mode() is None and workload.sidecar is None:
                 return outcome(
                     workload, "Failed", "NoSpec", f"no usable spec for {self.options.node} yet"
                 )
@@ -390,14 +390,22 @@ class NodeAgent:
             defaults = NodeDefaults(
                 dns_capture=self._desired.spec.dns_capture if self._desired.spec else True
             )
-            held = _ips_held(self._records, but=uid) if desired is None and record else set()
-        if mode is None:
-            return  # a mode this agent lacks: every pod is kept exactly as it is
-        handler = self._handler(mode, desired or (record.workload if record else None))
+            # A pod that became a sidecar pod, or stopped being one, leaves the old way first.
+            switching = (
+                desired is not None
+                and record is not None
+                and _kind(desired) != _kind(record.workload)
+            )
+            held = (
+                _ips_held(self._records, but=uid)
+                if record and (desired is None or switching)
+                else set()
+            )
+        handler = self._handler(mode, record if switching else desired or record)
         if handler is None:
-            return  # a sidecar pod, and this agent captures none: kept as it is
+            return  # a mode this agent lacks: every pod is kept exactly as it is
         started = time.monotonic()
-        if desired is not None:
+        if desired is not None and not switching:
             pod = PodState.new(desired) if record is None else _with_workload(record, desired)
             step = handler.enrol(pod, defaults)
             if not step.more:
@@ -408,14 +416,20 @@ class NodeAgent:
                 metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
         else:
             return
-        self._store(
-            uid, step, generation if desired is not None and not step.more else None, number
-        )
+        stored = generation if desired is not None and not step.more and not switching else None
+        self._store(uid, step, stored, number)
+        if switching and step.state is None:
+            self.pods.add(uid)  # out the old way: in the new one
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
 
-    def _handler(self, mode: RedirectModeHandler, workload: Workload | None) -> PodHandler | None:
-        """Sidecar capture for a pod with an injected proxy, the node's mode for the rest."""
+    def _handler(
+        self, mode: RedirectModeHandler | None, found: Workload | PodState | None
+    ) -> PodHandler | None:
+        """Sidecar capture for a pod with an injected proxy (whatever the node's mode: it
+        needs neither ztunnel nor the spec's mode), the node's mode for the rest (None: a
+        mode this agent lacks)."""
+        workload = found.workload if isinstance(found, PodState) else found
         if workload is not None and workload.sidecar is not None:
             return self.sidecar
         return mode
@@ -542,6 +556,10 @@ def _with_workload(record: PodState, desired: Workload) -> PodState:
     if record.workload == desired:
         return record
     return dataclasses.replace(record, workload=desired, kernel_done=None)
+
+
+def _kind(workload: Workload) -> str:
+    return "ambient" if workload.sidecar is None else "sidecar"
 
 
 def _ips_held(records: Mapping[str, PodState], but: str) -> set[str]:

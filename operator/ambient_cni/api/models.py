@@ -38,11 +38,25 @@ IP = Annotated[
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 
 
+def is_cidr(value: str) -> bool:
+    """An address/bits prefix as Go's netip.ParsePrefix takes it: a plain address (no zone),
+    decimal bits without a leading zero, within the family's length; host bits allowed
+    (Istio renders the text as written)."""
+    address, slash, bits = value.partition("/")
+    if not slash or not bits.isascii() or not bits.isdigit() or len(value) > 49:
+        return False
+    if len(bits) > 1 and bits.startswith("0"):
+        return False
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return "%" not in address and int(bits) <= parsed.max_prefixlen
+
+
 def _check_cidr(value: str) -> str:
-    """An address/bits prefix, host bits allowed (Istio renders the text as written)."""
-    if "/" not in value:
+    if not is_cidr(value):
         raise ValueError(f"{value!r} is not a CIDR (address/bits)")
-    ipaddress.ip_network(value, strict=False)
     return value
 
 

@@ -32,7 +32,8 @@ from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
-from ambient_cni.selection import PodView, decide_sidecar_pod, knobs, pod_view
+from ambient_cni.selection import PodView, knobs, pod_view
+from ambient_cni.sidecar import decide_sidecar
 
 log = logging.getLogger("ambient_cni.controller")
 
@@ -148,7 +149,7 @@ class Controller:
         pod changes for many other reasons: status, our own annotation)."""
         warnings = knobs(view)[1]
         if view.proxy is not None:
-            sidecar = decide_sidecar_pod(view, self.options.planner.selection)
+            sidecar = decide_sidecar(view.proxy)
             if sidecar.error is not None:
                 warnings += (f"sidecar capture not applied: {sidecar.error}",)
         before = self._warned.get(view.uid, ())

@@ -55,9 +55,10 @@ def plan_node(
     pods = list(pods)
     enrolled = []
     for pod in pods:
-        if decide(pod, namespace_labels.get(pod.namespace), config.selection).enrolled:
+        labels = namespace_labels.get(pod.namespace)
+        if decide(pod, labels, config.selection).enrolled:
             enrolled.append(workload(pod))
-        elif pod.proxy is not None and (found := sidecar_workload(pod, config.selection)):
+        elif pod.proxy is not None and (found := sidecar_workload(pod, labels, config.selection)):
             enrolled.append(found)  # never both: an ambient pod is not a sidecar pod
     enrolled.sort(key=lambda w: (w.namespace, w.name, w.uid))
     return AmbientNodeConfigSpec(

@@ -4,8 +4,10 @@ route. Level-based like the in-pod rules: compared with what the kernel made of 
 ruleset in a scratch namespace, replaced in one transaction per table when it differs.
 
 Ours in a sidecar pod's namespace: the ISTIO_* chains and every rule of the built-in
-PREROUTING and OUTPUT chains (the capture puts rules there that name no chain of ours;
-the pod's namespace has no other writer of iptables, Istio's plugin being the one).
+PREROUTING and OUTPUT chains of nat, mangle and raw (the capture puts rules there that
+name no chain of ours; in a pod's namespace Istio's plugin is their one writer). The
+filter and security tables are never touched; the other IP family only when a capture
+of ours is there (say, the pod's capture was dual stack before).
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ SIDECAR_CHAINS = frozenset(
         "ISTIO_DROP",
     }
 )
-SIDECAR_OWNED = Ownership(SIDECAR_CHAINS, builtin_rules=frozenset({"PREROUTING", "OUTPUT"}))
+SIDECAR_OWNED = Ownership(
+    SIDECAR_CHAINS,
+    builtin_rules=frozenset({"PREROUTING", "OUTPUT"}),
+    builtin_tables=frozenset({"nat", "mangle", "raw"}),
+)
 PASSTHROUGH_SOURCE_V6 = "::6"
 # `ip rule add fwmark 1337 lookup 133`: the kernel keeps the mark's mask as all ones.
 TPROXY_ROUTE = MarkRoute(TPROXY_MARK, 0xFFFFFFFF, TPROXY_RULE_PRIORITY, TPROXY_TABLE)
@@ -77,7 +83,9 @@ class IptablesSidecarDataplane:
             for family, ruleset in rulesets:
                 changes += self.chains.ensure(run, family, ruleset)
             for family in others:  # say, IPv6 rules of an earlier capture
-                if self.chains.remove(run, family):
+                held = self.chains.read(run, family)
+                ours = any(line.startswith(":ISTIO_") for lines in held.values() for line in lines)
+                if ours and self.chains.remove(run, family):
                     changes += Changes((Change("rules", f"IPv{family}: rules removed"),))
             if 6 in families and ipv6_on_loopback():
                 # Istio's plugin adds the IPv6 passthrough source to lo ("exists" is fine).

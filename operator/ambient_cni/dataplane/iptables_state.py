@@ -14,15 +14,19 @@ Tables = dict[str, list[str]]
 @dataclass(frozen=True)
 class Ownership:
     """What of a namespace's iptables is ours: our chains and every rule that names one,
-    and every rule of the built-in chains in `builtin_rules` (a sidecar's capture puts
-    rules straight into PREROUTING and OUTPUT, some naming no chain of ours)."""
+    and every rule of the built-in chains in `builtin_rules` of the tables in
+    `builtin_tables` (a sidecar's capture puts rules straight into nat, mangle and raw
+    PREROUTING and OUTPUT, some naming no chain of ours)."""
 
     chains: frozenset[str]
     builtin_rules: frozenset[str] = frozenset()
+    builtin_tables: frozenset[str] = frozenset()
 
-    def owns(self, rule: str) -> bool:
+    def owns(self, table: str, rule: str) -> bool:
         words = rule.split()
-        return words[1] in self.builtin_rules or any(c in words for c in self.chains)
+        if words[1] in self.builtin_rules and table in self.builtin_tables:
+            return True
+        return any(c in words for c in self.chains)
 
 
 INPOD = Ownership(frozenset(OUR_CHAINS))
@@ -50,7 +54,7 @@ def our_rules(saved: str, owned: Ownership = INPOD) -> Tables:
     result: Tables = {}
     for table, (chains, rules) in parse_save(saved).items():
         mine = [f":{chain}" for chain in chains if chain in owned.chains]
-        mine += [rule for rule in rules if owned.owns(rule)]
+        mine += [rule for rule in rules if owned.owns(table, rule)]
         if mine:
             result[table] = mine
     return result
@@ -61,7 +65,11 @@ def removal_input(saved: str, owned: Ownership = INPOD) -> str:
     lines: list[str] = []
     for table, (chains, rules) in parse_save(saved).items():
         ours = [chain for chain in chains if chain in owned.chains]
-        jumps = [rule for rule in rules if owned.owns(rule) and rule.split()[1] not in owned.chains]
+        jumps = [
+            rule
+            for rule in rules
+            if owned.owns(table, rule) and rule.split()[1] not in owned.chains
+        ]
         if not ours and not jumps:
             continue
         lines.append(f"*{table}")

@@ -47,7 +47,6 @@ class MarkRoute:
 
 
 AMBIENT_RETURN = MarkRoute(CONN_MARK, MARK_MASK, RULE_PRIORITY, ROUTE_TABLE)
-RULE = str(AMBIENT_RETURN)
 
 
 # The messages never change but for their sequence: encoded once (pyroute2's encoding of a

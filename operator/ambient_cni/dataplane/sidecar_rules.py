@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ambient_cni.api.models import SidecarCapture, is_interface_name
+from ambient_cni.api.models import SidecarCapture, is_cidr, is_interface_name
 
 from .constants import Family
 from .errors import UnsafeInput
@@ -50,10 +50,11 @@ class _Rule:
 
 
 def families(capture: SidecarCapture, ips: Sequence[str]) -> tuple[Family, ...]:
-    """IPv4 always; IPv6 too when the pod's first address is IPv6, or with dual stack when
-    any is (Istio reads the pod's interfaces; the pod's IPs say the same)."""
-    versions = [ipaddress.ip_address(ip).version for ip in ips]
-    ipv6 = (6 in versions) if capture.dual_stack else (versions[:1] == [6])
+    """IPv4 always; IPv6 too when the pod has only IPv6 addresses, or with dual stack when
+    it has any. (Istio takes the first address of the pod's interfaces, and the kernel
+    lists IPv4 ones first: a dual-stack pod is IPv6 only with ISTIO_DUAL_STACK.)"""
+    versions = {ipaddress.ip_address(ip).version for ip in ips}
+    ipv6 = (6 in versions) if capture.dual_stack else (versions == {6})
     return (4, 6) if ipv6 else (4,)
 
 
@@ -63,16 +64,12 @@ def _check(capture: SidecarCapture) -> None:
         if not is_interface_name(name):
             raise UnsafeInput(f"interface name {name!r}")
     for cidr in (*capture.include_outbound_ip_ranges, *capture.exclude_outbound_ip_ranges):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise UnsafeInput(f"CIDR {cidr!r}") from None
-        if "/" not in cidr or any(c.isspace() for c in cidr):
+        if not is_cidr(cidr):
             raise UnsafeInput(f"CIDR {cidr!r}")
 
 
 def _of_family(cidrs: Sequence[str], family: Family) -> list[str]:
-    return [c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family]
+    return [c for c in cidrs if ipaddress.ip_interface(c).version == family]
 
 
 def _rules(capture: SidecarCapture, family: Family) -> list[_Rule]:
@@ -140,9 +137,9 @@ def _rules(capture: SidecarCapture, family: Family) -> list[_Rule]:
         add("nat", "ISTIO_OUTPUT", f"-p udp --dport {port} -j RETURN")
     add("nat", "ISTIO_OUTPUT", f"-o lo -s {six} -j RETURN")
     # 11-12. the proxy's own traffic, by UID then GID
+    # The address as written, as Istio tests it (127.0.0.1/0 counts, 10.0.0.0/1 does not).
     loopback_included = any(
-        ipaddress.ip_network(c, strict=False).is_loopback
-        for c in capture.include_outbound_ip_ranges
+        ipaddress.ip_interface(c).ip.is_loopback for c in capture.include_outbound_ip_ranges
     )
     dns = capture.dns_capture
     for match, owner in (("--uid-owner", uid), ("--gid-owner", gid)):
