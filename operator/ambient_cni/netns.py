@@ -109,6 +109,14 @@ def netns_inode(target: str | Path) -> int:
     return os.stat(netns_path(target)).st_ino
 
 
+def netns_inode_or_none(target: str | Path) -> int:
+    """netns_inode, or -1 for a namespace that is not there (a hint, never an error)."""
+    try:
+        return netns_inode(target)
+    except OSError:
+        return -1
+
+
 def process_netns_inode(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino

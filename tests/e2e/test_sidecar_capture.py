@@ -12,14 +12,16 @@ import pytest
 
 from ambient_cni_sandbox.cluster import HttpReply, SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import Mesh
+from tests.e2e.conftest import agent_args
 
 EXCLUDE_OUTBOUND = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
 
 
 @pytest.fixture(scope="module")
-def mesh(sandbox: SandboxCluster) -> Iterator[Mesh]:
-    running = Mesh(sandbox, "--drift-interval=2", cni=True)
+def mesh(sandbox: SandboxCluster, backend: str) -> Iterator[Mesh]:
+    """On each backend: Istio's iptables form, or its native nftables one."""
+    running = Mesh(sandbox, "--drift-interval=2", *agent_args(backend), cni=True)
     running.start()
     try:
         yield running
@@ -51,12 +53,19 @@ def peers(sandbox: SandboxCluster, namespace: str) -> tuple[dict[str, Any], dict
 def test_a_sidecar_pods_traffic_goes_through_its_proxy_both_ways_and_shows_in_status(
     sandbox: SandboxCluster,
     mesh: Mesh,
+    backend: str,
     namespace: str,
     peers: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
     server, client = peers
     sandbox.create_pod(namespace, "web", node="node-1", port=8080, sidecar={})
     web = sandbox.wait_running(namespace, "web")
+    # The capture in the backend's form, and only in it.
+    native = sandbox.exec_in_pod(web, ["nft", "list", "table", "inet", "istio-proxy-nat"])
+    legacy = sandbox.exec_in_pod(web, ["iptables-save", "-t", "nat"]).stdout
+    assert (native.returncode == 0, "ISTIO_INBOUND" in legacy) == (
+        (True, False) if backend == "nftables" else (False, True)
+    )
 
     # Outbound: the app's call goes to the proxy, which calls out as UID 1337, once
     # (the proxy's own connection is not captured again).
@@ -152,9 +161,16 @@ def test_a_malformed_annotation_holds_the_pod_with_a_message_naming_it(
     )
 
 
+FLUSH_OUTPUT = {
+    "iptables-nft": ["iptables", "-t", "nat", "-F", "OUTPUT"],
+    "nftables": ["nft", "flush", "chain", "inet", "istio-proxy-nat", "output"],
+}
+
+
 def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     sandbox: SandboxCluster,
     mesh: Mesh,
+    backend: str,
     namespace: str,
     peers: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
@@ -162,7 +178,7 @@ def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     sandbox.create_pod(namespace, "web", node="node-1", port=8080, sidecar={})
     web = sandbox.wait_running(namespace, "web")
     wait_for("web Enrolled", lambda: state(mesh, "web") == "Enrolled")
-    flushed = sandbox.exec_in_pod(web, ["iptables", "-t", "nat", "-F", "OUTPUT"])
+    flushed = sandbox.exec_in_pod(web, FLUSH_OUTPUT[backend])
     assert flushed.returncode == 0, flushed.stderr
     assert sandbox.http_get(web, pod_ip(server)).status == 200  # with the capture gone
     repair = wait_for(

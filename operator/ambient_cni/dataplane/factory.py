@@ -26,6 +26,7 @@ from .kubelet_uid import kubelet_uid
 from .libnftables import Nft
 from .nft_host import NftablesHostDataplane, NftAddressSets
 from .nft_pod import NftablesPodDataplane
+from .nft_sidecar import NftablesSidecarDataplane
 from .routing import PolicyRouting
 from .runner import SubprocessRunner, in_netns
 
@@ -38,9 +39,7 @@ class Dataplane:
     backend: Backend
     pods: PodDataplane
     host: HostDataplane
-    # Sidecar capture is iptables on every backend (the flavour the node uses, nft with
-    # the nftables backend): Istio's native nftables form for sidecars is not built here.
-    sidecars: SidecarDataplane
+    sidecars: SidecarDataplane  # Istio's iptables or native nftables form, as the pods'
 
 
 @dataclass
@@ -89,7 +88,7 @@ def _nftables(options: BackendOptions) -> Dataplane:
             uid,
             options.host_netns,
         ),
-        sidecars=IptablesSidecarDataplane(Flavour("nft"), options.runner),
+        sidecars=NftablesSidecarDataplane(workers, options.runner),
     )
 
 

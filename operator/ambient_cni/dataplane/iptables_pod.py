@@ -5,13 +5,12 @@ the netlink calls for its routing run on that one thread."""
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ambient_cni.api.models import Backend
-from ambient_cni.netns import netns_path
+from ambient_cni.netns import netns_inode_or_none, netns_path
 
 from .constants import Family
 from .errors import DataplaneError, UnsafeInput
@@ -25,13 +24,6 @@ from .redirection import PodRedirect
 # Namespaces remembered as already applied to; past this, forget them all (the cost of
 # forgetting is one fast-path attempt that fails, per pod, the next time it is ensured).
 TOUCHED_LIMIT = 65536
-
-
-def _inode(path: Path) -> int:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return -1
 
 
 def _render(redirect: PodRedirect) -> str:
@@ -70,7 +62,7 @@ class IptablesPodDataplane:
         for family, ruleset in rulesets:
             # In a scratch namespace: a ruleset the kernel refuses fails before the pod's.
             self.chains.learn(family, ruleset)
-        inode = _inode(path)
+        inode = netns_inode_or_none(path)
         with self._lock:
             fresh = {family for family, _ in rulesets if (inode, family) not in self._touched}
 

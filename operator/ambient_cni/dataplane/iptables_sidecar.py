@@ -12,22 +12,24 @@ of ours is there (say, the pod's capture was dual stack before).
 
 from __future__ import annotations
 
-import socket
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from ambient_cni.api.models import Backend, SidecarCapture
-from ambient_cni.netns import netns_path
+from ambient_cni.netns import netns_inode_or_none, netns_path
 
 from .constants import Family
 from .errors import DataplaneError, UnsafeInput
 from .interfaces import NO_CHANGES, Change, Changes, Exec, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
+from .iptables_pod import TOUCHED_LIMIT
 from .iptables_state import Ownership
-from .routing import MarkRoute, PolicyRouting, ipv6_on_loopback
-from .rtnetlink import address_message, created, rtnetlink
-from .sidecar_rules import TPROXY_MARK, TPROXY_RULE_PRIORITY, TPROXY_TABLE, sidecar_ruleset
+from .nft_pod import remove_nft_tables_here
+from .sidecar_nft_rules import SIDECAR_NFT_TABLES
+from .sidecar_routing import ensure_sidecar_routing
+from .sidecar_rules import sidecar_ruleset
 
 SIDECAR_CHAINS = frozenset(
     {
@@ -46,9 +48,6 @@ SIDECAR_OWNED = Ownership(
     builtin_rules=frozenset({"PREROUTING", "OUTPUT"}),
     builtin_tables=frozenset({"nat", "mangle", "raw"}),
 )
-PASSTHROUGH_SOURCE_V6 = "::6"
-# `ip rule add fwmark 1337 lookup 133`: the kernel keeps the mark's mask as all ones.
-TPROXY_ROUTE = MarkRoute(TPROXY_MARK, 0xFFFFFFFF, TPROXY_RULE_PRIORITY, TPROXY_TABLE)
 
 
 def _render(capture: SidecarCapture, family: Family) -> str:
@@ -63,7 +62,8 @@ class IptablesSidecarDataplane:
         self.flavour = flavour
         self.runner = runner
         self.chains = IptablesChains(flavour, runner, SIDECAR_OWNED)
-        self.routing = PolicyRouting(TPROXY_ROUTE)
+        self._touched: set[int] = set()  # netns inodes checked for nftables leftovers
+        self._lock = threading.Lock()
 
     @property
     def backend(self) -> Backend:
@@ -77,6 +77,10 @@ class IptablesSidecarDataplane:
         both: tuple[Family, ...] = (4, 6)
         others = [f for f in both if f not in families]
         tproxy = capture.interception_mode == "TPROXY"
+        path = netns_path(netns)
+        inode = netns_inode_or_none(path)
+        with self._lock:
+            fresh = inode not in self._touched
 
         def apply(run: Exec) -> Changes:
             changes = NO_CHANGES
@@ -87,16 +91,13 @@ class IptablesSidecarDataplane:
                 ours = any(line.startswith(":ISTIO_") for lines in held.values() for line in lines)
                 if ours and self.chains.remove(run, family):
                     changes += Changes((Change("rules", f"IPv{family}: rules removed"),))
-            if 6 in families and ipv6_on_loopback():
-                # Istio's plugin adds the IPv6 passthrough source to lo ("exists" is fine).
-                with rtnetlink() as sock:
-                    lo = socket.if_nametoindex("lo")
-                    if created(sock, address_message(lo, PASSTHROUGH_SOURCE_V6, 128)):
-                        changes += Changes((Change("routing", "::6/128 added to lo"),))
-            if tproxy:
-                changes += self.routing.ensure(None, families)
-            elif self.routing.remove(None, (4, 6)):
-                changes += Changes((Change("routing", "TPROXY routing removed"),))
-            return changes
+            if fresh:  # what the nftables backend's capture left (a node switched)
+                changes += remove_nft_tables_here(SIDECAR_NFT_TABLES)
+            return changes + ensure_sidecar_routing(families, tproxy)
 
-        return self.runner.within(netns_path(netns), apply)
+        changes = self.runner.within(path, apply)
+        with self._lock:
+            if len(self._touched) >= TOUCHED_LIMIT:
+                self._touched.clear()
+            self._touched.add(inode)
+        return changes

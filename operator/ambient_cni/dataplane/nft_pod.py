@@ -14,33 +14,25 @@ tables are in, so the pod is never without redirection.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from ambient_cni.api.models import Backend
-from ambient_cni.netns import NetnsWorkers, netns_path
+from ambient_cni.netns import NetnsWorkers, netns_inode_or_none, netns_path
 
 from .constants import Family
 from .errors import DataplaneError, UnsafeInput
 from .interfaces import NO_CHANGES, Change, Changes, Exec, Routing, Runner
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
-from .iptables_state import OUR_CHAINS, Tables, differences
+from .iptables_state import INPOD, Ownership, Tables, differences
 from .libnftables import Listing, Nft
 from .nft_rules import POD_TABLES, delete_tables, pod_nft_ruleset, pod_nft_tables
 from .redirection import PodRedirect
 
 TOUCHED_LIMIT = 65536
 FAMILIES: tuple[Family, ...] = (4, 6)
-
-
-def _inode(path: Path) -> int:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return -1
 
 
 def _render(redirects: Sequence[PodRedirect]) -> str:
@@ -90,7 +82,7 @@ class NftablesPodDataplane:
         want = self.learn(ruleset)  # a ruleset the kernel refuses fails here, in scratch
         stale = [t for t in POD_TABLES if t not in pod_nft_tables(redirects)]
         families = [r.family for r in redirects]
-        inode = _inode(path)
+        inode = netns_inode_or_none(path)
         with self._lock:
             migrate = inode not in self._migrated
 
@@ -118,7 +110,7 @@ class NftablesPodDataplane:
                 )
             changes += self.routing.ensure(None, families)
             if migrate:  # from the listing just read: no second dump
-                changes += _remove_iptables_leftovers(self.runner, listing)
+                changes += remove_iptables_leftovers(self.runner, listing)
             return changes
 
         changes = self.workers.run(path, apply)
@@ -145,19 +137,21 @@ class NftablesPodDataplane:
             present = list(listing.tables(POD_TABLES))
             if present:
                 nft.run(delete_tables(present), rejected="RuleRemovalFailed")
-            leftovers = bool(_remove_iptables_leftovers(self.runner, listing))
+            leftovers = bool(remove_iptables_leftovers(self.runner, listing))
             return self.routing.remove(None, families) or bool(present) or leftovers
 
         return self.workers.run(netns_path(netns), remove)
 
 
-def _remove_iptables_leftovers(runner: Runner, listing: Listing) -> Changes:
+def remove_iptables_leftovers(
+    runner: Runner, listing: Listing, owned: Ownership = INPOD
+) -> Changes:
     """Take out the iptables backend's chains, if this namespace has any (called on a thread
     inside it). Cheap when there are none: iptables-nft's chains are in the listing already
     read, iptables-legacy's tables' names in /proc; the iptables tools run only when needed."""
     done: list[Change] = []
-    for flavour in _flavours_with_our_chains(listing):
-        chains = IptablesChains(flavour, runner)
+    for flavour in _flavours_with_our_chains(listing, owned):
+        chains = IptablesChains(flavour, runner, owned)
 
         def remove(run: Exec, chains: IptablesChains = chains) -> bool:
             removed = [chains.remove(run, family) for family in FAMILIES]  # both, always
@@ -168,9 +162,9 @@ def _remove_iptables_leftovers(runner: Runner, listing: Listing) -> Changes:
     return Changes(tuple(done))
 
 
-def _flavours_with_our_chains(listing: Listing) -> list[Flavour]:
+def _flavours_with_our_chains(listing: Listing, owned: Ownership) -> list[Flavour]:
     found: list[Flavour] = []
-    if listing.chains(("ip", "ip6")) & set(OUR_CHAINS):
+    if listing.chains(("ip", "ip6")) & owned.chains:
         found.append(Flavour("nft"))
     if _legacy_tables_loaded():
         found.append(Flavour("legacy"))
@@ -189,10 +183,10 @@ def _legacy_tables_loaded() -> bool:
 
 
 # Exposed for the iptables backend: the reverse migration.
-def remove_nft_tables_here() -> Changes:
+def remove_nft_tables_here(tables: Sequence[str] = POD_TABLES) -> Changes:
     """Delete our native nftables tables in this thread's namespace, if there are any."""
     nft = Nft()
-    present = [name for family, name in nft.tables() if family == "inet" and name in POD_TABLES]
+    present = [name for family, name in nft.tables() if family == "inet" and name in tables]
     if not present:
         return NO_CHANGES
     nft.run(delete_tables(present), rejected="RuleRemovalFailed")

@@ -58,7 +58,7 @@ def families(capture: SidecarCapture, ips: Sequence[str]) -> tuple[Family, ...]:
     return (4, 6) if ipv6 else (4,)
 
 
-def _check(capture: SidecarCapture) -> None:
+def check_capture(capture: SidecarCapture) -> None:
     """What enters a rule, checked again here (the model validated it once already)."""
     for name in (*capture.exclude_interfaces, *capture.reroute_virtual_interfaces):
         if not is_interface_name(name):
@@ -214,7 +214,7 @@ def _rules(capture: SidecarCapture, family: Family) -> list[_Rule]:
 
 def sidecar_ruleset(capture: SidecarCapture, family: Family) -> str:
     """iptables-restore --noflush input (for ip6tables-restore with family 6)."""
-    _check(capture)
+    check_capture(capture)
     rules = _rules(capture, family)
     blocks = []
     for table in TABLE_ORDER:
