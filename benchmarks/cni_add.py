@@ -65,14 +65,31 @@ class _Runtime:
         self.made.clear()
 
 
-def _api_pods(cluster: SandboxCluster, namespace: str, count: int) -> list[tuple[str, str]]:
-    """`count` pods bound to a node without a kubelet: (name, uid) each."""
+def _api_pods(
+    cluster: SandboxCluster,
+    namespace: str,
+    count: int,
+    *,
+    prefix: str = "pod",
+    sidecar: bool = False,
+) -> list[tuple[str, str]]:
+    """`count` pods bound to a node without a kubelet: (name, uid) each; with `sidecar`, as
+    Istio's injector leaves a pod (an istio-proxy container, its status annotation)."""
     made = []
     for i in range(count):
-        name = f"pod-{i:03d}"
-        pod = cluster.create_pod(namespace, name, node=GHOST)
+        name = f"{prefix}-{i:03d}"
+        pod = cluster.create_pod(namespace, name, node=GHOST, sidecar={} if sidecar else None)
         made.append((name, pod["metadata"]["uid"]))
     return made
+
+
+def _nat_rules(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
 
 
 def _plugin_call_cost(cluster: SandboxCluster, calls: int) -> list[float]:
@@ -134,6 +151,12 @@ def run(cluster: SandboxCluster, pods: int = 50) -> dict[str, Any]:
         )
         runtime.delete_all()
 
+        # 4. A pod with an injected sidecar: its capture in its netns before the answer.
+        with_sidecar = _api_pods(cluster, OUTSIDE, pods, prefix="side", sidecar=True)
+        sidecar_adds = [runtime.add(OUTSIDE, name, uid) for name, uid in with_sidecar]
+        captured = sum(1 for pod in runtime.made if "ISTIO_INBOUND" in _nat_rules(pod.netns))
+        runtime.delete_all()
+
         plugin = Path(cluster.state.cni_bin_dir) / PLUGIN_BINARY
         call = _plugin_call_cost(cluster, pods)
         alone, out, into = percentiles(bridge_alone), percentiles(out_of_mesh), percentiles(in_mesh)
@@ -142,6 +165,8 @@ def run(cluster: SandboxCluster, pods: int = 50) -> dict[str, Any]:
             "add_bridge_alone_s": alone,
             "add_outside_mesh_s": out,
             "add_inside_mesh_s": into,
+            "add_sidecar_s": percentiles(sidecar_adds),
+            "captured_at_add": captured,
             "enrolled_at_add": enrolled,
             "start_delay_by_enrolment_p50_s": into["p50"] - out["p50"],
             "plugin_call_s": percentiles(call),

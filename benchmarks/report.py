@@ -169,9 +169,11 @@ def cni_table(r: dict[str, Any]) -> str:
             row("`bridge` alone (no istio-cni)", r["add_bridge_alone_s"]),
             row("`bridge` + istio-cni, pod outside the mesh", r["add_outside_mesh_s"]),
             row("`bridge` + istio-cni, pod in the mesh (enrolled first)", r["add_inside_mesh_s"]),
+            row("`bridge` + istio-cni, pod with a sidecar (captured first)", r["add_sidecar_s"]),
             row("istio-cni alone, excluded namespace (exec to exit)", r["plugin_call_s"]),
             "",
-            f"Enrolled when ADD answered: {r['enrolled_at_add']} of {r['pods']}. "
+            f"Enrolled when ADD answered: {r['enrolled_at_add']} of {r['pods']}; sidecar pods "
+            f"captured: {r['captured_at_add']} of {r['pods']}. "
             f"A pod in the mesh starts {_ms(r['start_delay_by_enrolment_p50_s'])} later than one "
             f"outside it (p50). The plugin binary is "
             f"{r['plugin_binary_bytes'] / 2**20:.1f} MiB (static, stripped).",

@@ -61,10 +61,12 @@ def test_every_section_of_benchmarks_md_has_its_markers() -> None:
 
 def test_cni_add_benchmark_times_every_case_and_leaves_nothing(sandbox: SandboxCluster) -> None:
     result = cni_add.run(sandbox, pods=3)
-    for case in ("add_bridge_alone_s", "add_outside_mesh_s", "add_inside_mesh_s"):
+    for case in ("add_bridge_alone_s", "add_outside_mesh_s", "add_inside_mesh_s", "add_sidecar_s"):
         assert 0 < result[case]["min"] <= result[case]["max"]
     assert result["enrolled_at_add"] == 3
+    assert result["captured_at_add"] == 3
     assert result["plugin_binary_bytes"] > 0
     assert not sandbox_netns(sandbox.state.topology.prefix + "cnibench-")
     assert sandbox.namespace(cni_add.INSIDE) is None
     assert "pod in the mesh (enrolled first)" in report.cni_table(result)
+    assert "pod with a sidecar (captured first)" in report.cni_table(result)
