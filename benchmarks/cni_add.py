@@ -83,13 +83,17 @@ def _api_pods(
     return made
 
 
-def _nat_rules(netns: str) -> str:
-    return subprocess.run(
-        ["ip", "netns", "exec", netns, "iptables-save", "-t", "nat"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout
+def _captured(netns: str) -> bool:
+    """Whether a sidecar's capture is in the namespace, in either backend's form (the agent's
+    `auto` backend follows what the node already holds)."""
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, *argv], capture_output=True, text=True, check=False
+        )
+
+    native = run("nft", "list", "table", "inet", "istio-proxy-nat").returncode == 0
+    return native or "ISTIO_INBOUND" in run("iptables-save", "-t", "nat").stdout
 
 
 def _plugin_call_cost(cluster: SandboxCluster, calls: int) -> list[float]:
@@ -154,7 +158,7 @@ def run(cluster: SandboxCluster, pods: int = 50) -> dict[str, Any]:
         # 4. A pod with an injected sidecar: its capture in its netns before the answer.
         with_sidecar = _api_pods(cluster, OUTSIDE, pods, prefix="side", sidecar=True)
         sidecar_adds = [runtime.add(OUTSIDE, name, uid) for name, uid in with_sidecar]
-        captured = sum(1 for pod in runtime.made if "ISTIO_INBOUND" in _nat_rules(pod.netns))
+        captured = sum(1 for pod in runtime.made if _captured(pod.netns))
         runtime.delete_all()
 
         plugin = Path(cluster.state.cni_bin_dir) / PLUGIN_BINARY
