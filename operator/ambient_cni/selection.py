@@ -205,15 +205,23 @@ def knobs(pod: PodView) -> tuple[Knobs, tuple[str, ...]]:
 def workload(pod: PodView) -> Workload:
     """The spec entry of an enrolled pod."""
     parsed, _ = knobs(pod)
+    return _entry(
+        pod,
+        dns_capture=parsed.dns_capture,
+        bypass_inbound_capture=parsed.bypass_inbound_capture,
+        reroute_virtual_interfaces=list(parsed.reroute_virtual_interfaces),
+    )
+
+
+def _entry(pod: PodView, **options: Any) -> Workload:
+    """A pod's spec entry: who it is and its addresses, with the options of its kind."""
     return Workload(
         uid=pod.uid,
         name=pod.name,
         namespace=pod.namespace,
         service_account=pod.service_account,
         ips=list(pod.ips[:2]),
-        dns_capture=parsed.dns_capture,
-        bypass_inbound_capture=parsed.bypass_inbound_capture,
-        reroute_virtual_interfaces=list(parsed.reroute_virtual_interfaces),
+        **options,
     )
 
 
@@ -255,11 +263,4 @@ def sidecar_workload(
     decision = decide_sidecar_pod(pod, namespace_labels, config)
     if decision.capture is None:
         return None
-    return Workload(
-        uid=pod.uid,
-        name=pod.name,
-        namespace=pod.namespace,
-        service_account=pod.service_account,
-        ips=list(pod.ips[:2]),
-        sidecar=decision.capture,
-    )
+    return _entry(pod, sidecar=decision.capture)

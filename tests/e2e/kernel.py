@@ -7,13 +7,28 @@ of the other one after a switch.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from ambient_cni_sandbox.cluster import SandboxCluster
 
 COUNTERS = re.compile(r"counter packets \d+ bytes \d+")
+
+
+@contextlib.contextmanager
+def scratch_netns() -> Iterator[str]:
+    """A named network namespace with lo up, deleted afterwards whatever happens."""
+    name = f"acni-test-{uuid.uuid4().hex[:8]}"  # `sandbox down --all` removes a leftover
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def run_in(netns: str, *argv: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ambient_cni.dataplane.iptables_rules import pod_ruleset
 from ambient_cni.dataplane.iptables_state import our_rules
 from ambient_cni.dataplane.redirection import PodRedirect
 from ambient_cni.dataplane.runner import SubprocessRunner
+from tests.e2e.kernel import scratch_netns
 
 
 def sh(netns: str, *argv: str) -> str:
@@ -26,13 +26,8 @@ def sh(netns: str, *argv: str) -> str:
 
 @pytest.fixture
 def pod_netns() -> Iterator[str]:
-    name = f"acni-test-{uuid.uuid4().hex[:8]}"  # `sandbox down --all` removes a leftover
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
+    with scratch_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 @pytest.fixture(scope="module")

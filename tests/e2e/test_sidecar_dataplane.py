@@ -4,8 +4,6 @@ captured by exactly one form."""
 
 from __future__ import annotations
 
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,20 +12,15 @@ import pytest
 from ambient_cni.api.models import SidecarCapture
 from ambient_cni.dataplane import factory
 from ambient_cni.dataplane.interfaces import SidecarDataplane
-from tests.e2e.kernel import our_nft_tables, run_in
+from tests.e2e.kernel import our_nft_tables, run_in, scratch_netns
 
 TPROXY = SidecarCapture(interception_mode="TPROXY")
 
 
 @pytest.fixture
 def pod() -> Iterator[str]:
-    name = f"acni-test-{uuid.uuid4().hex[:8]}"  # `sandbox down --all` removes a leftover
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
+    with scratch_netns() as name:
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
 
 
 def sidecars(backend: str) -> SidecarDataplane:

@@ -62,7 +62,9 @@ class IptablesSidecarDataplane:
         self.flavour = flavour
         self.runner = runner
         self.chains = IptablesChains(flavour, runner, SIDECAR_OWNED)
-        self._touched: set[int] = set()  # netns inodes checked for nftables leftovers
+        # netns inode -> the families last applied there (absent: not yet checked for the
+        # nftables backend's leftovers, nor the other family's capture)
+        self._applied: dict[int, tuple[Family, ...]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -74,13 +76,16 @@ class IptablesSidecarDataplane:
         for family, ruleset in rulesets:
             # In a scratch namespace: a ruleset the kernel refuses fails before the pod's.
             self.chains.learn(family, ruleset)
-        both: tuple[Family, ...] = (4, 6)
-        others = [f for f in both if f not in families]
         tproxy = capture.interception_mode == "TPROXY"
         path = netns_path(netns)
         inode = netns_inode_or_none(path)
         with self._lock:
-            fresh = inode not in self._touched
+            before = self._applied.get(inode)
+        fresh = before is None
+        # The other family is read only when the families changed: no ip6tables-save on
+        # every drift pass of an IPv4 pod.
+        both: tuple[Family, ...] = (4, 6)
+        others = [] if before == tuple(families) else [f for f in both if f not in families]
 
         def apply(run: Exec) -> Changes:
             changes = NO_CHANGES
@@ -97,7 +102,7 @@ class IptablesSidecarDataplane:
 
         changes = self.runner.within(path, apply)
         with self._lock:
-            if len(self._touched) >= TOUCHED_LIMIT:
-                self._touched.clear()
-            self._touched.add(inode)
+            if len(self._applied) >= TOUCHED_LIMIT:  # only a hint: pods come and go
+                self._applied.clear()
+            self._applied[inode] = tuple(families)
         return changes

@@ -32,8 +32,9 @@ from .interfaces import NO_CHANGES, AddressSets, Change, Changes, Exec, Runner
 from .ipset import IpsetAddressSets
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
-from .iptables_state import Tables, differences
+from .iptables_state import differences
 from .libnftables import Nft
+from .nft_learn import NftLearner
 from .nft_rules import HOST_TABLE, host_nft_ruleset, host_nft_sets
 from .redirection import family_of
 
@@ -213,7 +214,9 @@ class NftablesHostDataplane:
         self._addresses = addresses
         self.kubelet_uid = kubelet_uid
         self.host_netns = host_netns
-        self._learnt: dict[str, Tables] = {}
+        self._learner = NftLearner(
+            workers, runner, [HOST_TABLE], prefix=host_nft_sets(), rejected="HostRuleRejected"
+        )
         self._migrated = False
 
     @property
@@ -227,21 +230,9 @@ class NftablesHostDataplane:
             raise DataplaneError("KubeletNotFound", str(exc), retryable=True) from exc
         return host_nft_ruleset(uid)
 
-    def _learn(self, ruleset: str) -> Tables:
-        if ruleset not in self._learnt:
-
-            def apply_and_read() -> Tables:
-                nft = Nft()
-                nft.run(host_nft_sets() + ruleset, rejected="HostRuleRejected")
-                return nft.read([HOST_TABLE])
-
-            with self.runner.scratch() as scratch:
-                self._learnt[ruleset] = self.workers.run(scratch, apply_and_read)
-        return self._learnt[ruleset]
-
     def ensure(self) -> Changes:
         ruleset = self._ruleset()
-        want = self._learn(ruleset)
+        want = self._learner.learn(ruleset)
 
         def apply() -> Changes:
             nft = Nft()
@@ -264,7 +255,7 @@ class NftablesHostDataplane:
         return changes
 
     def verify(self) -> bool:
-        want = self._learn(self._ruleset())
+        want = self._learner.learn(self._ruleset())
         return _in(self.workers, self.host_netns, lambda: Nft().read([HOST_TABLE]) == want)
 
     def uninstall(self) -> bool:

@@ -28,6 +28,7 @@ from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
 from .iptables_state import INPOD, Ownership, Tables, differences
 from .libnftables import Listing, Nft
+from .nft_learn import NftLearner
 from .nft_rules import POD_TABLES, delete_tables, pod_nft_ruleset, pod_nft_tables
 from .redirection import PodRedirect
 
@@ -47,7 +48,7 @@ class NftablesPodDataplane:
         self.workers = workers
         self.runner = runner
         self.routing = routing
-        self._learnt: dict[str, Tables] = {}
+        self._learner = NftLearner(workers, runner, POD_TABLES)
         self._migrated: set[int] = set()  # netns inodes checked for iptables leftovers
         self._lock = threading.Lock()
 
@@ -55,24 +56,9 @@ class NftablesPodDataplane:
     def backend(self) -> Backend:
         return "nftables"
 
-    # -- what right looks like ----------------------------------------------------------------
-
     def learn(self, ruleset: str) -> Tables:
-        with self._lock:
-            known = self._learnt.get(ruleset)
-        if known is not None:
-            return known
-
-        def apply_and_read() -> Tables:
-            nft = Nft()
-            nft.run(ruleset)
-            return nft.read(POD_TABLES)
-
-        with self.runner.scratch() as scratch:
-            tables = self.workers.run(scratch, apply_and_read)
-        with self._lock:
-            self._learnt[ruleset] = tables
-        return tables
+        """The kernel's listing of `ruleset` in an empty namespace (cached)."""
+        return self._learner.learn(ruleset)
 
     # -- per pod ---------------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ from .constants import Family
 from .errors import DataplaneError, UnsafeInput
 from .interfaces import NO_CHANGES, Change, Changes, Runner
 from .iptables_sidecar import SIDECAR_OWNED
-from .iptables_state import Tables, differences
+from .iptables_state import differences
 from .libnftables import Nft
+from .nft_learn import NftLearner
 from .nft_pod import TOUCHED_LIMIT, remove_iptables_leftovers
 from .nft_rules import delete_tables
 from .sidecar_nft_rules import SIDECAR_NFT_TABLES, sidecar_nft_ruleset
@@ -39,7 +40,7 @@ class NftablesSidecarDataplane:
     def __init__(self, workers: NetnsWorkers, runner: Runner):
         self.workers = workers
         self.runner = runner
-        self._learnt: dict[str, Tables] = {}
+        self._learner = NftLearner(workers, runner, SIDECAR_NFT_TABLES)
         self._migrated: set[int] = set()  # netns inodes checked for iptables leftovers
         self._lock = threading.Lock()
 
@@ -47,28 +48,9 @@ class NftablesSidecarDataplane:
     def backend(self) -> Backend:
         return "nftables"
 
-    def learn(self, ruleset: str) -> Tables:
-        """What the kernel reports for `ruleset` in an empty namespace (cached); a ruleset
-        it refuses fails here, before the pod's namespace is touched."""
-        with self._lock:
-            known = self._learnt.get(ruleset)
-        if known is not None:
-            return known
-
-        def apply_and_read() -> Tables:
-            nft = Nft()
-            nft.run(ruleset)
-            return nft.read(SIDECAR_NFT_TABLES)
-
-        with self.runner.scratch() as scratch:
-            tables = self.workers.run(scratch, apply_and_read)
-        with self._lock:
-            self._learnt[ruleset] = tables
-        return tables
-
     def ensure(self, netns: Path, capture: SidecarCapture, families: Sequence[Family]) -> Changes:
         ruleset = _render(capture, families)
-        want = self.learn(ruleset)
+        want = self._learner.learn(ruleset)  # a ruleset the kernel refuses fails here
         tproxy = capture.interception_mode == "TPROXY"
         path = netns_path(netns)
         inode = netns_inode_or_none(path)
