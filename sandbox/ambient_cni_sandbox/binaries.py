@@ -242,6 +242,7 @@ def _build_into(target: Path, src: Path, pins: PinnedVersions, *, log: bool) -> 
 
 CNI_PACKAGES = {
     "bridge": "github.com/containernetworking/plugins/plugins/main/bridge",
+    "ptp": "github.com/containernetworking/plugins/plugins/main/ptp",
     "host-local": "github.com/containernetworking/plugins/plugins/ipam/host-local",
     "loopback": "github.com/containernetworking/plugins/plugins/main/loopback",
     "cni-run": "./cni-run",
@@ -264,8 +265,9 @@ def _sources(module: Path) -> list[Path]:
 
 
 def cni_binaries_dir(*, build: bool = True, log: bool = True) -> Path:
-    """The directory holding bridge, host-local, loopback, cni-run and istio-cni (the
-    project's plugin, built from cni-plugin/), building them first if needed."""
+    """The directory holding bridge, ptp, host-local, loopback, cni-run and istio-cni (the
+    project's plugin, built from cni-plugin/), building them first if needed. A cached
+    directory missing any of them (one built before ptp was added) is built again."""
     tools, plugin = _repo_root() / "tools" / "cnibin", _repo_root() / "cni-plugin"
     digest = hashlib.sha256(f"{RECIPE_VERSION}\0{_go_version()}".encode())
     for module in (tools, plugin):

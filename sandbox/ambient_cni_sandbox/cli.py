@@ -50,6 +50,12 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
     )
     up = named(cmds.add_parser("up", help="start a sandbox and wait until its nodes are Ready"))
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    up.add_argument(
+        "--pod-network",
+        choices=("bridge", "ptp"),  # topology.POD_NETWORKS, not imported: --help stays fast
+        default="bridge",
+        help="bridge: pods on a node bridge (default); ptp: a veth per pod, as kindnet",
+    )
     down = named(cmds.add_parser("down", help="stop a sandbox and remove everything it made"))
     down.add_argument("--all", action="store_true", help="every sandbox on this machine")
     named(cmds.add_parser("status", help="control plane health, nodes and pods"))
@@ -75,7 +81,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         print(cni_binaries_dir())
         return 0
     if command == "up":
-        state = lifecycle.up(args.name, args.nodes)
+        state = lifecycle.up(args.name, args.nodes, pod_network=args.pod_network)
         print(f"export KUBECONFIG={state.kubeconfig}")
         return 0
     if command == "down":

@@ -28,6 +28,7 @@ from .controlplane import write_kubeconfig
 from .lifecycle import require_state
 from .podspec import sidecar_log_name
 from .state import SandboxState, paths_for
+from .topology import PodNetwork
 
 
 class WaitTimeout(AssertionError):
@@ -72,6 +73,11 @@ class SandboxCluster:
     @property
     def name(self) -> str:
         return self.state.name
+
+    @property
+    def pod_network(self) -> PodNetwork:
+        """How pods are wired to their node: "bridge" (cbr0) or "ptp" (a veth each)."""
+        return self.state.topology.pod_network
 
     @property
     def node_names(self) -> list[str]:

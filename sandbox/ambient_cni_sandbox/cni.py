@@ -1,8 +1,9 @@
 """Pod networking through a real CNI chain, as a container runtime sets it up.
 
 Each node has what a real node has: a conf dir whose first config is the
-primary network (the reference `bridge` plugin with `host-local` IPAM, as a
-CNI DaemonSet would write it), a bin dir holding the plugins, and libcni's
+primary network (the reference `bridge` plugin with `host-local` IPAM, or
+`ptp` with `host-local` as kindnet writes it, as a CNI DaemonSet would write
+it), a bin dir holding the plugins, and libcni's
 result cache. The kubelet runs the node's network for a pod sandbox with
 `cni-run` (libcni) from the node's namespace, the runtime's: `loopback` as a
 network of its own as containerd does, then the node's conflist. A failed ADD
@@ -20,11 +21,11 @@ from typing import Any
 
 from ambient_cni.netns import netns_path, run_in_netns
 
-from .topology import NODE_BRIDGE, POD_INTERFACE, NodePlan
+from .topology import NODE_BRIDGE, POD_INTERFACE, NodePlan, PodNetwork
 
 PRIMARY_CONFIG = "10-simnet.conflist"
 NETWORK_NAME = "simnet"
-REFERENCE_PLUGINS = ("bridge", "host-local", "loopback")
+REFERENCE_PLUGINS = ("bridge", "ptp", "host-local", "loopback")
 CNI_TIMEOUT_S = 30.0
 
 
@@ -59,29 +60,35 @@ class NodeCni:
         return self.root / "lo.d"
 
 
-def primary_conflist(node: NodePlan, ipam_dir: Path) -> dict[str, Any]:
-    """The node's primary network: pods on the node bridge, addresses from its pod CIDR."""
-    return {
-        "cniVersion": "1.0.0",
-        "name": NETWORK_NAME,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": NODE_BRIDGE,
-                "isGateway": True,
-                "ipMasq": False,  # nodes route each other's pod CIDRs: no NAT between pods
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": str(ipam_dir),
-                },
-            }
-        ],
+def primary_conflist(
+    node: NodePlan, ipam_dir: Path, pod_network: PodNetwork = "bridge"
+) -> dict[str, Any]:
+    """The node's primary network, addresses from its pod CIDR: pods on the node bridge,
+    or (ptp, as kindnet) each pod on a veth of its own, routed by a /32 on the node."""
+    ipam = {
+        "type": "host-local",
+        "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+        "dataDir": str(ipam_dir),
     }
+    # ipMasq off: nodes route each other's pod CIDRs, so there is no NAT between pods.
+    plugin: dict[str, Any] = (
+        {"type": "ptp", "ipMasq": False, "ipam": ipam}
+        if pod_network == "ptp"
+        else {
+            "type": "bridge",
+            "bridge": NODE_BRIDGE,
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": ipam,
+        }
+    )
+    return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": [plugin]}
 
 
-def write_node_config(cni: NodeCni, node: NodePlan, binaries: Path) -> None:
+def write_node_config(
+    cni: NodeCni, node: NodePlan, binaries: Path, pod_network: PodNetwork = "bridge"
+) -> None:
     """What a node's CNI DaemonSet would install: plugins in the bin dir, the primary
     network's conflist first in the conf dir, and the loopback network."""
     for directory in (cni.conf_dir, cni.bin_dir, cni.cache_dir, cni.ipam_dir, cni.loopback_dir):
@@ -90,7 +97,7 @@ def write_node_config(cni: NodeCni, node: NodePlan, binaries: Path) -> None:
         link = cni.bin_dir / plugin
         link.unlink(missing_ok=True)
         link.symlink_to(binaries / plugin)
-    _write(cni.conf_dir / PRIMARY_CONFIG, primary_conflist(node, cni.ipam_dir))
+    _write(cni.conf_dir / PRIMARY_CONFIG, primary_conflist(node, cni.ipam_dir, pod_network))
     _write(
         cni.loopback_dir / "99-loopback.conf",
         {"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"},

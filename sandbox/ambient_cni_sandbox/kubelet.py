@@ -369,7 +369,8 @@ class Kubelet:
             try:
                 network.create_netns(local.netns)
                 local.ip = self.cni.add(self._sandbox(local))
-                network.forget_neighbour(self.node, local.ip)
+                if self.state.topology.pod_network == "bridge":
+                    network.forget_neighbour(self.node, local.ip)
             except (CniError, network.NetworkError, OSError) as exc:
                 self._sandbox_failed(local, str(exc))
                 return None

@@ -32,7 +32,7 @@ from .controlplane import ControlPlane, ControlPlaneError, Ports
 from .processes import is_running, spawn_daemon, tagged_pids, tagged_sandboxes, terminate
 from .scheduling import node_view
 from .state import STATE_ROOT, SandboxState, load_state, paths_for, tmpfs_etcd_dir
-from .topology import plan, prefix_for
+from .topology import PodNetwork, plan, prefix_for
 
 READY_TIMEOUT = 60.0
 Say = Callable[[str], None]
@@ -50,11 +50,15 @@ def _quiet(_message: str) -> None:
     pass
 
 
-def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
+def up(
+    name: str, nodes: int = 2, *, pod_network: PodNetwork = "bridge", say: Say = _say
+) -> SandboxState:
+    """`pod_network`: "bridge" (pods on a node bridge) or "ptp" (a veth per pod, as kindnet);
+    kept in the state's topology for the kubelets."""
     paths = paths_for(name)
-    topology = plan(name, nodes)
+    topology = plan(name, nodes, pod_network)
     existing = load_state(name)
-    if existing is not None and len(existing.topology.nodes) == nodes and is_healthy(existing):
+    if existing is not None and existing.topology == topology and is_healthy(existing):
         say(f"sandbox {name} is already up")
         return existing
     if not leftovers(name).empty:
@@ -94,11 +98,14 @@ def up(name: str, nodes: int = 2, *, say: Say = _say) -> SandboxState:
             f"on 127.0.0.1:{ports.apiserver}"
         )
         control_plane.start(ports)
-        say(f"creating {nodes} node network namespaces joined by an underlay")
+        say(
+            f"creating {nodes} node network namespaces joined by an underlay "
+            f"({pod_network} pod network)"
+        )
         network.create_underlay(topology)
         for node in topology.nodes:
             network.create_node(topology, node)
-            cni.write_node_config(paths.node_cni(node.name), node, cni_bin_dir)
+            cni.write_node_config(paths.node_cni(node.name), node, cni_bin_dir, pod_network)
         helpers = {"scheduler": ["scheduler", "--name", name]}
         for node in topology.nodes:
             helpers[f"kubelet-{node.name}"] = ["kubelet", "--name", name, "--node", node.name]

@@ -3,6 +3,10 @@
     [underlay netns]  br0 ── node-1 ══ eth0 [node-1 netns] cbr0 ── vethXXXX ══ eth0 [pod netns]
                           └─ node-2 ══ eth0 [node-2 netns] cbr0 ── ...
 
+With the ptp pod network there is no cbr0: each pod's veth ends in the node
+namespace itself, holding the gateway /32, and the node routes the pod's /32
+to it (the ptp plugin makes both).
+
 Each node routes the other nodes' pod CIDRs via their underlay address, so
 pod-to-pod traffic crosses nodes without NAT. Namespaces are made with
 `ip netns` (it sets up the shared /run/netns mount); links, addresses and
@@ -88,7 +92,8 @@ def create_underlay(topology: Topology) -> None:
 
 
 def create_node(topology: Topology, node: NodePlan) -> None:
-    """The node namespace, its uplink into the underlay, its pod bridge and routes."""
+    """The node namespace, its uplink into the underlay, its pod bridge (none with the
+    ptp pod network, whose plugin gives each pod its own veth) and routes."""
     create_netns(node.netns)
     node_fd = os.open(netns_path(node.netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -118,20 +123,25 @@ def create_node(topology: Topology, node: NodePlan) -> None:
             uplink = _index(ipr, NODE_UPLINK)
             ipr.addr("add", index=uplink, address=node.ip, prefixlen=UNDERLAY_NET.prefixlen)
             ipr.link("set", index=uplink, state="up")
-            ipr.link("add", ifname=NODE_BRIDGE, kind="bridge")
-            bridge = _index(ipr, NODE_BRIDGE)
-            # A fixed MAC, as a CNI bridge has: one borrowed from its lowest port
-            # changes as pods come and go, and each change flushes the ARP cache.
-            ipr.link("set", index=bridge, address=_bridge_mac(node.gateway))
-            cidr = ipaddress.IPv4Network(node.pod_cidr)
-            ipr.addr("add", index=bridge, address=node.gateway, prefixlen=cidr.prefixlen)
-            ipr.link("set", index=bridge, state="up")
+            if topology.pod_network == "bridge":
+                _create_bridge(ipr, node)
             for other in topology.nodes:
                 if other.name != node.name:
                     ipr.route("add", dst=other.pod_cidr, gateway=other.ip)
         _write_sysctl("net.ipv4.ip_forward", "1")
 
     run_in_netns(node.netns, setup_node)
+
+
+def _create_bridge(ipr: IPRoute, node: NodePlan) -> None:
+    ipr.link("add", ifname=NODE_BRIDGE, kind="bridge")
+    bridge = _index(ipr, NODE_BRIDGE)
+    # A fixed MAC, as a CNI bridge has: one borrowed from its lowest port
+    # changes as pods come and go, and each change flushes the ARP cache.
+    ipr.link("set", index=bridge, address=_bridge_mac(node.gateway))
+    cidr = ipaddress.IPv4Network(node.pod_cidr)
+    ipr.addr("add", index=bridge, address=node.gateway, prefixlen=cidr.prefixlen)
+    ipr.link("set", index=bridge, state="up")
 
 
 def _bridge_mac(gateway: str) -> str:
@@ -141,7 +151,9 @@ def _bridge_mac(gateway: str) -> str:
 
 
 def forget_neighbour(node: NodePlan, ip: str) -> None:
-    """In the node's namespace: drop its ARP entry for an address a new pod now has."""
+    """In the node's namespace: drop its ARP entry on the node bridge for an address a new
+    pod now has. (Only the bridge network needs it: with ptp each pod's veth is new, and
+    ARP entries go with the link they were learnt on.)"""
 
     def forget() -> None:
         with IPRoute() as ipr:

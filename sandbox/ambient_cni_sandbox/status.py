@@ -35,7 +35,10 @@ def show_status(name: str) -> int:
             )
         return 1
     print(f"sandbox {name}  created {state.created}  kubeconfig {state.kubeconfig}")
-    print(f"api server https://127.0.0.1:{state.apiserver_port}")
+    print(
+        f"api server https://127.0.0.1:{state.apiserver_port}  "
+        f"pod network {state.topology.pod_network}"
+    )
     print("processes:")
     for pid in tagged_pids(name):
         print(f"  {pid:>7}  {_component(pid)}")

@@ -8,13 +8,19 @@ is the start of another's.
 Addressing (every sandbox has its own underlay namespace, so two sandboxes
 on one machine may reuse the same ranges):
   underlay  172.18.0.0/16, node i at 172.18.0.(10+i)
-  pods      10.244.0.0/16, node i owns 10.244.(4(i-1)).0/22, gateway .1 on its bridge
+  pods      10.244.0.0/16, node i owns 10.244.(4(i-1)).0/22, gateway .1
+
+The pod network is one of two CNI setups (`PodNetwork`):
+  bridge    pods on the node bridge cbr0, which holds the gateway (the default)
+  ptp       as kindnet: no bridge, each pod on its own veth, whose node end holds
+            the gateway /32, and one `<pod-ip> dev vethXXXX scope host` route per pod
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -31,6 +37,9 @@ NODE_UPLINK = "eth0"
 POD_INTERFACE = "eth0"
 UNDERLAY_BRIDGE = "br0"
 
+PodNetwork = Literal["bridge", "ptp"]
+POD_NETWORKS: tuple[PodNetwork, ...] = ("bridge", "ptp")
+
 
 class TopologyError(ValueError):
     """A sandbox name or size the sandbox cannot plan."""
@@ -45,7 +54,7 @@ class NodePlan(BaseModel):
     underlay_link: str  # the node's veth end inside the underlay namespace
     ip: str  # the node's address on the underlay: its InternalIP
     pod_cidr: str
-    gateway: str  # first address of the pod CIDR, on the node bridge
+    gateway: str  # first address of the pod CIDR: on the node bridge, or on each pod's veth
 
 
 class Topology(BaseModel):
@@ -55,6 +64,7 @@ class Topology(BaseModel):
     prefix: str
     underlay_netns: str
     nodes: tuple[NodePlan, ...]
+    pod_network: PodNetwork = "bridge"
 
     def node(self, name: str) -> NodePlan:
         for node in self.nodes:
@@ -82,10 +92,13 @@ def prefix_for(name: str) -> str:
     return f"acni-{validate_name(name)}-"
 
 
-def plan(name: str, node_count: int) -> Topology:
+def plan(name: str, node_count: int, pod_network: PodNetwork = "bridge") -> Topology:
     prefix = prefix_for(name)
     if not 1 <= node_count <= MAX_NODES:
         raise TopologyError(f"a sandbox has 1 to {MAX_NODES} nodes, not {node_count}")
+    if pod_network not in POD_NETWORKS:
+        choices = ", ".join(POD_NETWORKS)
+        raise TopologyError(f"a pod network is one of {choices}, not {pod_network!r}")
     pod_cidrs = list(POD_SUPERNET.subnets(new_prefix=POD_PREFIXLEN))
     nodes = []
     for index in range(1, node_count + 1):
@@ -102,5 +115,9 @@ def plan(name: str, node_count: int) -> Topology:
             )
         )
     return Topology(
-        name=name, prefix=prefix, underlay_netns=f"{prefix}underlay", nodes=tuple(nodes)
+        name=name,
+        prefix=prefix,
+        underlay_netns=f"{prefix}underlay",
+        nodes=tuple(nodes),
+        pod_network=pod_network,
     )

@@ -1,13 +1,21 @@
 """A ztunnel stand-in for the sandbox: a real ZDS client and a plaintext relay.
 
-For each pod it is given (an Add with the pod's netns fd) it listens on 15001
-(outbound), 15006 (inbound) and 15008 (HBONE) inside that netns, with its
-sockets marked 1337 as ztunnel's are. A redirected connection's original
-destination comes from SO_ORIGINAL_DST; the stand-in connects there from
-inside the pod's netns (marked, so the pod's rules let it pass), relays both
-ways and logs one JSON line per connection: direction, pod, source,
-original destination and bytes each way. Tests read that log to prove which
-traffic went through it.
+In-pod mode: for each pod it is given (an Add with the pod's netns fd) it
+listens on 15001 (outbound), 15006 (inbound) and 15008 (HBONE) inside that
+netns, with its sockets marked 1337 as ztunnel's are. A redirected
+connection's original destination comes from SO_ORIGINAL_DST; the stand-in
+connects there from inside the pod's netns (marked, so the pod's rules let it
+pass).
+
+Node mode (Istio 1.16-1.20): it also listens on those ports in its own netns,
+the ztunnel pod's, with IP_TRANSPARENT, so the TPROXY rules there hand it
+connections tunnelled in from the node. Such a connection's original
+destination is its own local address; the stand-in connects there from its
+own netns and address. Without CAP_NET_ADMIN it goes on without node mode.
+
+Either way it relays both ways and logs one JSON line per connection: mode,
+direction, pod ("" in node mode), source, original destination and bytes each
+way. Tests read that log to prove which traffic went through it.
 
 Run: python -m ambient_cni_sandbox.ztunnel --socket PATH --log PATH
 """
@@ -24,6 +32,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,14 +43,36 @@ from ambient_cni_sandbox.zds_client import ZdsClient
 
 ZTUNNEL_MARK = 1337
 SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = 19  # at SOL_IP; not in Python's socket module
 PORTS = {15001: "outbound", 15006: "inbound", 15008: "hbone"}
 log = logging.getLogger("ztunnel-stand-in")
 
 
-def original_destination(conn: socket.socket) -> tuple[str, int]:
+Address = tuple[str, int]
+
+
+def original_destination(conn: socket.socket) -> Address:
+    """Where a REDIRECTed (NATed) connection was going."""
     raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), int(port)
+
+
+def local_destination(conn: socket.socket) -> Address:
+    """Where a TPROXYed connection was going: its socket holds that very address."""
+    host, port = conn.getsockname()[:2]
+    return str(host), int(port)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """How connections reached a set of listeners, and how to relay them on."""
+
+    mode: str  # "inpod" or "node"
+    pod: str  # namespace/name; "" in node mode, where one listener serves every pod
+    destination: Callable[[socket.socket], Address]
+    upstream: Callable[[], socket.socket]  # an unconnected socket to reach it with
+    closed: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -52,14 +83,18 @@ class PodProxy:
     netns_fd: int
     inode: int
     listeners: list[socket.socket] = field(default_factory=list)
-    closed: threading.Event = field(default_factory=threading.Event)
+    capture: Capture = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capture = Capture(
+            "inpod",
+            f"{self.namespace}/{self.name}",
+            original_destination,
+            lambda: run_in_netns(self.netns_fd, _marked_socket),
+        )
 
     def close(self) -> None:
-        self.closed.set()
-        for listener in self.listeners:
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
+        _close_listeners(self.capture, self.listeners)
         with contextlib.suppress(OSError):
             os.close(self.netns_fd)
 
@@ -71,6 +106,27 @@ class StandIn:
         self._lock = threading.Lock()
         self.pods: dict[str, PodProxy] = {}
         self._named_in_session: set[str] = set()
+        self.node = Capture("node", "", local_destination, _plain_socket)
+        self.node_listeners: list[socket.socket] = []
+
+    # -- node mode --------------------------------------------------------------------------------
+
+    def serve_node_mode(self) -> bool:
+        """Listen in this process's own netns for TPROXYed connections; False (and a
+        warning) when it may not, e.g. without CAP_NET_ADMIN."""
+        try:
+            self.node_listeners = _listen_all(transparent=True)
+        except OSError as exc:
+            log.warning("no node mode: cannot listen transparently in my own netns: %s", exc)
+            return False
+        self._serve(self.node, self.node_listeners, "accept-node")
+        log.info("node mode: listening transparently on %s", ", ".join(map(str, PORTS)))
+        return True
+
+    def close(self) -> None:
+        _close_listeners(self.node, self.node_listeners)
+        for uid in list(self.pods):
+            self.remove(uid)
 
     # -- ZDS ------------------------------------------------------------------------------------
 
@@ -115,10 +171,7 @@ class StandIn:
         except OSError as exc:
             proxy.close()
             return f"cannot listen in the pod's netns: {exc}"
-        for listener in proxy.listeners:
-            threading.Thread(
-                target=self._accept, args=(proxy, listener), name=f"accept-{name}", daemon=True
-            ).start()
+        self._serve(proxy.capture, proxy.listeners, f"accept-{name}")
         with self._lock:
             self.pods[uid] = proxy
         log.info("serving %s/%s", namespace, name)
@@ -133,33 +186,38 @@ class StandIn:
 
     # -- relaying --------------------------------------------------------------------------------
 
-    def _accept(self, proxy: PodProxy, listener: socket.socket) -> None:
+    def _serve(self, capture: Capture, listeners: list[socket.socket], name: str) -> None:
+        for listener in listeners:
+            threading.Thread(
+                target=self._accept, args=(capture, listener), name=name, daemon=True
+            ).start()
+
+    def _accept(self, capture: Capture, listener: socket.socket) -> None:
         direction = PORTS[listener.getsockname()[1]]
-        while not proxy.closed.is_set():
+        while not capture.closed.is_set():
             try:
                 conn, peer = listener.accept()
             except OSError:
                 return
             threading.Thread(
-                target=self._relay, args=(proxy, direction, conn, peer), daemon=True
+                target=self._relay, args=(capture, direction, conn, peer), daemon=True
             ).start()
 
-    def _relay(
-        self, proxy: PodProxy, direction: str, conn: socket.socket, peer: tuple[str, int]
-    ) -> None:
+    def _relay(self, capture: Capture, direction: str, conn: socket.socket, peer: Address) -> None:
         started = time.time()
         record: dict[str, object] = {
+            "mode": capture.mode,
             "direction": direction,
-            "pod": f"{proxy.namespace}/{proxy.name}",
+            "pod": capture.pod,
             "src": f"{peer[0]}:{peer[1]}",
         }
         try:
             if direction == "hbone":
                 record["error"] = "HBONE is not implemented by the stand-in"
                 return
-            dst = original_destination(conn)
+            dst = capture.destination(conn)
             record["dst"] = f"{dst[0]}:{dst[1]}"
-            upstream = run_in_netns(proxy.netns_fd, _marked_socket)
+            upstream = capture.upstream()
             upstream.settimeout(5)
             upstream.connect(dst)
             upstream.settimeout(None)
@@ -185,15 +243,36 @@ def _marked_socket() -> socket.socket:
     return sock
 
 
-def _listen_all() -> list[socket.socket]:
-    listeners = []
-    for port in PORTS:
-        sock = _marked_socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", port))  # noqa: S104 - inside the pod's own netns
-        sock.listen(64)
-        listeners.append(sock)
+def _plain_socket() -> socket.socket:
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+def _listen_all(*, transparent: bool = False) -> list[socket.socket]:
+    """Listeners on every port, in the calling thread's netns: marked ones for a pod's
+    netns, or transparent ones (accepting TPROXYed connections) for node mode."""
+    listeners: list[socket.socket] = []
+    try:
+        for port in PORTS:
+            sock = _plain_socket() if transparent else _marked_socket()
+            listeners.append(sock)
+            if transparent:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))  # noqa: S104 - inside a pod's own netns
+            sock.listen(64)
+    except OSError:
+        for sock in listeners:
+            sock.close()
+        raise
     return listeners
+
+
+def _close_listeners(capture: Capture, listeners: list[socket.socket]) -> None:
+    capture.closed.set()
+    for listener in listeners:
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
 
 
 def _pump(src: socket.socket, dst: socket.socket, counted: list[int]) -> None:
@@ -228,6 +307,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stand_in = StandIn(args.log)
     args.log.parent.mkdir(parents=True, exist_ok=True)
+    stand_in.serve_node_mode()
     while not stop.is_set():
         client = ZdsClient(args.socket, stand_in.handle)
         stand_in.new_session()
@@ -237,8 +317,7 @@ def main() -> None:
         client.serve(stop)
         log.info("ZDS session ended; reconnecting")
         stop.wait(0.2)
-    for uid in list(stand_in.pods):
-        stand_in.remove(uid)
+    stand_in.close()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ambient_cni_sandbox.cni import SandboxPod, primary_conflist
+from ambient_cni_sandbox.cni import REFERENCE_PLUGINS, SandboxPod, primary_conflist
 from ambient_cni_sandbox.topology import NODE_BRIDGE, plan
 
 
@@ -17,6 +17,25 @@ def test_the_primary_network_is_the_node_bridge_with_its_pod_cidr() -> None:
     assert bridge["bridge"] == NODE_BRIDGE
     assert bridge["ipam"]["ranges"] == [[{"subnet": node.pod_cidr, "gateway": node.gateway}]]
     assert bridge["ipam"]["dataDir"] == "/state/ipam"
+
+
+def test_the_ptp_network_is_kindnets_a_veth_per_pod_with_the_node_pod_cidr() -> None:
+    node = plan("demo", 2, "ptp").nodes[1]
+    conflist = primary_conflist(node, Path("/state/ipam"), "ptp")
+    assert conflist["name"] == "simnet"
+    assert conflist["plugins"] == [
+        {
+            "type": "ptp",
+            "ipMasq": False,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.244.4.0/22", "gateway": "10.244.4.1"}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "dataDir": "/state/ipam",
+            },
+        }
+    ]
+    assert "ptp" in REFERENCE_PLUGINS
 
 
 def test_a_pod_is_named_to_plugins_as_a_cri_runtime_names_it() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from ambient_cni_sandbox.topology import (
+    Topology,
     TopologyError,
     plan,
     prefix_for,
@@ -42,3 +43,14 @@ def test_node_count_bounds(count: int) -> None:
 def test_no_prefix_is_the_start_of_another() -> None:
     # Names cannot contain the separator, so "acni-a-" never prefixes "acni-ab-...".
     assert not prefix_for("ab").startswith(prefix_for("a"))
+
+
+def test_the_pod_network_is_kept_and_defaults_to_the_bridge() -> None:
+    assert plan("demo", 1).pod_network == "bridge"
+    ptp = plan("demo", 1, "ptp")
+    assert Topology.model_validate_json(ptp.model_dump_json()) == ptp
+    # A state file written before the option existed reads as the bridge network.
+    older = ptp.model_dump(exclude={"pod_network"})
+    assert Topology.model_validate(older).pod_network == "bridge"
+    with pytest.raises(TopologyError, match="pod network"):
+        plan("demo", 1, "vxlan")  # type: ignore[arg-type]

@@ -1,5 +1,5 @@
 // The sandbox's CNI chain: the containernetworking reference plugins (bridge,
-// host-local, loopback) at a pinned release, and cni-run, the small libcni
+// ptp, host-local, loopback) at a pinned release, and cni-run, the small libcni
 // invoker the simulated kubelet runs the node's conflist with.
 module ambient-cni.dev/cnibin
 
