@@ -27,6 +27,7 @@ from .libnftables import Nft
 from .nft_host import NftablesHostDataplane, NftAddressSets
 from .nft_pod import NftablesPodDataplane
 from .nft_sidecar import NftablesSidecarDataplane
+from .node_dataplane import NodeModeDataplane
 from .routing import PolicyRouting
 from .runner import SubprocessRunner, in_netns
 
@@ -40,6 +41,7 @@ class Dataplane:
     pods: PodDataplane
     host: HostDataplane
     sidecars: SidecarDataplane  # Istio's iptables or native nftables form, as the pods'
+    node: NodeModeDataplane  # the legacy node mode: iptables, as Istio 1.20 had it
 
 
 @dataclass
@@ -64,6 +66,7 @@ def _iptables(name: FlavourName) -> BackendBuilder:
                 flavour, runner, IpsetAddressSets(PROBE_IPSET, host_netns), host_netns
             ),
             sidecars=IptablesSidecarDataplane(flavour, runner),
+            node=NodeModeDataplane(flavour, runner, host_netns),
         )
 
     return build
@@ -89,6 +92,8 @@ def _nftables(options: BackendOptions) -> Dataplane:
             options.host_netns,
         ),
         sidecars=NftablesSidecarDataplane(workers, options.runner),
+        # Istio never had node mode in native nftables: its rules go through iptables-nft.
+        node=NodeModeDataplane(Flavour("nft"), options.runner, options.host_netns),
     )
 
 

@@ -8,7 +8,7 @@ their place to exercise the algorithms without root.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +17,14 @@ from typing import Literal, Protocol, TypeVar
 from ambient_cni.api.models import Backend, SidecarCapture
 
 from .constants import Family
+from .node_plan import TunnelKind, ZtunnelPath
+from .node_rules import NodeHost
 from .redirection import PodRedirect
 
 T = TypeVar("T")
 
 
-ChangeKind = Literal["rules", "routing", "host-rules"]
+ChangeKind = Literal["rules", "routing", "host-rules", "tunnels", "ztunnel-rules"]
 
 
 @dataclass(frozen=True)
@@ -183,3 +185,31 @@ class HostDataplane(Protocol):
     def uninstall(self) -> bool:
         """Remove the host rules, then the sets; True if anything was there."""
         ...
+
+
+class NodeModeKernel(Protocol):
+    """The legacy node mode's kernel side (node_dataplane.py): the node's chains, set,
+    tunnels, routes and rules; the ztunnel pod's side; one pod's set entry and route."""
+
+    @property
+    def tunnel_kind(self) -> TunnelKind: ...
+
+    def ztunnel_path(self, ztunnel_ip: str) -> ZtunnelPath:
+        """How the node reaches its ztunnel pod; raises DataplaneError when not by a veth."""
+        ...
+
+    def ensure_rules(self, host: NodeHost) -> Changes: ...
+
+    def sync_set(self, pods: Mapping[str, str]) -> Changes:
+        """The set holds exactly `pods` (IPv4 address -> UID)."""
+        ...
+
+    def ensure_tunnels(self, host: NodeHost, pods: Mapping[str, str]) -> Changes: ...
+
+    def ensure_ztunnel(self, netns: Path, ztunnel_ip: str, host_ip: str, port: int) -> Changes: ...
+
+    def add_pod(self, ip: str, uid: str, host: NodeHost) -> Changes: ...
+
+    def remove_pod(self, ip: str) -> bool: ...
+
+    def uninstall(self) -> bool: ...

@@ -11,6 +11,7 @@ VXLAN with the same names, VNIs and addresses where the kernel has no geneve.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -30,6 +31,16 @@ INBOUND_NET = ("192.168.126.1", "192.168.126.2")  # the node's end, ztunnel's en
 OUTBOUND_NET = ("192.168.127.1", "192.168.127.2")
 TUNNEL_PREFIX = 30
 INBOUND_TABLE, OUTBOUND_TABLE, PROXY_TABLE = 100, 101, 102
+
+
+@dataclass(frozen=True)
+class ZtunnelPath:
+    """How the node reaches its ztunnel pod: the host side of its veth, and the node's own
+    address toward it (the source the kernel picks: on a kindnet/ptp node, the pod CIDR's
+    gateway, which is what Istio's GetHostIP found)."""
+
+    veth: str
+    host_ip: str
 
 
 class Tunnel(BaseModel):
