@@ -26,6 +26,7 @@ from ambient_cni.agent.cni_server import CniServer
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.install_watch import InstallReportWatch
 from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
+from ambient_cni.agent.node_mode import NodeMode
 from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.agent.sidecar_mode import SidecarMode
@@ -75,8 +76,11 @@ def _backend_options(options: AgentOptions) -> factory.BackendOptions:
 
 def uninstall(options: AgentOptions) -> int:
     """Remove the host's probe rules and ipsets (pod rules are left to their pods)."""
-    removed = factory.build(options.backend, _backend_options(options)).host.uninstall()
+    dataplane = factory.build(options.backend, _backend_options(options))
+    removed = dataplane.host.uninstall()
     log.info("host rules and ipsets %s", "removed" if removed else "were already absent")
+    if dataplane.node.uninstall():
+        log.info("node mode's chains, tables, rules, tunnels and ipset removed")
     return 0
 
 
@@ -138,10 +142,13 @@ def run(
         ztunnel=zds,
         pod_api=pod_api,
     )
+    node = NodeMode(
+        dataplane=dataplane.node, resolver=resolver, pod_api=pod_api, backend=dataplane.backend
+    )
     sidecar = SidecarMode(dataplane=dataplane.sidecars, resolver=resolver, handles=HeldNetns())
     agent = NodeAgent(
         options,
-        {inpod.name: inpod},
+        {inpod.name: inpod, node.name: node},
         zds,
         KubeStatusWriter(api, options.node),
         dataplane.backend,

@@ -116,7 +116,9 @@ class InpodMode:
         pod = self._annotate(pod, names.REDIRECTION_ENABLED)
         return Step(pod.with_outcome("Enrolled", "Enrolled", None))
 
-    def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
+    def unenrol(
+        self, pod: PodState, ips_held_by_others: Set[str], *, keep_annotation: bool = False
+    ) -> Step:
         """Out only when the kernel says so: a pod whose netns cannot be found stays
         `Removing` (and redirected, and announced as such) until it is found, or until the
         pod is gone from the API server and its netns with it. In two steps, as enrol:
@@ -128,7 +130,8 @@ class InpodMode:
             [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
         )
         self.ztunnel.delete(workload.uid)
-        self._annotate(pod, None)
+        if not keep_annotation:
+            self._annotate(pod, None)
         self.handles.release(workload.uid)
         log.info("un-enrolled %s/%s", workload.namespace, workload.name)
         return Step(None)
@@ -158,7 +161,11 @@ class InpodMode:
 
     # -- the node ------------------------------------------------------------------------------
 
-    def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
+    def ensure_host(
+        self,
+        prune_to: Mapping[str, str] | None,
+        defaults: NodeDefaults,  # noqa: ARG002 - the seam's
+    ) -> HostReport:
         try:
             changes = self.host.ensure()
             if prune_to is not None:

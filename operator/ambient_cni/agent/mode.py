@@ -16,10 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from ambient_cni.api.models import Backend, RedirectMode, Repair, Workload, WorkloadState
+from ambient_cni.api.models import (
+    Backend,
+    RedirectMode,
+    Repair,
+    Workload,
+    WorkloadState,
+    ZtunnelRef,
+)
 from ambient_cni.sidecar import describe
 
-from .status import PodOutcome
+from .status import HostPart, PodOutcome
 
 
 def now() -> datetime.datetime:
@@ -38,6 +45,10 @@ class PodState:
     generation: int = -1  # the spec generation it was last reconciled against
     # This pass did the kernel's part, to bring the pod in or take it out; the rest is next.
     kernel_done: Literal["in", "out"] | None = None
+    # Which handler holds the pod (a redirect mode's name, or "sidecar"); and, while the
+    # node switches modes, the one it is still to leave once the new one holds it.
+    handler: str | None = None
+    leaving: str | None = None
 
     @classmethod
     def new(cls, workload: Workload) -> PodState:
@@ -87,11 +98,13 @@ class Step:
     """Where one pass left a pod: `state` None means it is fully out and forgotten; `retry`
     is the base delay before another pass (doubled for each retry in a row); `more` asks
     for the pass to go on once the pods already waiting had theirs (a mode may do the
-    kernel's part for a whole burst of pods first)."""
+    kernel's part for a whole burst of pods first); `applied`: a mode that does it all in
+    one pass put the pod's redirection in place in this one (a CNI ADD waits for that)."""
 
     state: PodState | None
     retry: float | None = None
     more: bool = False
+    applied: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,13 +112,20 @@ class HostReport:
     ok: bool
     message: str = ""
     changed: bool = False
+    parts: tuple[HostPart, ...] = ()  # conditions beyond HostRulesReady (node mode's)
+    requeue_pods: bool = False  # the node's side changed under the pods: give each a pass
+    # The mode took `prune_to` even though the node's side is not in place yet (node mode
+    # waiting for its ztunnel pod): the agent's first pass is done all the same.
+    pruned: bool = False
 
 
 @dataclass(frozen=True)
 class NodeDefaults:
-    """Node-wide settings from the spec that a pod's entry may override."""
+    """Node-wide settings from the spec that a pod's entry may override, and the node's
+    ztunnel pod."""
 
     dns_capture: bool = True
+    ztunnel: ZtunnelRef | None = None
 
 
 class PodHandler(Protocol):
@@ -116,8 +136,11 @@ class PodHandler(Protocol):
         nothing); report failures in the returned state, never by raising."""
         ...
 
-    def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:
-        """Take the pod out, in the reverse order; never touch an address another pod holds."""
+    def unenrol(
+        self, pod: PodState, ips_held_by_others: Set[str], *, keep_annotation: bool = False
+    ) -> Step:
+        """Take the pod out, in the reverse order; never touch an address another pod holds.
+        `keep_annotation`: another mode holds the pod already (a switch of modes)."""
         ...
 
 
@@ -128,7 +151,7 @@ class RedirectModeHandler(PodHandler, Protocol):
     @property
     def backend(self) -> Backend: ...
 
-    def ensure_host(self, prune_to: Mapping[str, str] | None) -> HostReport:
+    def ensure_host(self, prune_to: Mapping[str, str] | None, defaults: NodeDefaults) -> HostReport:
         """Make the node's side right; with `prune_to` (IP -> pod UID), also drop every address
         set entry not in it (after a restart: pods that left while the agent was away)."""
         ...

@@ -38,8 +38,16 @@ from ambient_cni.workqueue import WorkQueue
 
 from . import metrics
 from .interfaces import StatusWriteError, StatusWriter, Ztunnel
-from .mode import NodeDefaults, PodHandler, PodState, RedirectModeHandler, Step, now, outcome
-from .status import NodeFacts, PodOutcome, render
+from .mode import (
+    NodeDefaults,
+    PodHandler,
+    PodState,
+    RedirectModeHandler,
+    Step,
+    now,
+    outcome,
+)
+from .status import HostPart, NodeFacts, PodOutcome, render
 
 log = logging.getLogger("ambient_cni.agent")
 
@@ -54,6 +62,9 @@ HOST_RETRY = 5.0
 # the mesh meanwhile): a controller that is slow or away un-enrols nobody.
 CNI_GRACE = 30.0
 STATUS_RETRY = 2.0
+SIDECAR = "sidecar"  # the handler name of sidecar capture, beside the modes' names
+# The mode that leaves state inside pods (the other's is all on the node).
+POD_LEVEL_MODE: RedirectMode = "inpod"
 
 
 @dataclass
@@ -78,6 +89,7 @@ class _HostState:
     ok: bool = False
     message: str = "not applied yet"
     pruned: bool = False
+    parts: tuple[HostPart, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,8 @@ class NodeAgent:
         self._missing_since: float | None = None
         self._status_written_at = float("-inf")
         self._refused_mode: RedirectMode | None = None
+        self._cleared: set[str] = set()  # modes whose node side is known removed
+        self._from_before: set[str] | None = None  # pods listed in the first spec seen
         # install-cni's last word on the plugin (None: this node runs no CNI plugin)
         self._cni_plugin: InstallReport | None = (
             None
@@ -161,6 +175,9 @@ class NodeAgent:
                     log.error("ignoring an invalid spec for %s: %s", self.options.node, exc)
                     return
                 self._came_back()
+                if self._from_before is None:
+                    # The pods the first spec lists were there before this agent started.
+                    self._from_before = {w.uid for w in spec.workloads}
                 self._desired = _Desired(
                     spec=spec, generation=int(obj["metadata"].get("generation") or 0)
                 )
@@ -361,15 +378,36 @@ class NodeAgent:
             wanted = {
                 ip: w.uid for w in self._desired_workloads() if w.sidecar is None for ip in w.ips
             }
+            defaults = self._defaults()
+            in_use = {r.handler for r in self._records.values()}
+            in_use |= {r.leaving for r in self._records.values()}
         if mode is None:
             return  # no spec yet, or a mode this agent lacks: touch nothing
-        report = mode.ensure_host(wanted if first else None)
+        report = mode.ensure_host(wanted if first else None, defaults)
+        self._cleared.discard(mode.name)
+        for name, other in self.modes.items():
+            # Once no pod is held by another mode, its node side goes (after a switch, or a
+            # restart in another mode than the node had).
+            if name != mode.name and name not in in_use and name not in self._cleared:
+                if other.uninstall_host():
+                    log.info("removed what %s mode had on the node", name)
+                self._cleared.add(name)
         with self._lock:
             before = self._host
             self._host = _HostState(
-                ok=report.ok, message=report.message, pruned=before.pruned or report.ok
+                ok=report.ok,
+                message=report.message,
+                pruned=before.pruned or report.ok or report.pruned,
+                parts=report.parts,
             )
-            changed = (before.ok, before.message) != (self._host.ok, self._host.message)
+            changed = (before.ok, before.message, before.parts) != (
+                self._host.ok,
+                self._host.message,
+                self._host.parts,
+            )
+            keys = {w.uid for w in self._desired_workloads()} if report.requeue_pods else set()
+        for key in keys:
+            self.pods.add(key)
         if not report.ok:
             self.host.add_after("host", HOST_RETRY)
         if changed:
@@ -387,52 +425,142 @@ class NodeAgent:
             desired = {w.uid: w for w in self._desired_workloads()}.get(uid)
             record = self._records.get(uid)
             generation = self._desired.generation
-            defaults = NodeDefaults(
-                dns_capture=self._desired.spec.dns_capture if self._desired.spec else True
-            )
-            # A pod that became a sidecar pod, or stopped being one, leaves the old way first.
-            switching = (
-                desired is not None
-                and record is not None
-                and _kind(desired) != _kind(record.workload)
-            )
-            held = (
-                _ips_held(self._records, but=uid)
-                if record and (desired is None or switching)
-                else set()
-            )
-        handler = self._handler(mode, record if switching else desired or record)
-        if handler is None:
-            return  # a mode this agent lacks: every pod is kept exactly as it is
+            defaults = self._defaults()
+            from_before = record is None and uid in (self._from_before or set())
+            held = _ips_held(self._records, but=uid) if record else set()
+        workload = desired or (record.workload if record else None)
+        if workload is None or (mode is None and workload.sidecar is None):
+            return  # no such pod; or no spec yet, or a mode this agent lacks: kept as it is
+        want = self._wanted_handler(mode, desired)
         started = time.monotonic()
-        if desired is not None and not switching:
-            pod = PodState.new(desired) if record is None else _with_workload(record, desired)
-            step = handler.enrol(pod, defaults)
-            if not step.more:
-                metrics.POD_RECONCILES.labels((step.state or pod).outcome.state).inc()
+        if record is not None and record.leaving and (desired is None or record.handler == want):
+            self._leave(uid, record, held, number)
+        elif (
+            desired is not None and record is not None and _kind(desired) != _kind(record.workload)
+        ):
+            # A pod that became a sidecar pod, or stopped being one, leaves the old way first
+            # (both ways write the pod's own chains: they cannot overlap).
+            step = self._holder(record, mode).unenrol(record, held)
+            self._store(uid, step, None, number)
+            if step.state is None:
+                self.pods.add(uid)  # out the old way: in the new one
+        elif desired is not None and want is not None:
+            self._enrol(
+                record,
+                desired,
+                want=want,
+                defaults=defaults,
+                from_before=from_before,
+                generation=generation,
+                number=number,
+            )
         elif record is not None:
-            step = handler.unenrol(record, held)
+            step = self._holder(record, mode).unenrol(record, held)
             if not step.more:
                 metrics.POD_RECONCILES.labels("Removed" if step.state is None else "Removing").inc()
+            self._store(uid, step, None, number)
         else:
             return
-        stored = generation if desired is not None and not step.more and not switching else None
-        self._store(uid, step, stored, number)
-        if switching and step.state is None:
-            self.pods.add(uid)  # out the old way: in the new one
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
         self._status_soon()
 
-    def _handler(
-        self, mode: RedirectModeHandler | None, found: Workload | PodState | None
-    ) -> PodHandler | None:
-        """Sidecar capture for a pod with an injected proxy (whatever the node's mode: it
-        needs neither ztunnel nor the spec's mode), the node's mode for the rest (None: a
-        mode this agent lacks)."""
-        workload = found.workload if isinstance(found, PodState) else found
-        if workload is not None and workload.sidecar is not None:
+    def _enrol(
+        self,
+        record: PodState | None,
+        desired: Workload,
+        *,
+        want: str,
+        defaults: NodeDefaults,
+        from_before: bool,
+        generation: int,
+        number: int,
+    ) -> None:
+        """Into the mesh the way the node now asks; when that is another mode than the one
+        holding the pod, the new one takes it first and the old one lets go after (make
+        before break: the pod is never without redirection)."""
+        pod = PodState.new(desired) if record is None else _with_workload(record, desired)
+        if (
+            from_before
+            and desired.sidecar is None
+            and want != POD_LEVEL_MODE
+            and POD_LEVEL_MODE in self.modes
+        ):
+            # After a restart in another mode: whatever rules a pod still has from in-pod
+            # mode go once this mode holds it.
+            pod = dataclasses.replace(pod, leaving=POD_LEVEL_MODE)
+        elif pod.handler is not None and pod.handler != want:
+            pod = dataclasses.replace(pod, leaving=pod.handler, handler=None, kernel_done=None)
+            log.info("%s/%s: %s -> %s", desired.namespace, desired.name, pod.leaving, want)
+        if pod.leaving == want:
+            pod = dataclasses.replace(pod, leaving=None)  # switched back before it was done
+        step = self._by_name(want).enrol(pod, defaults)
+        state = step.state
+        if state is not None and not step.more:
+            metrics.POD_RECONCILES.labels(state.outcome.state).inc()
+            if state.outcome.state == "Enrolled":
+                step = dataclasses.replace(step, state=dataclasses.replace(state, handler=want))
+        self._store(desired.uid, step, None if step.more else generation, number)
+        if step.state is not None and step.state.handler == want and step.state.leaving:
+            self.pods.add(desired.uid)  # held the new way: out of the old one
+
+    def _leave(self, uid: str, record: PodState, held: set[str], number: int) -> None:
+        """The mode a pod is switching away from lets go of it; its state stays the new
+        holder's (or, for a pod leaving the mesh, the one to undo next)."""
+        assert record.leaving is not None
+        step = self._by_name(record.leaving).unenrol(record, held, keep_annotation=True)
+        if step.state is None:
+            kept = dataclasses.replace(record, leaving=None, kernel_done=None)
+            log.info(
+                "%s/%s: out of %s mode",
+                record.workload.namespace,
+                record.workload.name,
+                record.leaving,
+            )
+            self._store(uid, Step(kept), None, number)
+            self.host.add("host")  # the old mode's node side may go now
+            if record.handler is None:
+                self.pods.add(uid)  # leaving the mesh: the holder's turn
+            return
+        # Only the kernel step's progress counts; the pod's outcome is the holder's.
+        progress = dataclasses.replace(record, kernel_done=step.state.kernel_done)
+        self._store(uid, Step(progress, step.retry, step.more), None, number)
+
+    def _wanted_handler(
+        self, mode: RedirectModeHandler | None, desired: Workload | None
+    ) -> str | None:
+        """Who should hold the pod: sidecar capture for a pod with an injected proxy
+        (whatever the node's mode: it needs neither ztunnel nor the spec's mode), the node's
+        mode for the rest (None: a mode this agent lacks, or no pod)."""
+        if desired is None:
+            return None
+        if desired.sidecar is not None:
+            return SIDECAR if self.sidecar is not None else None
+        return None if mode is None else mode.name
+
+    def _by_name(self, name: str) -> PodHandler:
+        if name == SIDECAR and self.sidecar is not None:
             return self.sidecar
-        return mode
+        return self.modes[name]  # type: ignore[index]
+
+    def _holder(self, record: PodState, mode: RedirectModeHandler | None) -> PodHandler:
+        """Who takes the pod out: the one that holds it; for a pod none holds yet, the
+        one that was bringing it in."""
+        if record.handler is not None and (
+            record.handler == SIDECAR or record.handler in self.modes
+        ):
+            return self._by_name(record.handler)
+        if record.workload.sidecar is not None and self.sidecar is not None:
+            return self.sidecar
+        if mode is not None:
+            return mode
+        return next(iter(self.modes.values()))
+
+    def _defaults(self) -> NodeDefaults:
+        """Node-wide settings from the spec (caller holds the lock)."""
+        spec = self._desired.spec
+        if spec is None:
+            return NodeDefaults()
+        return NodeDefaults(dns_capture=spec.dns_capture, ztunnel=spec.ztunnel)
 
     def _store(self, uid: str, step: Step, generation: int | None, number: int = 0) -> None:
         """Keep the pod's new state and schedule its retry: the one place records change."""
@@ -450,7 +578,7 @@ class NodeAgent:
             else:
                 self._records[uid] = state
                 self._passes[uid] = number
-                if state.kernel_done == "in":
+                if state.kernel_done == "in" or step.applied:
                     self._kernel_passes[uid] = number
             self._stored.notify_all()
         if state is not None and step.more:
@@ -478,20 +606,31 @@ class NodeAgent:
                 for r in records
                 if r.workload.uid in desired
             ) and desired <= {r.workload.uid for r in records}
+            in_sync = in_sync and not any(r.leaving for r in records)
             previous = _conditions(self._server.status)
             host = self._host
             cni_plugin = self._cni_plugin
             stopped = self._stopped
         ztunnel = spec.ztunnel
+        by_api = spec.redirect_mode == "node"
+        if by_api:
+            inside = [p.ok for p in host.parts if p.condition == "ZtunnelRulesReady"]
+            connected = bool(ztunnel and ztunnel.ready and all(inside) and inside)
+        else:
+            connected = self.ztunnel.connected
         facts = NodeFacts(
             generation=self._desired.generation,
             mode=spec.redirect_mode,
             mode_supported=supported,
             backend=self.backend,
-            ztunnel_connected=self.ztunnel.connected,
+            ztunnel_connected=connected,
             ztunnel_pod=f"{ztunnel.namespace}/{ztunnel.name}" if ztunnel else None,
-            ztunnel_since=_since(self.ztunnel.connected_since),
-            host_rules_ok=host.ok,
+            ztunnel_since=None if by_api else _since(self.ztunnel.connected_since),
+            ztunnel_by_api=by_api,
+            host_parts=host.parts,
+            host_rules_ok=all(p.ok for p in host.parts if p.condition == "HostRulesReady")
+            if host.parts
+            else host.ok,
             host_rules_message=host.message,
             in_sync=in_sync and host.pruned and supported,
             cni_plugin=cni_plugin,

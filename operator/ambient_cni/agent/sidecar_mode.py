@@ -69,7 +69,10 @@ class SidecarMode:
             )
         return Step(dataclasses.replace(pod, netns=netns, kernel_done="in"), more=True)
 
-    def unenrol(self, pod: PodState, ips_held_by_others: Set[str]) -> Step:  # noqa: ARG002
+    def unenrol(
+        self, pod: PodState, ips_held_by_others: Set[str], *, keep_annotation: bool = False
+    ) -> Step:
+        del ips_held_by_others, keep_annotation  # the seam's: nothing here is shared or ours
         workload = pod.workload
         self.handles.release(workload.uid)
         log.info(

@@ -38,6 +38,17 @@ class PodOutcome(BaseModel):
     capture: str | None = None  # a sidecar pod's capture in effect; None for ambient pods
 
 
+class HostPart(BaseModel):
+    """One piece of the node's side a mode checks, as a status condition of its own."""
+
+    model_config = ConfigDict(frozen=True)
+
+    condition: ConditionType
+    ok: bool
+    reason: str
+    message: str
+
+
 class NodeFacts(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -53,6 +64,8 @@ class NodeFacts(BaseModel):
     in_sync: bool  # every desired workload was reconciled against this generation
     cni_plugin: InstallReport | None = None  # None: this node runs no CNI plugin
     agent_stopped: bool = False  # the agent's last word: no new pod can be enrolled here
+    host_parts: tuple[HostPart, ...] = ()  # the mode's own node-side conditions
+    ztunnel_by_api: bool = False  # node mode: ztunnel learns pods from the API, not over ZDS
 
 
 class _Conditions:
@@ -92,13 +105,26 @@ def render(
     counts["Enrolled"] -= sidecars  # `enrolled` counts ambient pods, `sidecars` the others
     make = _Conditions(facts.generation, now, previous).make
     zt_reason = "Connected" if facts.ztunnel_connected else "NotConnected"
-    if not facts.ztunnel_connected:
+    if facts.ztunnel_by_api:
+        zt_reason = "Ready" if facts.ztunnel_connected else "NotReady"
+        zt_message = (
+            f"node mode: ztunnel {facts.ztunnel_pod} is ready and its rules are in place "
+            "(it learns pods from the API server, not over ZDS)"
+            if facts.ztunnel_connected
+            else f"node mode: ztunnel {facts.ztunnel_pod or '(none scheduled)'} is not ready "
+            "or its rules are not in place"
+        )
+    elif not facts.ztunnel_connected:
         zt_message = "no ztunnel is connected to the ZDS socket"
     elif facts.ztunnel_pod:
         zt_message = f"ztunnel {facts.ztunnel_pod} connected"
     else:
         zt_message = "ztunnel connected"
     host_reason = "Applied" if facts.host_rules_ok else "HostRulesFailed"
+    host_message = facts.host_rules_message
+    for part in facts.host_parts:
+        if part.condition == "HostRulesReady":
+            host_reason, host_message = part.reason, part.message
     sync_reason = "Reconciled" if facts.in_sync else "Reconciling"
     not_ready = "NotReady" if facts.mode_supported else "RedirectModeNotSupported"
     if not facts.mode_supported:
@@ -114,8 +140,12 @@ def render(
         )
     if not facts.ztunnel_connected:
         problems.append("ztunnel not connected")
+    parts = [p for p in facts.host_parts if p.condition != "HostRulesReady"]
     if not facts.host_rules_ok:
         problems.append("host rules failed")
+    for part in parts:
+        if not part.ok:
+            problems.append(f"{part.condition}: {part.message}")
     if facts.cni_plugin is not None and not facts.cni_plugin.installed:
         problems.append(f"CNI plugin not installed: {facts.cni_plugin.message}")
     if counts["Failed"]:
@@ -133,8 +163,9 @@ def render(
             _enrolled(counts["Enrolled"], sidecars) if ready else "; ".join(problems),
         ),
         make("ZtunnelConnected", facts.ztunnel_connected, zt_reason, zt_message),
-        make("HostRulesReady", facts.host_rules_ok, host_reason, facts.host_rules_message),
+        make("HostRulesReady", facts.host_rules_ok, host_reason, host_message),
         make("InSync", facts.in_sync, sync_reason, ""),
+        *(make(p.condition, p.ok, p.reason, p.message) for p in parts),
     ]
     if facts.cni_plugin is not None:
         installed = facts.cni_plugin.installed

@@ -103,7 +103,13 @@ WorkloadState = Literal["Enrolled", "Pending", "Failed", "Removing"]
 InterceptionMode = Literal["REDIRECT", "TPROXY"]
 ConditionStatus = Literal["True", "False", "Unknown"]
 ConditionType = Literal[
-    "Ready", "ZtunnelConnected", "HostRulesReady", "InSync", "CniPluginInstalled"
+    "Ready",
+    "ZtunnelConnected",
+    "HostRulesReady",
+    "InSync",
+    "CniPluginInstalled",
+    "TunnelsReady",  # node mode
+    "ZtunnelRulesReady",  # node mode
 ]
 
 
