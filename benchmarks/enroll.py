@@ -20,7 +20,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.api import names
-from ambient_cni.api.models import AmbientNodeConfigSpec, Workload, ZtunnelRef
+from ambient_cni.api.models import AmbientNodeConfigSpec, RedirectMode, Workload, ZtunnelRef
 from ambient_cni.dataplane import factory
 from ambient_cni.dataplane.interfaces import PodDataplane
 from ambient_cni.dataplane.iptables_flavour import detect_flavour
@@ -36,7 +36,15 @@ from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.components import AGENT_USER, Component
 from ambient_cni_sandbox.network import create_netns
 
-from .measure import AckingZtunnel, ProcessUsage, Profile, RuleEvents, percentiles, wait_until
+from .measure import (
+    AckingZtunnel,
+    ProcessUsage,
+    Profile,
+    RouteEvents,
+    RuleEvents,
+    percentiles,
+    wait_until,
+)
 from .objects import (
     BENCH_LABEL,
     NETNS_PREFIX,
@@ -75,13 +83,41 @@ def per_rule_commands(ruleset: str, tool: str) -> list[list[str]]:
     return commands
 
 
-def _spec(workloads: list[Workload]) -> dict[str, Any]:
+# Node mode's ztunnel pod: a namespace behind a veth of its own, as on a kindnet node; named
+# like the pods' so the agent's lookup of named namespaces finds it by its address.
+ZTUNNEL_IP, ZTUNNEL_PEER = "10.249.255.2", "10.249.255.1"
+
+
+def _spec(workloads: list[Workload], mode: RedirectMode = "inpod") -> dict[str, Any]:
     spec = AmbientNodeConfigSpec(
         node_name=NODE,
-        ztunnel=ZtunnelRef(name="ztunnel-bench", namespace="istio-system", uid="bench", ready=True),
+        redirect_mode=mode,
+        ztunnel=ZtunnelRef(
+            name="ztunnel-bench",
+            namespace="istio-system",
+            uid="bench",
+            ip=ZTUNNEL_IP if mode == "node" else None,
+            ready=True,
+        ),
         workloads=workloads,
     )
     return spec.to_wire()
+
+
+def _ztunnel_pod(host_netns: str, name: str) -> None:
+    """The ztunnel pod's namespace, joined to the node's by a veth (ptp style)."""
+    create_netns(name)
+    for command in (
+        f"ip -n {host_netns} link add ztveth type veth peer name eth0 netns {name}",
+        f"ip -n {host_netns} addr add {ZTUNNEL_PEER}/32 dev ztveth",
+        f"ip -n {host_netns} link set ztveth up",
+        f"ip -n {host_netns} route add {ZTUNNEL_IP} dev ztveth scope link",
+        f"ip -n {name} addr add {ZTUNNEL_IP}/32 dev eth0",
+        f"ip -n {name} link set eth0 up",
+        f"ip -n {name} link set lo up",
+        f"ip -n {name} route add {ZTUNNEL_PEER} dev eth0 scope link",
+    ):
+        subprocess.run(shlex.split(command), check=True, capture_output=True)
 
 
 BACKENDS = ("iptables-nft", "nftables")
@@ -100,6 +136,7 @@ def run(
     custom = bulk.custom()
     flavour = detect_flavour(SubprocessRunner())
     host_netns = f"{NETNS_PREFIX}host"
+    ztunnel_netns = f"{NETNS_PREFIX}pod-ztunnel"
     pod_netns = [f"{NETNS_PREFIX}pod-{i:04d}" for i in range(pods)]
     socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel.sock"
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +189,20 @@ def run(
             )
             for backend in backends
         }
+        # The legacy node mode on the same pods, last: nothing in their namespaces.
+        _ztunnel_pod(host_netns, ztunnel_netns)
+        node_mode = _agent_run(
+            cluster,
+            custom=custom,
+            backend="iptables-nft",
+            workloads=workloads,
+            paths=paths,
+            pod_netns=pod_netns,
+            host_netns=host_netns,
+            socket_path=socket_path,
+            profile=None,
+            mode="node",
+        )
         cleanup = factory.build(flavour.backend).pods
         naive = _timed_per_pod(paths.values(), lambda: _per_rule(flavour.name))
         _remove_all(cleanup, paths.values())
@@ -168,6 +219,7 @@ def run(
             "workers": WORKERS,
             "iptables_flavour": flavour.backend,
             "backends": measured,
+            "node_mode": node_mode,
             "per_rule_wall_s": naive,
             "per_rule_processes_per_pod": len(
                 per_rule_commands(pod_ruleset(PodRedirect()), "iptables")
@@ -176,7 +228,7 @@ def run(
             "in_process_floor_wall_s": in_process,
         }
     finally:
-        delete_netns_all([*pod_netns, host_netns])
+        delete_netns_all([*pod_netns, ztunnel_netns, host_netns])
         with contextlib.suppress(ApiException):
             custom.delete_cluster_custom_object(
                 names.GROUP, names.VERSION, names.PLURAL, NODE, _preload_content=False
@@ -195,15 +247,19 @@ def _agent_run(
     host_netns: str,
     socket_path: Path,
     profile: Path | None,
+    mode: RedirectMode = "inpod",
 ) -> dict[str, Any]:
-    """One agent with this backend enrols every pod, then un-enrols them."""
+    """One agent with this backend enrols every pod, then un-enrols them. In node mode a
+    pod is in the kernel when its route in the node's table 100 is."""
     agent: Component | None = None
     ztunnel: AckingZtunnel | None = None
-    events: RuleEvents | None = None
+    events: RuleEvents | RouteEvents | None = None
     try:
+        if mode == "node":
+            _patch_spec(custom, [], mode)
         agent = Component(
             cluster,
-            f"bench-agent-{backend}",
+            f"bench-agent-{backend}" if mode == "inpod" else "bench-agent-node-mode",
             [
                 "agent",
                 f"--node={NODE}",
@@ -227,8 +283,14 @@ def _agent_run(
             timeout=30,
         )
         usage = ProcessUsage(agent.pid or 0)
-        events = RuleEvents(paths)
         pods = len(workloads)
+        # What each pod's arrival in the kernel is keyed by: its netns, or (node mode) its IP.
+        keys = pod_netns
+        if mode == "node":
+            events = RouteEvents(Path("/run/netns") / host_netns, 100)
+            keys = [w.ips[0] for w in workloads]
+        else:
+            events = RuleEvents(paths)
 
         def status() -> dict[str, Any]:
             obj = raw(
@@ -242,18 +304,19 @@ def _agent_run(
 
         def patch_workloads(entries: list[Workload]) -> float:
             started = time.monotonic()
-            answer = custom.patch_cluster_custom_object(
-                names.GROUP,
-                names.VERSION,
-                names.PLURAL,
-                NODE,
-                as_body({"spec": _spec(entries)}),
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-            )
-            answer.read()
+            _patch_spec(custom, entries, mode)
             spec_written.append(time.monotonic() - started)
             return started
+
+        if mode == "node":
+            wait_until(
+                "the node's side of node mode",
+                lambda: any(
+                    c["type"] == "TunnelsReady" and c["status"] == "True"
+                    for c in status().get("conditions") or []
+                ),
+                timeout=30,
+            )
 
         writes = "ambient_cni_agent_status_writes_total"
         writes_before = agent.metric(writes)
@@ -280,7 +343,7 @@ def _agent_run(
             profiles["enrol"] = profiler.stop()
         enroll_status_writes = agent.metric(writes) - writes_before
         writes_before = agent.metric(writes)
-        enroll_latency = [events.added[n] - t_enroll for n in pod_netns if n in events.added]
+        enroll_latency = [events.added[n] - t_enroll for n in keys if n in events.added]
         enroll_kernel_wall = max(enroll_latency, default=0.0)
 
         profiler = profiled("unenrol")
@@ -297,10 +360,11 @@ def _agent_run(
         if profiler is not None:
             profiles["unenrol"] = profiler.stop()
         leave_status_writes = agent.metric(writes) - writes_before
-        leave_latency = [events.removed[n] - t_leave for n in pod_netns if n in events.removed]
+        leave_latency = [events.removed[n] - t_leave for n in keys if n in events.removed]
         peak_rss = usage.peak_rss_mib()
         return {
             "backend": backend,
+            "mode": mode,
             "enroll_wall_s": enroll_wall,
             "enroll_kernel_wall_s": enroll_kernel_wall,
             "enroll_kernel_latency_s": percentiles(enroll_latency),
@@ -325,6 +389,19 @@ def _agent_run(
             ztunnel.close()
         if agent is not None:
             agent.stop()
+
+
+def _patch_spec(custom: Any, entries: list[Workload], mode: RedirectMode) -> None:
+    answer = custom.patch_cluster_custom_object(
+        names.GROUP,
+        names.VERSION,
+        names.PLURAL,
+        NODE,
+        as_body({"spec": _spec(entries, mode)}),
+        _content_type=MERGE_PATCH,
+        _preload_content=False,
+    )
+    answer.read()
 
 
 def _warnings(log: Path, most: int = 10) -> list[str]:

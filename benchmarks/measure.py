@@ -18,11 +18,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
 from ambient_cni.netns import run_in_netns
 from ambient_cni.zds import WorkloadRequest
 from ambient_cni_sandbox.zds_client import ZdsClient
 
+RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV4_RULE = 0x80
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
 RTM_NEWRULE, RTM_DELRULE = 32, 33
 NLMSG_HEADER = struct.Struct("=IHHII")
 
@@ -118,6 +122,55 @@ class RuleEvents:
         for _, sock in self._sockets.values():
             sock.close()
         self._epoll.close()
+
+
+class RouteEvents:
+    """When each address's route in one table of one namespace was added, and removed:
+    node mode's mark that a pod's redirection is complete (its set entry goes first)."""
+
+    def __init__(self, netns: Path, table: int):
+        self.table = table
+        self.added: dict[str, float] = {}
+        self.removed: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._sock = run_in_netns(netns, _route_socket)
+        self._sock.settimeout(0.1)
+        self._thread = threading.Thread(target=self._run, name="route-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(1 << 16)
+            except (TimeoutError, OSError):
+                continue
+            now = time.monotonic()
+            offset = 0
+            while offset + NLMSG_HEADER.size <= len(data):
+                length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+                if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+                    message = rtmsg(data[offset : offset + length])
+                    message.decode()
+                    table = message.get_attr("RTA_TABLE") or message["table"]
+                    dst = message.get_attr("RTA_DST")
+                    if table == self.table and dst:
+                        seen = self.added if kind == RTM_NEWROUTE else self.removed
+                        seen.setdefault(str(dst), now)
+                if length < NLMSG_HEADER.size:
+                    break
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close()
+
+
+def _route_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    sock.bind((0, RTMGRP_IPV4_ROUTE))
+    return sock
 
 
 class AckingZtunnel:

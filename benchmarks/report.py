@@ -122,7 +122,39 @@ def enroll_table(r: dict[str, Any]) -> str:
             lambda x: x["ratio_ours_over_in_process_floor"] <= TARGET_OVER_IN_PROCESS_FLOOR,
         ),
     ]
+    if "node_mode" in r:
+        lines += ["", *_node_mode_rows(r)]
     return "\n".join(lines)
+
+
+def _node_mode_rows(r: dict[str, Any]) -> list[str]:
+    """The legacy node mode on the same pods in the same run: a set entry and a route per
+    pod on the node, against in-pod mode's rules in each pod."""
+    node, inpod = r["node_mode"], r["backends"].get("iptables-nft")
+    if inpod is None:
+        return []
+
+    def row(label: str, key: Any, say: Any = _s) -> str:
+        a, b = key(inpod), key(node)
+        return f"| {label} | {say(a)} | {say(b)} | {a / b:.1f}x |" if b else f"| {label} | | | |"
+
+    return [
+        f"Node mode (`redirectMode: node`), the same {r['pods']} pods, same run: a set entry "
+        "and a table-100 route per pod on the node, nothing in the pods.",
+        "",
+        "| measure | in-pod, iptables-nft | node mode | in-pod over node |",
+        "|---|---|---|---|",
+        row("enrol: spec to the last pod in the kernel", lambda x: x["enroll_kernel_wall_s"]),
+        row("enrol: spec to status all done", lambda x: x["enroll_wall_s"]),
+        row(
+            "enrol: per-pod latency to the kernel, p50",
+            lambda x: x["enroll_kernel_latency_s"]["p50"],
+            _ms,
+        ),
+        row("enrol: agent CPU", lambda x: x["enroll_agent_cpu_s"]),
+        row("un-enrol: spec to status all done", lambda x: x["unenroll_wall_s"]),
+        row("un-enrol: agent CPU", lambda x: x["unenroll_agent_cpu_s"]),
+    ]
 
 
 def event_table(r: dict[str, Any]) -> str:

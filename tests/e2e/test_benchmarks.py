@@ -24,6 +24,10 @@ def test_enrolment_benchmark_measures_every_pod_and_its_baselines(
         assert all(math.isfinite(run[k]) for k in run if k.startswith("ratio_"))
         assert run["agent_peak_rss_mib"] > 0
         assert set(run["profiles"]) == {"enrol", "unenrol"}  # py-spy sampled both phases
+    node = result["node_mode"]  # the legacy mode on the same pods
+    assert node["enroll_seen_in_kernel"] == 6
+    assert 0 < node["enroll_kernel_wall_s"] <= node["enroll_wall_s"]
+    assert "| enrol: spec to status all done |" in report.enroll_table(result)
     assert result["per_rule_wall_s"] > 0
     assert result["floor_wall_s"] > 0
     assert result["in_process_floor_wall_s"] > 0

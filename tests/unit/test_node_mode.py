@@ -104,6 +104,7 @@ class Node:
     pods: FakePods
     annotator: FakePodApi
     status: FakeStatus
+    ztunnel: FakeZtunnel
     generation: int = 0
 
     def spec(self, indexes: list[int], mode: str, ztunnel: dict[str, Any] | None = None) -> None:
@@ -154,7 +155,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     )
     agent.start()
     try:
-        yield Node(agent, journal, kernel, pods, annotator, status)
+        yield Node(agent, journal, kernel, pods, annotator, status, ztunnel)
     finally:
         agent.stop()
 
@@ -264,3 +265,38 @@ def test_after_a_restart_in_node_mode_in_pod_leftovers_go_once_node_mode_holds_t
         "zds-del",
     ]
     assert node.annotator.values["uid-0"] == "enabled"
+
+
+def test_a_pod_the_old_mode_only_half_took_is_cleaned_out_of_it_on_a_switch(node: Node) -> None:
+    node.ztunnel.connected = False
+    node.spec([0], "inpod", ZTUNNEL)
+    wait_for("pending with its rules in", lambda: node.workload(0).get("state") == "Pending")
+    assert "rules" in node.journal.of("uid-0")
+    node.spec([0], "node", ZTUNNEL)
+    wait_for("in-pod rules out", lambda: "rules-removed" in node.journal.of("uid-0"))
+    wait_for("enrolled", lambda: node.workload(0).get("state") == "Enrolled")
+    assert node.pods.applied == set()
+
+
+def test_a_new_address_for_a_pod_replaces_its_old_one_on_the_node(node: Node) -> None:
+    node.spec([0], "node", ZTUNNEL)
+    wait_for("enrolled", lambda: node.kernel.pods == {"10.244.0.2": "uid-0"})
+    moved = node_object(node.generation + 1, [0], "node")
+    moved["spec"]["ztunnel"] = {**ZTUNNEL, "ready": True}
+    moved["spec"]["workloads"][0]["ips"] = ["10.244.0.7"]
+    node.generation += 1
+    node.agent.on_object(moved)
+    wait_for("the old address gone", lambda: node.kernel.pods == {"10.244.0.7": "uid-0"})
+
+
+def test_a_pod_that_leaves_the_mesh_during_a_switch_is_taken_out_of_both(node: Node) -> None:
+    node.spec([0], "inpod", ZTUNNEL)
+    wait_for("enrolled in-pod", lambda: node.workload(0).get("state") == "Enrolled")
+    node.pods.delay = lambda: 0.2  # the in-pod rules come out slowly
+    node.spec([0], "node", ZTUNNEL)
+    wait_for("node mode holds it", lambda: "node-add" in node.journal.of("uid-0"))
+    node.spec([], "node", ZTUNNEL)
+    wait_for("gone from status", lambda: not node.workload(0))
+    assert node.kernel.pods == {}
+    assert node.pods.applied == set()
+    assert node.annotator.values["uid-0"] is None

@@ -93,8 +93,8 @@ class InpodMode:
             changes = self.pods.ensure(netns, pod_redirects(workload, defaults.dns_capture))
         except DataplaneError as exc:
             return failed(pod, exc.reason, exc.message)
-        if changes and pod.outcome.state == "Enrolled":
-            pod = repaired(pod, changes)
+        if changes and pod.outcome.state == "Enrolled" and pod.handler == self.name:
+            pod = repaired(pod, changes)  # not when coming from another mode
         return Step(dataclasses.replace(pod, netns=netns, kernel_done="in"), more=True)
 
     def _announce(self, pod: PodState, netns: Path) -> Step:

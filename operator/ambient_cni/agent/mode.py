@@ -116,7 +116,7 @@ class HostReport:
     requeue_pods: bool = False  # the node's side changed under the pods: give each a pass
     # The mode took `prune_to` even though the node's side is not in place yet (node mode
     # waiting for its ztunnel pod): the agent's first pass is done all the same.
-    pruned: bool = False
+    prune_taken: bool = False
 
 
 @dataclass(frozen=True)

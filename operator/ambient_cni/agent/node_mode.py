@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping, Set
 
@@ -23,7 +24,7 @@ from ambient_cni.api.models import Backend, ConditionType, RedirectMode, Ztunnel
 from ambient_cni.dataplane.address_sets import canonical_ip
 from ambient_cni.dataplane.errors import DataplaneError
 from ambient_cni.dataplane.interfaces import Changes, NodeModeKernel
-from ambient_cni.dataplane.node_rules import DEFAULT_TUNNEL_PORT, NodeHost
+from ambient_cni.dataplane.node_rules import NodeHost
 from ambient_cni.dataplane.redirection import family_of
 
 from . import metrics
@@ -33,6 +34,8 @@ from .status import HostPart
 from .steps import failed, repaired
 
 log = logging.getLogger("ambient_cni.agent.node")
+# An IPv4 address as a change's words name it ("10.244.0.3 added", "10.244.0.3/32 via ...").
+_ADDRESS = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.]*\d)")
 
 RETRY_WAITING = 2.0
 
@@ -81,7 +84,8 @@ class NodeMode:
             )
         with self._lock:
             host, waiting = self._host, self._waiting
-            known = all(self._pods.get(ip) == workload.uid for ip in ips)
+            held = {ip for ip, uid in self._pods.items() if uid == workload.uid}
+            known = held == set(ips)
             put_back = self._repaired.pop(workload.uid, None)
         if host is None:
             pending = pod.with_outcome("Pending", "NodeRulesNotReady", waiting)
@@ -91,6 +95,10 @@ class NodeMode:
             return Step(repaired(pod, put_back) if put_back else pod, applied=True)
         try:
             with self._kernel:
+                for stale in held - set(ips):  # a new sandbox's new address replaces it
+                    self.dataplane.remove_pod(stale)
+                    with self._lock:
+                        del self._pods[stale]
                 changes = Changes()
                 for ip in ips:
                     changes += self.dataplane.add_pod(ip, workload.uid, host)
@@ -99,8 +107,8 @@ class NodeMode:
                         self._pods[ip] = workload.uid
         except DataplaneError as exc:
             return failed(pod, exc.reason, exc.message)
-        if changes and pod.outcome.state == "Enrolled":
-            pod = repaired(pod, changes)
+        if changes and pod.outcome.state == "Enrolled" and pod.handler == self.name:
+            pod = repaired(pod, changes)  # not when coming from another mode
         pod = self._annotate(pod, names.REDIRECTION_ENABLED)
         return Step(pod.with_outcome("Enrolled", "Enrolled", None), applied=True)
 
@@ -109,8 +117,11 @@ class NodeMode:
     ) -> Step:
         """Out of the set and table 100 (an address another pod now holds stays)."""
         workload = pod.workload
+        with self._lock:
+            self._repaired.pop(workload.uid, None)
+            ips = {ip for ip, uid in self._pods.items() if uid == workload.uid}
         try:
-            for ip in _ipv4(workload.ips):
+            for ip in sorted(ips | set(_ipv4(workload.ips))):
                 if canonical_ip(ip) in ips_held_by_others:
                     continue
                 with self._kernel:
@@ -194,11 +205,12 @@ class NodeMode:
             log.info("node mode: the node's side is in place for ztunnel %s", ztunnel.ip)
         return HostReport(
             ok=ok,
-            message=rules.message,
+            message="; ".join(f"{p.condition}: {p.message}" for p in parts if not p.ok)
+            or rules.message,
             changed=not same,
             parts=parts,
             requeue_pods=requeue,
-            pruned=True,
+            prune_taken=True,
         )
 
     def _rules(self, host: NodeHost, pods: Mapping[str, str]) -> Changes:
@@ -210,7 +222,7 @@ class NodeMode:
             netns = self.resolver.resolve(ztunnel.uid, [ztunnel.ip])
         except NetnsNotFoundError as exc:
             raise DataplaneError("ZtunnelNetnsNotFound", str(exc), retryable=True) from exc
-        return self.dataplane.ensure_ztunnel(netns, ztunnel.ip, host.host_ip, DEFAULT_TUNNEL_PORT)
+        return self.dataplane.ensure_ztunnel(netns, ztunnel.ip, host.host_ip, host.tunnel_port)
 
     def _part(
         self,
@@ -242,8 +254,9 @@ class NodeMode:
         """Credit a repair of a pod's set entry or route to that pod too."""
         with self._lock:
             for change in changes.items:
+                named = set(_ADDRESS.findall(change.what))
                 for ip, uid in self._pods.items():
-                    if f"{ip} " in change.what or f"{ip}/32" in change.what:
+                    if ip in named:
                         previous = self._repaired.get(uid, Changes())
                         self._repaired[uid] = previous + Changes((change,))
 
@@ -257,15 +270,17 @@ class NodeMode:
             _part(c, False, reason, message)
             for c in ("HostRulesReady", "TunnelsReady", "ZtunnelRulesReady")
         )
-        return HostReport(ok=False, message=message, parts=parts, pruned=True)
+        return HostReport(ok=False, message=message, parts=parts, prune_taken=True)
 
     def uninstall_host(self) -> bool:
-        with self._lock:
-            self._host = None
-            self._pods = {}
-            self._parts = {}
-            self._waiting = "the node's side is not applied yet"
-        return self.dataplane.uninstall()
+        with self._kernel:
+            with self._lock:
+                self._host = None
+                self._pods = {}
+                self._parts = {}
+                self._repaired = {}
+                self._waiting = "the node's side is not applied yet"
+            return self.dataplane.uninstall()
 
 
 def _part(condition: ConditionType, ok: bool, reason: str, message: str) -> HostPart:

@@ -379,25 +379,17 @@ class NodeAgent:
                 ip: w.uid for w in self._desired_workloads() if w.sidecar is None for ip in w.ips
             }
             defaults = self._defaults()
-            in_use = {r.handler for r in self._records.values()}
-            in_use |= {r.leaving for r in self._records.values()}
         if mode is None:
             return  # no spec yet, or a mode this agent lacks: touch nothing
         report = mode.ensure_host(wanted if first else None, defaults)
         self._cleared.discard(mode.name)
-        for name, other in self.modes.items():
-            # Once no pod is held by another mode, its node side goes (after a switch, or a
-            # restart in another mode than the node had).
-            if name != mode.name and name not in in_use and name not in self._cleared:
-                if other.uninstall_host():
-                    log.info("removed what %s mode had on the node", name)
-                self._cleared.add(name)
+        self._clear_other_modes(mode.name)
         with self._lock:
             before = self._host
             self._host = _HostState(
                 ok=report.ok,
                 message=report.message,
-                pruned=before.pruned or report.ok or report.pruned,
+                pruned=before.pruned or report.ok or report.prune_taken,
                 parts=report.parts,
             )
             changed = (before.ok, before.message, before.parts) != (
@@ -414,6 +406,30 @@ class NodeAgent:
             if not report.ok:
                 log.error("the node's own rules are not in place: %s", report.message)
             self._status_soon()
+
+    def _clear_other_modes(self, current: str) -> None:
+        """Once no pod is held by another mode, its node side goes (after a switch, or a
+        restart in another mode than the node had); decided on what is true right now."""
+        for name, other in self.modes.items():
+            if name == current or name in self._cleared:
+                continue
+            with self._lock:
+                if self._mode() is None or self._mode().name != current:  # type: ignore[union-attr]
+                    return  # the spec moved on meanwhile: the next pass decides
+                in_use = {r.handler for r in self._records.values()}
+                in_use |= {r.leaving for r in self._records.values()}
+                if any(uid not in self._records for uid in self._from_before or ()):
+                    in_use.add(POD_LEVEL_MODE)  # pods from before the start, not yet seen
+            if name in in_use:
+                continue
+            try:
+                if other.uninstall_host():
+                    log.info("removed what %s mode had on the node", name)
+            except Exception:  # the next pass tries again; this one goes on
+                log.exception("could not remove what %s mode had on the node", name)
+                self.host.add_after("host", HOST_RETRY)
+                continue
+            self._cleared.add(name)
 
     # -- one pod ----------------------------------------------------------------------------------
 
@@ -433,8 +449,8 @@ class NodeAgent:
             return  # no such pod; or no spec yet, or a mode this agent lacks: kept as it is
         want = self._wanted_handler(mode, desired)
         started = time.monotonic()
-        if record is not None and record.leaving and (desired is None or record.handler == want):
-            self._leave(uid, record, held, number)
+        if record is not None and record.leaving and (desired is None or _held_by(record, want)):
+            self._leave(uid, record, held, number, wanted=desired is not None)
         elif (
             desired is not None and record is not None and _kind(desired) != _kind(record.workload)
         ):
@@ -494,16 +510,19 @@ class NodeAgent:
         if pod.leaving == want:
             pod = dataclasses.replace(pod, leaving=None)  # switched back before it was done
         step = self._by_name(want).enrol(pod, defaults)
-        state = step.state
-        if state is not None and not step.more:
-            metrics.POD_RECONCILES.labels(state.outcome.state).inc()
-            if state.outcome.state == "Enrolled":
-                step = dataclasses.replace(step, state=dataclasses.replace(state, handler=want))
+        if step.state is not None:
+            # Whatever it did, this mode has touched the pod: on a switch it is the one to undo.
+            touched = dataclasses.replace(step.state, handler=want)
+            step = dataclasses.replace(step, state=touched)
+            if not step.more:
+                metrics.POD_RECONCILES.labels(touched.outcome.state).inc()
         self._store(desired.uid, step, None if step.more else generation, number)
-        if step.state is not None and step.state.handler == want and step.state.leaving:
+        if step.state is not None and step.state.leaving and _held_by(step.state, want):
             self.pods.add(desired.uid)  # held the new way: out of the old one
 
-    def _leave(self, uid: str, record: PodState, held: set[str], number: int) -> None:
+    def _leave(
+        self, uid: str, record: PodState, held: set[str], number: int, *, wanted: bool
+    ) -> None:
         """The mode a pod is switching away from lets go of it; its state stays the new
         holder's (or, for a pod leaving the mesh, the one to undo next)."""
         assert record.leaving is not None
@@ -518,8 +537,8 @@ class NodeAgent:
             )
             self._store(uid, Step(kept), None, number)
             self.host.add("host")  # the old mode's node side may go now
-            if record.handler is None:
-                self.pods.add(uid)  # leaving the mesh: the holder's turn
+            if not wanted:
+                self.pods.add(uid)  # a pod leaving the mesh: its holder's turn next
             return
         # Only the kernel step's progress counts; the pod's outcome is the holder's.
         progress = dataclasses.replace(record, kernel_done=step.state.kernel_done)
@@ -543,17 +562,14 @@ class NodeAgent:
         return self.modes[name]  # type: ignore[index]
 
     def _holder(self, record: PodState, mode: RedirectModeHandler | None) -> PodHandler:
-        """Who takes the pod out: the one that holds it; for a pod none holds yet, the
-        one that was bringing it in."""
-        if record.handler is not None and (
-            record.handler == SIDECAR or record.handler in self.modes
-        ):
+        """Who takes the pod out: the one that touched it last; for a pod none has yet,
+        the one it would have been given to."""
+        if record.handler is not None:
             return self._by_name(record.handler)
         if record.workload.sidecar is not None and self.sidecar is not None:
             return self.sidecar
-        if mode is not None:
-            return mode
-        return next(iter(self.modes.values()))
+        assert mode is not None  # the caller returned for an ambient pod without one
+        return mode
 
     def _defaults(self) -> NodeDefaults:
         """Node-wide settings from the spec (caller holds the lock)."""
@@ -695,6 +711,16 @@ def _with_workload(record: PodState, desired: Workload) -> PodState:
     if record.workload == desired:
         return record
     return dataclasses.replace(record, workload=desired, kernel_done=None)
+
+
+def _held_by(record: PodState, handler: str | None) -> bool:
+    """The pod is wholly in `handler`'s hands: in, both steps done (a step "out" is the
+    old mode's, letting go)."""
+    return (
+        record.handler == handler
+        and record.kernel_done != "in"
+        and record.outcome.state == "Enrolled"
+    )
 
 
 def _kind(workload: Workload) -> str:

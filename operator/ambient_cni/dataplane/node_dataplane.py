@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import ipaddress
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import DataplaneError
-from .interfaces import Change, ChangeKind, Changes, Exec, Runner
+from .interfaces import Change, Changes, Exec, Runner
 from .ipset import IpsetAddressSets
 from .iptables_chains import IptablesChains
 from .iptables_flavour import Flavour
@@ -60,14 +61,32 @@ NODE_OWNED = Ownership(NODE_CHAINS)
 # Inside the ztunnel pod Istio flushed mangle PREROUTING and wrote its rules straight there.
 ZTUNNEL_OWNED = Ownership(frozenset(), frozenset({"PREROUTING"}), frozenset({"mangle"}))
 TABLES = (INBOUND_TABLE, OUTBOUND_TABLE, PROXY_TABLE)
-HOST_RULE_PRIORITIES = frozenset(r.priority for r in host_rules())
-ZTUNNEL_RULE_PRIORITIES = frozenset(r.priority for r in ztunnel_rules())
 TUNNEL_KINDS: tuple[TunnelKind, ...] = ("geneve", "vxlan")  # Istio's first; VXLAN where no geneve
 RTPROT_BOOT = 3  # what `ip route add` makes; Istio's routes show `proto boot`
 RTNH_F_ONLINK = 4
 SCOPES = {"universe": 0, "link": 253, "host": 254}
 TYPES = {"unicast": 1, "local": 2}
 FR_ACT_TO_TBL, FR_ACT_GOTO = 1, 2
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _said_as_dataplane_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Whatever netlink or a file refuses leaves as a DataplaneError, in its own words: the
+    agent reports those, and a worker never dies of one."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except NetlinkError as exc:
+            raise DataplaneError("NetlinkFailed", str(exc.args[-1]), retryable=True) from exc
+        except OSError as exc:
+            raise DataplaneError("KernelCallFailed", str(exc), retryable=True) from exc
+
+    return call
 
 
 class NodeModeDataplane:
@@ -87,6 +106,7 @@ class NodeModeDataplane:
 
     # -- finding the ztunnel pod -------------------------------------------------------------
 
+    @_said_as_dataplane_errors
     def ztunnel_path(self, ztunnel_ip: str) -> ZtunnelPath:
         """The veth the main table routes the ztunnel pod's address through, as Istio's
         agent required ("not veth implemented CNI" otherwise)."""
@@ -121,6 +141,7 @@ class NodeModeDataplane:
 
     # -- the node's side -----------------------------------------------------------------------
 
+    @_said_as_dataplane_errors
     def ensure_rules(self, host: NodeHost) -> Changes:
         """The address set, the ztunnel-* chains and their jumps."""
         self.ipset.create()
@@ -142,6 +163,7 @@ class NodeModeDataplane:
     def _prepare(self, scratch: Path) -> None:
         self.ipset.at(scratch).create()
 
+    @_said_as_dataplane_errors
     def ensure_tunnels(self, host: NodeHost, pods: Mapping[str, str]) -> Changes:
         """Both tunnels, tables 100-102 with exactly the node's routes and one per enrolled
         pod (`pods`: IPv4 address -> pod UID), rules 100-103, and the sysctls."""
@@ -150,12 +172,13 @@ class NodeModeDataplane:
             with IPRoute() as ipr:
                 done = self._tunnels(ipr, host_tunnels(host, self.tunnel_kind))
                 routes = host_routes(host) + [pod_route(ip, host) for ip in sorted(pods)]
-                done += _sync_routes(ipr, routes, TABLES)
-                done += _sync_rules(ipr, host_rules(), HOST_RULE_PRIORITIES)
+                done += _sync_routes(ipr, routes, TABLES, _host_owned)
+                done += _sync_rules(ipr, host_rules())
             return done + _sysctls(host_sysctls(host))
 
         return in_netns(self.host_netns, ensure)
 
+    @_said_as_dataplane_errors
     def sync_set(self, pods: Mapping[str, str]) -> Changes:
         """The address set holds exactly the enrolled pods' addresses."""
         held = self.ipset.entries()
@@ -169,6 +192,7 @@ class NodeModeDataplane:
             + tuple(Change("routing", f"{ip} removed from ipset {IPSET}") for ip in extra)
         )
 
+    @_said_as_dataplane_errors
     def add_pod(self, ip: str, uid: str, host: NodeHost) -> Changes:
         """The pod's address in the set and its route through the inbound tunnel."""
 
@@ -184,6 +208,7 @@ class NodeModeDataplane:
 
         return in_netns(self.host_netns, add)
 
+    @_said_as_dataplane_errors
     def remove_pod(self, ip: str) -> bool:
         def remove() -> bool:
             present = ip in self.ipset.entries()
@@ -198,9 +223,7 @@ class NodeModeDataplane:
 
         return in_netns(self.host_netns, remove)
 
-    def pods_in_set(self) -> dict[str, str]:
-        return self.ipset.entries()
-
+    @_said_as_dataplane_errors
     def uninstall(self) -> bool:
         """Istio's order (cleanupNode): the chains, tables 100-102, rules 100-103, the
         tunnels, the address set (a set a rule still uses cannot be destroyed)."""
@@ -212,8 +235,8 @@ class NodeModeDataplane:
 
         def kernel() -> bool:
             with IPRoute() as ipr:
-                found = _sync_routes(ipr, [], TABLES)
-                found += _sync_rules(ipr, [], HOST_RULE_PRIORITIES)
+                found = _sync_routes(ipr, [], TABLES, _host_owned)
+                found += _sync_rules(ipr, [], ours=host_rules())
                 for name in (INBOUND_TUNNEL, OUTBOUND_TUNNEL):
                     index = ipr.link_lookup(ifname=name)
                     if index:
@@ -227,6 +250,7 @@ class NodeModeDataplane:
 
     # -- the ztunnel pod's side ----------------------------------------------------------------
 
+    @_said_as_dataplane_errors
     def ensure_ztunnel(self, netns: Path, ztunnel_ip: str, host_ip: str, port: int) -> Changes:
         """The tunnels' other ends, rules 20000/20003, tables 100-102 and TPROXY, in the
         ztunnel pod's netns; its interface is the one holding its address."""
@@ -235,8 +259,9 @@ class NodeModeDataplane:
             with IPRoute() as ipr:
                 interface = _interface_with(ipr, ztunnel_ip)
                 done = self._tunnels(ipr, ztunnel_tunnels(host_ip, self.tunnel_kind, port))
+                # ztunnel's pod is all Istio's: its tables hold nothing but these.
                 done += _sync_routes(ipr, ztunnel_routes(host_ip, interface), TABLES)
-                done += _sync_rules(ipr, ztunnel_rules(), ZTUNNEL_RULE_PRIORITIES)
+                done += _sync_rules(ipr, ztunnel_rules())
             return done + _sysctls(ztunnel_sysctls(interface)), interface
 
         done, interface = in_netns(netns, kernel)
@@ -448,13 +473,31 @@ def _add_route(ipr: IPRoute, route: Route, indexes: Mapping[str, int]) -> bool:
     return True
 
 
-def _sync_routes(ipr: IPRoute, routes: Iterable[Route], tables: Iterable[int]) -> Changes:
-    """Make `tables` hold exactly `routes`."""
+def _host_owned(route: Any, kinds: Mapping[int, str | None], names: Mapping[int, str]) -> bool:
+    """On the node, a route in tables 100-102 is ours when it goes through our tunnels or
+    a veth (ztunnel's): Istio flushed the tables whole; another agent's routes there stay."""
+    oif = route.get_attr("RTA_OIF")
+    return names.get(oif) in (INBOUND_TUNNEL, OUTBOUND_TUNNEL) or kinds.get(oif) == "veth"
+
+
+RouteOwned = Callable[[Any, Mapping[int, "str | None"], Mapping[int, str]], bool]
+
+
+def _sync_routes(
+    ipr: IPRoute, routes: Iterable[Route], tables: Iterable[int], owned: RouteOwned | None = None
+) -> Changes:
+    """Make `tables` hold exactly `routes`, of the routes `owned` says are ours (all, when
+    None)."""
     indexes = _indexes(ipr)
+    links = ipr.get_links()
+    kinds = {link["index"]: _link_kind(link) for link in links}
+    names = {link["index"]: str(link.get_attr("IFLA_IFNAME")) for link in links}
     wanted = {_key(route, indexes): route for route in routes}
     done: list[Change] = []
     for table in tables:
         for route in _routes(ipr, table):
+            if owned is not None and not owned(route, kinds, names):
+                continue
             if _key_of(route) not in wanted:
                 with contextlib.suppress(NetlinkError):
                     ipr.route("del", **_removal(route))
@@ -493,14 +536,16 @@ def _rule_key(rule: Rule) -> RuleKey:
     return (rule.priority, rule.table, rule.goto, rule.fwmark, rule.fwmask)
 
 
-def _sync_rules(ipr: IPRoute, rules: Iterable[Rule], priorities: frozenset[int]) -> Changes:
-    """Make the rules at `priorities` exactly `rules`."""
+def _sync_rules(ipr: IPRoute, rules: Iterable[Rule], ours: Iterable[Rule] | None = None) -> Changes:
+    """Make the rules `ours` (by default `rules`) exactly `rules`: each once, a copy
+    removed; a rule that is not exactly one of ours is never touched."""
     wanted = {_rule_key(rule): rule for rule in rules}
+    mine = {_rule_key(rule) for rule in (rules if ours is None else ours)}
     done: list[Change] = []
     present = set()
     for rule in ipr.get_rules(family=2):
         key = _rule_key_of(rule)
-        if key[0] not in priorities:
+        if key not in mine:
             continue
         if key in wanted and key not in present:
             present.add(key)
@@ -546,7 +591,3 @@ def _sysctls(settings: Iterable[tuple[str, str]], conf: Path = CONF) -> Changes:
             raise DataplaneError("SysctlFailed", f"{path}: {exc.strerror}", retryable=True) from exc
         done.append(Change("tunnels", f"net.ipv4.conf.{name.replace('/', '.')}={value}"))
     return Changes(tuple(done))
-
-
-def kinds_of(changes: Changes) -> set[ChangeKind]:
-    return {change.kind for change in changes.items}
