@@ -7,6 +7,7 @@ up its own sandbox with the ptp network (the session's `e2e` sandbox uses a brid
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import sys
@@ -97,6 +98,10 @@ def node_side(cluster: SandboxCluster, node: str) -> dict[str, Any]:
             run_in(netns, "ip", "route", "show", "table", t).strip() for t in ("100", "101", "102")
         ],
     }
+
+
+def set_empty(cluster: SandboxCluster, node: str) -> bool:
+    return set_members(cluster, node) == []
 
 
 NOTHING = {"chains": [], "ipset": False, "tunnels": [], "rules": [], "tables": ["", "", ""]}
@@ -201,7 +206,7 @@ def test_headline_in_node_mode_through_both_ztunnels_and_nothing_left_after_unla
             ),
         )
         for node in ("node-1", "node-2"):
-            wait_for(f"{node}'s set empty", lambda n=node: set_members(cluster, n) == [])
+            wait_for(f"{node}'s set empty", functools.partial(set_empty, cluster, node))
             assert "via 192.168.126.2" not in node_side(cluster, node)["tables"][0]
         seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
         after = cluster.http_get(client, pod_ip(server), 8080, "/direct").json()
@@ -355,6 +360,10 @@ class Calls:
                 self.made.append((started, None))
             self.stop.wait(0.02)  # pacing the load, not waiting for anything
 
+    def since(self, start: float, count: int) -> bool:
+        """At least `count` calls were made after `start`."""
+        return sum(1 for t, _ in self.made if t > start) >= count
+
     def direct(self, since: float = 0.0) -> list[float]:
         """Calls the server saw from the client itself: they bypassed ztunnel."""
         client = pod_ip(self.client)
@@ -425,13 +434,12 @@ def test_switching_modes_under_continuous_calls_both_ways(
             began = time.monotonic()
             switch_to(mesh, mode)
             wait_for(
-                f"{mode} everywhere", lambda d=done: d(cluster, mesh, [client, server]), timeout=60
+                f"{mode} everywhere",
+                functools.partial(done, cluster, mesh, [client, server]),
+                timeout=60,
             )
             completed = time.monotonic()
-            wait_for(
-                "20 calls after the switch",
-                lambda c=completed: sum(1 for t, _ in calls.made if t > c) >= 20,
-            )
+            wait_for("20 calls after the switch", functools.partial(calls.since, completed, 20))
             after = [seen for t, seen in calls.made if t > completed]
             gap = calls.longest_gap(began, completed)
             sys.stdout.write(
