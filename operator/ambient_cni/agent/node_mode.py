@@ -74,6 +74,14 @@ class NodeMode:
     # -- one pod ------------------------------------------------------------------------------
 
     def enrol(self, pod: PodState, defaults: NodeDefaults) -> Step:  # noqa: ARG002 - the seam's
+        """In two steps, as the in-pod mode: the set entry and route, then (once the pods
+        queued meanwhile had theirs) the annotation: in a burst, every pod reaches the
+        kernel before the API writes hold any up."""
+        if pod.kernel_done == "in":
+            pod = self._annotate(
+                dataclasses.replace(pod, kernel_done=None), names.REDIRECTION_ENABLED
+            )
+            return Step(pod.with_outcome("Enrolled", "Enrolled", None))
         workload = pod.workload
         ips = _ipv4(workload.ips)
         if not ips:
@@ -109,8 +117,7 @@ class NodeMode:
             return failed(pod, exc.reason, exc.message)
         if changes and pod.outcome.state == "Enrolled" and pod.handler == self.name:
             pod = repaired(pod, changes)  # not when coming from another mode
-        pod = self._annotate(pod, names.REDIRECTION_ENABLED)
-        return Step(pod.with_outcome("Enrolled", "Enrolled", None), applied=True)
+        return Step(dataclasses.replace(pod, kernel_done="in"), more=True)
 
     def unenrol(
         self, pod: PodState, ips_held_by_others: Set[str], *, keep_annotation: bool = False
