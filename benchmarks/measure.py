@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,23 @@ class ProcessUsage:
         return 0.0
 
 
-def _rule_socket() -> socket.socket:
+def _multicast_socket(groups: int, buffer: int) -> socket.socket:
+    """A NETLINK_ROUTE socket in this thread's namespace, subscribed to `groups`."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    sock.bind((0, RTMGRP_IPV4_RULE))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.bind((0, groups))
     return sock
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """Each netlink message in a datagram: its type and its bytes."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size:
+            return
+        yield kind, data[offset : offset + length]
+        offset += (length + 3) & ~3
 
 
 class RuleEvents:
@@ -90,7 +102,7 @@ class RuleEvents:
         self._epoll = select.epoll()
         self._sockets: dict[int, tuple[str, socket.socket]] = {}
         for key, path in namespaces.items():
-            sock = run_in_netns(path, _rule_socket)
+            sock = run_in_netns(path, lambda: _multicast_socket(RTMGRP_IPV4_RULE, 1 << 20))
             self._sockets[sock.fileno()] = (key, sock)
             self._epoll.register(sock.fileno(), select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="rule-events", daemon=True)
@@ -105,16 +117,11 @@ class RuleEvents:
                     data = sock.recv(1 << 16)
                 except OSError:
                     continue
-                offset = 0
-                while offset + NLMSG_HEADER.size <= len(data):
-                    length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+                for kind, _ in _messages(data):
                     if kind == RTM_NEWRULE:
                         self.added.setdefault(key, now)
                     elif kind == RTM_DELRULE:
                         self.removed.setdefault(key, now)
-                    if length < NLMSG_HEADER.size:
-                        break
-                    offset += (length + 3) & ~3
 
     def close(self) -> None:
         self._stop.set()
@@ -133,7 +140,7 @@ class RouteEvents:
         self.added: dict[str, float] = {}
         self.removed: dict[str, float] = {}
         self._stop = threading.Event()
-        self._sock = run_in_netns(netns, _route_socket)
+        self._sock = run_in_netns(netns, lambda: _multicast_socket(RTMGRP_IPV4_ROUTE, 1 << 22))
         self._sock.settimeout(0.1)
         self._thread = threading.Thread(target=self._run, name="route-events", daemon=True)
         self._thread.start()
@@ -145,32 +152,20 @@ class RouteEvents:
             except (TimeoutError, OSError):
                 continue
             now = time.monotonic()
-            offset = 0
-            while offset + NLMSG_HEADER.size <= len(data):
-                length, kind, _, _, _ = NLMSG_HEADER.unpack_from(data, offset)
+            for kind, raw in _messages(data):
                 if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-                    message = rtmsg(data[offset : offset + length])
+                    message = rtmsg(raw)
                     message.decode()
                     table = message.get_attr("RTA_TABLE") or message["table"]
                     dst = message.get_attr("RTA_DST")
                     if table == self.table and dst:
                         seen = self.added if kind == RTM_NEWROUTE else self.removed
                         seen.setdefault(str(dst), now)
-                if length < NLMSG_HEADER.size:
-                    break
-                offset += (length + 3) & ~3
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         self._sock.close()
-
-
-def _route_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    sock.bind((0, RTMGRP_IPV4_ROUTE))
-    return sock
 
 
 class AckingZtunnel:

@@ -8,6 +8,7 @@ component logs are attached to its report.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Generator, Iterator
@@ -57,18 +58,25 @@ def agent_args(backend: str) -> list[str]:
     return [f"--backend={backend}"]
 
 
-@pytest.fixture
-def namespace(sandbox: SandboxCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+@contextlib.contextmanager
+def namespace_for_test(cluster: SandboxCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace named after the test, deleted with everything in it afterwards."""
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50].rstrip("-")
-    sandbox.create_namespace(name)
+    cluster.create_namespace(name)
     try:
         yield name
     finally:
-        sandbox.delete_namespace(name)
+        cluster.delete_namespace(name)
         # The namespace controller deletes the pods; the kubelets tear them down.
         wait_for(
-            f"namespace {name} to be gone", lambda: sandbox.namespace(name) is None, timeout=60
+            f"namespace {name} to be gone", lambda: cluster.namespace(name) is None, timeout=60
         )
+
+
+@pytest.fixture
+def namespace(sandbox: SandboxCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    with namespace_for_test(sandbox, request) as name:
+        yield name
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,7 +8,6 @@ up its own sandbox with the ptp network (the session's `e2e` sandbox uses a brid
 from __future__ import annotations
 
 import functools
-import re
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from ambient_cni.api import names
 from ambient_cni_sandbox import components, lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import Mesh
+from tests.e2e.conftest import namespace_for_test
 from tests.e2e.kernel import istio_rules, run_in
 
 SANDBOX = "e2enode"
@@ -55,13 +55,8 @@ def mesh(cluster: SandboxCluster) -> Iterator[Mesh]:
 
 @pytest.fixture
 def namespace(cluster: SandboxCluster, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:50].rstrip("-")
-    cluster.create_namespace(name)
-    try:
+    with namespace_for_test(cluster, request) as name:
         yield name
-    finally:
-        cluster.delete_namespace(name)
-        wait_for(f"{name} gone", lambda: cluster.namespace(name) is None, timeout=60)
 
 
 # -- what a person checks on a node, by hand ---------------------------------------------------
