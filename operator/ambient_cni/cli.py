@@ -95,6 +95,13 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     )
     agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
     agent.add_argument(
+        "--redirect-modes",
+        type=_redirect_modes,
+        default=("inpod", "node"),
+        help="comma-separated redirect modes this agent applies (default: inpod,node); a spec "
+        "asking for another is refused in status and every pod kept as it is",
+    )
+    agent.add_argument(
         "--kubelet-uid",
         type=int,
         help="the user kubelet runs as (the nftables backend's probe rule matches it); "
@@ -230,6 +237,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         daemonset=args.daemonset,
         backend=args.backend,
         drift_interval=args.drift_interval,
+        redirect_modes=args.redirect_modes,
         workers=args.workers,
         kubelet_uid=args.kubelet_uid,
         cni_run_dir=args.cni_run_dir,
@@ -319,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     for plugin in entry_points(group=COMMAND_PLUGINS):
         plugin.load()(sub)
     return parser
+
+
+def _redirect_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in ("inpod", "node")]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(
+            f"redirect modes are inpod and node, not {', '.join(unknown) or 'none'}"
+        )
+    return modes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

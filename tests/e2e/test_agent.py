@@ -24,7 +24,9 @@ REDIRECTION = names.REDIRECTION_ANNOTATION
 
 @pytest.fixture(scope="module")
 def mesh(sandbox: SandboxCluster, backend: str) -> Iterator[Mesh]:
-    running = Mesh(sandbox, "--drift-interval=1", *agent_args(backend))
+    # Agents that apply in-pod mode only, as ones from before node mode: a spec asking for
+    # node mode shows how a mode an agent lacks is refused.
+    running = Mesh(sandbox, "--drift-interval=1", "--redirect-modes=inpod", *agent_args(backend))
     running.start()
     try:
         yield running
@@ -333,7 +335,7 @@ def test_an_unsupported_redirect_mode_is_refused_visibly_and_removes_nothing(
     }
     sets_before = {node: probe_members(sandbox, node) for node in ("node-1", "node-2")}
 
-    # The operator switches the controller to the legacy node mode, which this agent lacks.
+    # The operator switches the controller to the legacy node mode, which these agents lack.
     mesh.controller.stop()
     legacy = components.controller(sandbox, "--redirect-mode=node")
     legacy.start()

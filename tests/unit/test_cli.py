@@ -53,3 +53,15 @@ def test_an_unknown_backend_is_refused(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         build_parser().parse_args(["agent", "--node=n1", "--backend=ebpf"])
     assert "invalid choice: 'ebpf'" in capsys.readouterr().err
+
+
+def test_the_agents_redirect_modes_default_to_both_and_refuse_unknown_ones(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = build_parser().parse_args(["agent", "--node", "n"])
+    assert args.redirect_modes == ("inpod", "node")
+    args = build_parser().parse_args(["agent", "--node", "n", "--redirect-modes", "inpod"])
+    assert args.redirect_modes == ("inpod",)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["agent", "--node", "n", "--redirect-modes", "inpod,sidecar"])
+    assert "redirect modes are inpod and node, not sidecar" in capsys.readouterr().err

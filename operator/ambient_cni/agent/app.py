@@ -148,7 +148,7 @@ def run(
     sidecar = SidecarMode(dataplane=dataplane.sidecars, resolver=resolver, handles=HeldNetns())
     agent = NodeAgent(
         options,
-        {inpod.name: inpod, node.name: node},
+        {m.name: m for m in (inpod, node) if m.name in options.redirect_modes},
         zds,
         KubeStatusWriter(api, options.node),
         dataplane.backend,

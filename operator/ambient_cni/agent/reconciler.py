@@ -78,6 +78,7 @@ class AgentOptions:
     daemonset: str | None = None  # NAMESPACE/NAME; its deletion at stop means uninstall
     backend: str = "auto"  # auto, or one of dataplane.factory.BACKENDS
     drift_interval: float = 10.0
+    redirect_modes: tuple[str, ...] = ("inpod", "node")  # the modes this agent applies
     workers: int = 4
     kubelet_uid: int | None = None  # for the nftables probe rule; found in `proc` if None
     cni_run_dir: Path | None = None  # serve the CNI plugin there (None: no plugin)
