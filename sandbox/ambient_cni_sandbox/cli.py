@@ -56,6 +56,13 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
         default="bridge",
         help="bridge: pods on a node bridge (default); ptp: a veth per pod, as kindnet",
     )
+    up.add_argument(
+        "--ip-family",
+        choices=("dual", "ipv4", "ipv6"),  # topology.IP_FAMILIES
+        default="dual",
+        help="dual: an IPv4 and an IPv6 address for every node and pod, IPv4 first (default); "
+        "ipv4 or ipv6: that family alone",
+    )
     down = named(cmds.add_parser("down", help="stop a sandbox and remove everything it made"))
     down.add_argument("--all", action="store_true", help="every sandbox on this machine")
     named(cmds.add_parser("status", help="control plane health, nodes and pods"))
@@ -81,7 +88,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
         print(cni_binaries_dir())
         return 0
     if command == "up":
-        state = lifecycle.up(args.name, args.nodes, pod_network=args.pod_network)
+        state = lifecycle.up(
+            args.name, args.nodes, pod_network=args.pod_network, ip_family=args.ip_family
+        )
         print(f"export KUBECONFIG={state.kubeconfig}")
         return 0
     if command == "down":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import ipaddress
 import json
 import subprocess
 import time
@@ -28,7 +29,7 @@ from .controlplane import write_kubeconfig
 from .lifecycle import require_state
 from .podspec import sidecar_log_name
 from .state import SandboxState, paths_for
-from .topology import PodNetwork
+from .topology import IpFamily, PodNetwork
 
 
 class WaitTimeout(AssertionError):
@@ -78,6 +79,16 @@ class SandboxCluster:
     def pod_network(self) -> PodNetwork:
         """How pods are wired to their node: "bridge" (cbr0) or "ptp" (a veth each)."""
         return self.state.topology.pod_network
+
+    @property
+    def ip_family(self) -> IpFamily:
+        """ "dual" (every pod an IPv4 and an IPv6 address, IPv4 first), "ipv4" or "ipv6"."""
+        return self.state.topology.ip_family
+
+    @property
+    def ip_versions(self) -> tuple[int, ...]:
+        """(4, 6), (4,) or (6,): the address versions every pod has, in podIPs' order."""
+        return self.state.topology.ip_versions
 
     @property
     def node_names(self) -> list[str]:
@@ -364,10 +375,12 @@ class SandboxCluster:
         *,
         timeout: float = 5.0,
     ) -> HttpReply:
-        """An HTTP GET made from inside `from_pod`'s network namespace."""
+        """An HTTP GET made from inside `from_pod`'s network namespace. `url_host` may be
+        an IPv6 address, bracketed or not."""
+        host = url_host[1:-1] if url_host.startswith("[") and url_host.endswith("]") else url_host
 
         def call() -> HttpReply:
-            conn = http.client.HTTPConnection(url_host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()
@@ -408,5 +421,20 @@ def is_ready(pod: Mapping[str, Any]) -> bool:
     return status.get("phase") == "Running" and ready and bool(status.get("podIP"))
 
 
-def pod_ip(pod: Mapping[str, Any]) -> str:
-    return str(pod["status"]["podIP"])
+def pod_ip(pod: Mapping[str, Any], *, family: int | None = None) -> str:
+    """The pod's address: its first family's (podIP), or with `family` (4 or 6) its address
+    of that family; KeyError if it has none."""
+    if family is None:
+        return str(pod["status"]["podIP"])
+    for ip in pod_ips(pod):
+        if ipaddress.ip_address(ip).version == family:
+            return ip
+    name = pod.get("metadata", {}).get("name")
+    raise KeyError(f"pod {name} has no IPv{family} address: {pod_ips(pod)}")
+
+
+def pod_ips(pod: Mapping[str, Any]) -> list[str]:
+    """Every address of the pod (status.podIPs), the first family's first."""
+    status = pod["status"]
+    ips = [str(entry["ip"]) for entry in status.get("podIPs") or [] if entry.get("ip")]
+    return ips or [str(status["podIP"])]

@@ -8,10 +8,17 @@ result cache. The kubelet runs the node's network for a pod sandbox with
 `cni-run` (libcni) from the node's namespace, the runtime's: `loopback` as a
 network of its own as containerd does, then the node's conflist. A failed ADD
 is the plugin's own message; DEL runs even after a failed ADD.
+
+On a dual-stack (or IPv6) node, host-local has one range per family, as a
+dual-stack node's CNI config has (IPv4 first), and a default route per family;
+a pod gets one address of each. Before the ADD the runtime turns duplicate
+address detection off in the pod's namespace (network.prepare_pod_netns), so
+the plugins need not wait for the IPv6 address to leave its tentative state.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -21,12 +28,14 @@ from typing import Any
 
 from ambient_cni.netns import netns_path, run_in_netns
 
+from . import network
 from .topology import NODE_BRIDGE, POD_INTERFACE, NodePlan, PodNetwork
 
 PRIMARY_CONFIG = "10-simnet.conflist"
 NETWORK_NAME = "simnet"
 REFERENCE_PLUGINS = ("bridge", "ptp", "host-local", "loopback")
 CNI_TIMEOUT_S = 30.0
+DEFAULT_ROUTES = {4: "0.0.0.0/0", 6: "::/0"}
 
 
 class CniError(RuntimeError):
@@ -63,12 +72,16 @@ class NodeCni:
 def primary_conflist(
     node: NodePlan, ipam_dir: Path, pod_network: PodNetwork = "bridge"
 ) -> dict[str, Any]:
-    """The node's primary network, addresses from its pod CIDR: pods on the node bridge,
-    or (ptp, as kindnet) each pod on a veth of its own, routed by a /32 on the node."""
+    """The node's primary network, addresses from its pod CIDRs (one range and one default
+    route per family): pods on the node bridge, or (ptp, as kindnet) each pod on a veth of
+    its own, routed by a /32 (/128) on the node."""
     ipam = {
         "type": "host-local",
-        "ranges": [[{"subnet": node.pod_cidr, "gateway": node.gateway}]],
-        "routes": [{"dst": "0.0.0.0/0"}],
+        "ranges": [
+            [{"subnet": cidr, "gateway": gateway}]
+            for cidr, gateway in zip(node.pod_cidrs, node.gateways, strict=True)
+        ],
+        "routes": [{"dst": DEFAULT_ROUTES[version]} for version in node.ip_versions],
         "dataDir": str(ipam_dir),
     }
     # ipMasq off: nodes route each other's pod CIDRs, so there is no NAT between pods.
@@ -111,6 +124,16 @@ def _write(path: Path, config: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def result_addresses(result: dict[str, Any]) -> dict[int, str]:
+    """Every address of a CNI result's `ips` (without its prefix length) by version, 4 or 6;
+    the first of each version where there are more."""
+    found: dict[int, str] = {}
+    for entry in result.get("ips") or []:
+        address = ipaddress.ip_interface(str(entry["address"])).ip
+        found.setdefault(address.version, str(address))
+    return found
+
+
 @dataclass(frozen=True)
 class SandboxPod:
     """What the runtime passes a CNI plugin about a pod sandbox."""
@@ -144,21 +167,29 @@ class CniRuntime:
         self.node = node
         self.cni_run = cni_run
 
-    def add(self, pod: SandboxPod) -> str:
-        """Set up the pod's networks; its IPv4 address. CniError on failure, after a DEL
-        that takes out whatever the chain made before it failed."""
+    def add(self, pod: SandboxPod) -> tuple[str, ...]:
+        """Set up the pod's networks; its addresses, one per family of the node in the
+        node's order (IPv4 first). CniError on failure, after a DEL that takes out whatever
+        the chain made before it failed."""
+        if 6 in self.node.ip_versions:
+            try:
+                network.prepare_pod_netns(pod.netns)
+            except (network.NetworkError, OSError) as exc:
+                raise CniError(f"cannot prepare the pod's network namespace: {exc}") from exc
         try:
             self._run("add", pod, self.cni.loopback_dir)
             result = json.loads(self._run("add", pod, self.cni.conf_dir))
-            addresses = [str(ip["address"]).split("/")[0] for ip in result.get("ips") or []]
+            addresses = result_addresses(result)
         except (CniError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.delete(pod)
             raise exc if isinstance(exc, CniError) else CniError(f"bad ADD result: {exc}") from exc
-        for address in addresses:
-            if ":" not in address:
-                return address
-        self.delete(pod)
-        raise CniError(f"the network {NETWORK_NAME} gave {POD_INTERFACE} no IPv4 address")
+        missing = [f"IPv{v}" for v in self.node.ip_versions if v not in addresses]
+        if missing:
+            self.delete(pod)
+            raise CniError(
+                f"the network {NETWORK_NAME} gave {POD_INTERFACE} no {' or '.join(missing)} address"
+            )
+        return tuple(addresses[v] for v in self.node.ip_versions)
 
     def delete(self, pod: SandboxPod) -> list[str]:
         """Tear the pod's networks down, in reverse; best effort, as a runtime does it. The

@@ -6,7 +6,9 @@ set up by the node's CNI chain as a container runtime sets it up (cni.py), and
 the first container's process running inside it. A failed CNI ADD leaves the
 pod ContainerCreating with a FailedCreatePodSandBox Event carrying the
 plugin's message, retried with backoff, as a kubelet does. It writes the pod's status
-(phase, podIP, conditions, container state) back through `pods/status`.
+(phase, podIP and podIPs, conditions, container state) back through `pods/status`. On a
+dual-stack sandbox a pod, like its node, has an address per family, IPv4 first: podIP is
+the first, podIPs all; the Node's podCIDRs and InternalIPs likewise.
 Deleting a pod stops its process and removes its namespace.
 
 Each pod has a record file written before anything is made, so a restarted
@@ -93,7 +95,8 @@ class LocalPod(BaseModel):
     netns: str  # where the process runs: the pod's own namespace, or the node's
     own_netns: bool
     veth: str | None
-    ip: str
+    ip: str  # the first family's address
+    ips: tuple[str, ...] = ()  # every family's, ip first (a record from before: just ip)
     pid: int | None = None
     pid_start: int | None = None
     sidecar_pid: int | None = None  # the istio-proxy container's process, in a sidecar pod
@@ -186,7 +189,7 @@ class Kubelet:
                     SANDBOX_LABEL: self.state.name,
                 },
             },
-            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": list(node.pod_cidrs)},
         }
         try:
             self.core.create_node(body=as_body(body))
@@ -229,7 +232,7 @@ class Kubelet:
         status = {
             "conditions": conditions,
             "addresses": [
-                {"type": "InternalIP", "address": self.node.ip},
+                *({"type": "InternalIP", "address": ip} for ip in self.node.ips),
                 {"type": "Hostname", "address": self.node.name},
             ],
             "capacity": resources,
@@ -349,6 +352,7 @@ class Kubelet:
         runtime = PodRuntime(
             start_time=now(),
             host_ip=self.node.ip,
+            host_ips=self.node.ips,
             container=container.get("name", "main"),
             image=container.get("image", ""),
         )
@@ -361,6 +365,7 @@ class Kubelet:
                 own_netns=not host_network,
                 veth=None,
                 ip=self.node.ip if host_network else "",
+                ips=self.node.ips if host_network else (),
                 runtime=runtime,
             )
             self.local[uid] = local
@@ -368,15 +373,16 @@ class Kubelet:
         if local.own_netns:
             try:
                 network.create_netns(local.netns)
-                local.ip = self.cni.add(self._sandbox(local))
+                local.ips = self.cni.add(self._sandbox(local))
+                local.ip = local.ips[0]
                 if self.state.topology.pod_network == "bridge":
-                    network.forget_neighbour(self.node, local.ip)
+                    network.forget_neighbours(self.node, local.ips)
             except (CniError, network.NetworkError, OSError) as exc:
                 self._sandbox_failed(local, str(exc))
                 return None
             self.sandbox_failures.pop(uid, None)
             self.sandbox_retry_at.pop(uid, None)
-        runtime.pod_ip = local.ip
+        runtime.pod_ip, runtime.pod_ips = local.ip, local.ips
         self.save(local)
         self.launch(pod, local)
         return local
@@ -474,7 +480,14 @@ class Kubelet:
     def launch(self, pod: Obj, local: LocalPod) -> None:
         runtime = local.runtime
         try:
-            run = container_run(pod, pod_ip=local.ip, host_ip=self.node.ip, python=sys.executable)
+            run = container_run(
+                pod,
+                pod_ip=local.ip,
+                host_ip=self.node.ip,
+                python=sys.executable,
+                pod_ips=local.ips,
+                host_ips=self.node.ips,
+            )
         except PodSpecError as exc:
             self._fail(local, exc.reason, exc.message)
             return
@@ -530,7 +543,7 @@ class Kubelet:
             local.name,
             proc.pid,
             local.netns,
-            local.ip,
+            ", ".join(local.ips or (local.ip,)),
         )
         threading.Thread(target=self._wait_child, args=(local.uid, proc), daemon=True).start()
 

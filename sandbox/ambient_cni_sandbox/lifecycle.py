@@ -32,7 +32,7 @@ from .controlplane import ControlPlane, ControlPlaneError, Ports
 from .processes import is_running, spawn_daemon, tagged_pids, tagged_sandboxes, terminate
 from .scheduling import node_view
 from .state import STATE_ROOT, SandboxState, load_state, paths_for, tmpfs_etcd_dir
-from .topology import PodNetwork, plan, prefix_for
+from .topology import DEFAULT_IP_FAMILY, IpFamily, PodNetwork, plan, prefix_for
 
 READY_TIMEOUT = 60.0
 Say = Callable[[str], None]
@@ -51,12 +51,18 @@ def _quiet(_message: str) -> None:
 
 
 def up(
-    name: str, nodes: int = 2, *, pod_network: PodNetwork = "bridge", say: Say = _say
+    name: str,
+    nodes: int = 2,
+    *,
+    pod_network: PodNetwork = "bridge",
+    ip_family: IpFamily = DEFAULT_IP_FAMILY,
+    say: Say = _say,
 ) -> SandboxState:
     """`pod_network`: "bridge" (pods on a node bridge) or "ptp" (a veth per pod, as kindnet);
-    kept in the state's topology for the kubelets."""
+    `ip_family`: "dual" (an IPv4 and an IPv6 address for every node and pod, IPv4 first),
+    "ipv4" or "ipv6". Both are kept in the state's topology for the kubelets."""
     paths = paths_for(name)
-    topology = plan(name, nodes, pod_network)
+    topology = plan(name, nodes, pod_network, ip_family)
     existing = load_state(name)
     if existing is not None and existing.topology == topology and is_healthy(existing):
         say(f"sandbox {name} is already up")
@@ -100,7 +106,7 @@ def up(
         control_plane.start(ports)
         say(
             f"creating {nodes} node network namespaces joined by an underlay "
-            f"({pod_network} pod network)"
+            f"({pod_network} pod network, {ip_family})"
         )
         network.create_underlay(topology)
         for node in topology.nodes:

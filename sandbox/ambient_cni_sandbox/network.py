@@ -8,7 +8,12 @@ namespace itself, holding the gateway /32, and the node routes the pod's /32
 to it (the ptp plugin makes both).
 
 Each node routes the other nodes' pod CIDRs via their underlay address, so
-pod-to-pod traffic crosses nodes without NAT. Namespaces are made with
+pod-to-pod traffic crosses nodes without NAT. With IPv6 (the "dual" and "ipv6"
+families) each family has its own addresses and routes, side by side: the
+uplink and cbr0 get their IPv6 addresses without duplicate address detection
+(IFA_F_NODAD), usable at once as a node's configured addresses are, and the
+node forwards IPv6 but accepts no router advertisements (there are none; its
+routes are static). Namespaces are made with
 `ip netns` (it sets up the shared /run/netns mount); links, addresses and
 routes go through netlink on threads that have entered the namespace.
 """
@@ -18,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import socket
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -32,9 +39,12 @@ from .topology import (
     NODE_UPLINK,
     UNDERLAY_BRIDGE,
     UNDERLAY_NET,
+    UNDERLAY_NET6,
     NodePlan,
     Topology,
 )
+
+IFA_F_NODAD = 0x02  # linux/if_addr.h: no duplicate address detection for this address
 
 
 class NetworkError(RuntimeError):
@@ -79,6 +89,32 @@ def _write_sysctl(key: str, value: str) -> None:
     Path("/proc/sys", *key.split(".")).write_text(value)
 
 
+def _write_ipv6_sysctls(settings: dict[str, str]) -> None:
+    """net.ipv6.conf.{all,default}.KEY = VALUE for each, in the calling thread's netns."""
+    if not Path("/proc/sys/net/ipv6").is_dir():
+        raise NetworkError("IPv6 is disabled on this machine (no /proc/sys/net/ipv6)")
+    for key, value in settings.items():
+        for scope in ("all", "default"):
+            _write_sysctl(f"net.ipv6.conf.{scope}.{key}", value)
+
+
+# A node's IPv6 settings: IPv6 on; a router (forwarding) that takes no router advertisements,
+# so no address or route of its own ever comes from one; and no duplicate address detection,
+# as the pod network's node-side addresses (each pod's gateway on a ptp veth) must be usable
+# at once, like the uplink's and cbr0's, which are added IFA_F_NODAD.
+NODE_IPV6_SYSCTLS = {"disable_ipv6": "0", "accept_ra": "0", "accept_dad": "0", "forwarding": "1"}
+# What the runtime sets in a new pod namespace before its CNI ADD. Otherwise the plugins wait
+# for the pod's IPv6 addresses to leave their tentative state (ptp's ADD took 1.3-1.9 s; the
+# bridge plugin turns detection off on the pod's eth0 itself); a pod's address is unique by
+# its IPAM, so detection would only delay it.
+POD_IPV6_SYSCTLS = {"disable_ipv6": "0", "accept_dad": "0"}
+
+
+def prepare_pod_netns(netns: str) -> None:
+    """Before a pod's CNI ADD, as the runtime does: IPv6 on, no duplicate address detection."""
+    run_in_netns(netns, lambda: _write_ipv6_sysctls(POD_IPV6_SYSCTLS))
+
+
 def create_underlay(topology: Topology) -> None:
     create_netns(topology.underlay_netns)
 
@@ -95,6 +131,8 @@ def create_node(topology: Topology, node: NodePlan) -> None:
     """The node namespace, its uplink into the underlay, its pod bridge (none with the
     ptp pod network, whose plugin gives each pod its own veth) and routes."""
     create_netns(node.netns)
+    if 6 in node.ip_versions:  # before its first link, which takes the namespace's defaults
+        run_in_netns(node.netns, lambda: _write_ipv6_sysctls(NODE_IPV6_SYSCTLS))
     node_fd = os.open(netns_path(node.netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
 
@@ -121,13 +159,17 @@ def create_node(topology: Topology, node: NodePlan) -> None:
         with IPRoute() as ipr:
             _loopback_up(ipr)
             uplink = _index(ipr, NODE_UPLINK)
-            ipr.addr("add", index=uplink, address=node.ip, prefixlen=UNDERLAY_NET.prefixlen)
+            for ip in node.ips:
+                underlay = UNDERLAY_NET if ipaddress.ip_address(ip).version == 4 else UNDERLAY_NET6
+                _add_address(ipr, uplink, ip, underlay.prefixlen)
             ipr.link("set", index=uplink, state="up")
             if topology.pod_network == "bridge":
                 _create_bridge(ipr, node)
             for other in topology.nodes:
                 if other.name != node.name:
-                    ipr.route("add", dst=other.pod_cidr, gateway=other.ip)
+                    # One route per family: the pod CIDR via the node's address of its family.
+                    for cidr, via in zip(other.pod_cidrs, other.ips, strict=True):
+                        ipr.route("add", dst=cidr, gateway=via)
         _write_sysctl("net.ipv4.ip_forward", "1")
 
     run_in_netns(node.netns, setup_node)
@@ -139,37 +181,50 @@ def _create_bridge(ipr: IPRoute, node: NodePlan) -> None:
     # A fixed MAC, as a CNI bridge has: one borrowed from its lowest port
     # changes as pods come and go, and each change flushes the ARP cache.
     ipr.link("set", index=bridge, address=_bridge_mac(node.gateway))
-    cidr = ipaddress.IPv4Network(node.pod_cidr)
-    ipr.addr("add", index=bridge, address=node.gateway, prefixlen=cidr.prefixlen)
+    for gateway, cidr in zip(node.gateways, node.pod_cidrs, strict=True):
+        _add_address(ipr, bridge, gateway, ipaddress.ip_network(cidr).prefixlen)
     ipr.link("set", index=bridge, state="up")
 
 
+def _add_address(ipr: IPRoute, index: int, address: str, prefixlen: int) -> None:
+    """An address on a link; an IPv6 one without duplicate address detection, so it is
+    usable at once rather than tentative for a second or two."""
+    if ipaddress.ip_address(address).version == 4:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
+    else:
+        ipr.addr("add", index=index, address=address, prefixlen=prefixlen, flags=IFA_F_NODAD)
+
+
 def _bridge_mac(gateway: str) -> str:
-    """A locally administered unicast MAC derived from the bridge's address."""
-    octets = ipaddress.IPv4Address(gateway).packed
+    """A locally administered unicast MAC derived from the bridge's (first) address: an
+    IPv4 one's four bytes; of an IPv6 one, the pod CIDR's subnet number and the last two."""
+    packed = ipaddress.ip_address(gateway).packed
+    octets = packed if len(packed) == 4 else packed[6:8] + packed[14:16]
     return "02:ac:" + ":".join(f"{b:02x}" for b in octets)
 
 
-def forget_neighbour(node: NodePlan, ip: str) -> None:
-    """In the node's namespace: drop its ARP entry on the node bridge for an address a new
-    pod now has. (Only the bridge network needs it: with ptp each pod's veth is new, and
-    ARP entries go with the link they were learnt on.)"""
+def forget_neighbours(node: NodePlan, ips: Iterable[str]) -> None:
+    """In the node's namespace: drop its ARP (IPv4) and NDP (IPv6) entries on the node bridge
+    for the addresses a new pod now has. (Only the bridge network needs it: with ptp each
+    pod's veth is new, and neighbour entries go with the link they were learnt on.)"""
 
     def forget() -> None:
         with IPRoute() as ipr:
-            _forget_neighbour(ipr, ip)
+            for ip in ips:
+                _forget_neighbour(ipr, ip)
 
     run_in_netns(node.netns, forget)
 
 
 def _forget_neighbour(ipr: IPRoute, ip: str) -> None:
-    """Drop the node's ARP entry for a reused pod address.
+    """Drop the node's neighbour entry for a reused pod address.
 
     Without it the node keeps sending to the previous pod's MAC until the
     entry ages out (up to ~30 s): the new pod sends no gratuitous ARP.
     """
+    family = socket.AF_INET if ipaddress.ip_address(ip).version == 4 else socket.AF_INET6
     with contextlib.suppress(NetlinkError):
-        ipr.neigh("del", dst=ip, ifindex=_index(ipr, NODE_BRIDGE))
+        ipr.neigh("del", family=family, dst=ip, ifindex=_index(ipr, NODE_BRIDGE))
 
 
 def sandbox_netns(prefix: str) -> list[str]:

@@ -10,7 +10,7 @@ Envoy stand-in (sidecar.py) as its user and group, before the app.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -26,7 +26,9 @@ FIELD_REFS = (
     "spec.nodeName",
     "spec.serviceAccountName",
     "status.podIP",
+    "status.podIPs",
     "status.hostIP",
+    "status.hostIPs",
 )
 
 Pod = Mapping[str, Any]
@@ -115,11 +117,12 @@ def container_port(pod: Pod) -> int:
     return DEFAULT_PORT
 
 
-def _field(pod: Pod, path: str, pod_ip: str, host_ip: str) -> str:
-    if path == "status.podIP":
-        return pod_ip
-    if path == "status.hostIP":
-        return host_ip
+def _field(pod: Pod, path: str, pod_ips: Sequence[str], host_ips: Sequence[str]) -> str:
+    # The plural fields are comma-separated lists, the primary family's address first.
+    if path in ("status.podIP", "status.podIPs"):
+        return pod_ips[0] if path == "status.podIP" else ",".join(pod_ips)
+    if path in ("status.hostIP", "status.hostIPs"):
+        return host_ips[0] if path == "status.hostIP" else ",".join(host_ips)
     section, key = path.split(".", 1)
     value = pod.get(section, {}).get(key)
     if path == "spec.serviceAccountName" and not value:
@@ -127,8 +130,19 @@ def _field(pod: Pod, path: str, pod_ip: str, host_ip: str) -> str:
     return "" if value is None else str(value)
 
 
-def container_run(pod: Pod, *, pod_ip: str, host_ip: str, python: str) -> ContainerRun:
-    """The process for the pod's first container: argv, environment, serving port."""
+def container_run(
+    pod: Pod,
+    *,
+    pod_ip: str,
+    host_ip: str,
+    python: str,
+    pod_ips: Sequence[str] = (),
+    host_ips: Sequence[str] = (),
+) -> ContainerRun:
+    """The process for the pod's first container: argv, environment, serving port.
+    `pod_ips`/`host_ips`: every family's address (dual-stack), `pod_ip`/`host_ip` first."""
+    pod_ips = tuple(pod_ips) or (pod_ip,)
+    host_ips = tuple(host_ips) or (host_ip,)
     container = _first_container(pod)
     port = container_port(pod)
     command = [str(c) for c in container.get("command") or []]
@@ -151,7 +165,7 @@ def container_run(pod: Pod, *, pod_ip: str, host_ip: str, python: str) -> Contai
                 "CreateContainerConfigError",
                 f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
             )
-        env[name] = _field(pod, path, pod_ip, host_ip)
+        env[name] = _field(pod, path, pod_ips, host_ips)
     return ContainerRun(
         container=str(container.get("name", "main")),
         argv=tuple(argv),
@@ -203,8 +217,10 @@ class PodRuntime(BaseModel):
     """What the kubelet knows of one pod's sandbox and process; status is rendered from it."""
 
     phase: Literal["Pending", "Running", "Succeeded", "Failed"] = "Pending"
-    pod_ip: str | None = None
+    pod_ip: str | None = None  # the first family's address, as podIP
     host_ip: str | None = None
+    pod_ips: tuple[str, ...] = ()  # every family's, pod_ip first (empty: just pod_ip)
+    host_ips: tuple[str, ...] = ()
     start_time: str | None = None
     container: str = "main"
     image: str = ""
@@ -285,10 +301,11 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
         ],
         "containerStatuses": [container_status],
     }
+    # podIPs/hostIPs: one address per family, the one in podIP/hostIP first (the API checks).
     if runtime.host_ip:
         status["hostIP"] = runtime.host_ip
-        status["hostIPs"] = [{"ip": runtime.host_ip}]
+        status["hostIPs"] = [{"ip": ip} for ip in runtime.host_ips or (runtime.host_ip,)]
     if runtime.pod_ip:
         status["podIP"] = runtime.pod_ip
-        status["podIPs"] = [{"ip": runtime.pod_ip}]
+        status["podIPs"] = [{"ip": ip} for ip in runtime.pod_ips or (runtime.pod_ip,)]
     return status

@@ -1,4 +1,9 @@
-"""`ambient-cni sandbox status`: processes, then nodes and pods as kubectl shows them."""
+"""`ambient-cni sandbox status`: processes, then nodes and pods as kubectl shows them.
+
+`-o wide` shows one address per node and pod (the first family's); a dual-stack
+sandbox's status adds every address: the nodes' InternalIPs and pod CIDRs, and
+the pods' podIPs.
+"""
 
 from __future__ import annotations
 
@@ -37,14 +42,29 @@ def show_status(name: str) -> int:
     print(f"sandbox {name}  created {state.created}  kubeconfig {state.kubeconfig}")
     print(
         f"api server https://127.0.0.1:{state.apiserver_port}  "
-        f"pod network {state.topology.pod_network}"
+        f"pod network {state.topology.pod_network}  ip family {state.topology.ip_family}"
     )
     print("processes:")
     for pid in tagged_pids(name):
         print(f"  {pid:>7}  {_component(pid)}")
-    result = SandboxCluster(state).kubectl("get", "nodes,pods", "-A", "-o", "wide", check=False)
+    cluster = SandboxCluster(state)
+    result = cluster.kubectl("get", "nodes,pods", "-A", "-o", "wide", check=False)
     print(result.stdout, end="")
     if result.returncode != 0:
         print(f"kubectl failed: {result.stderr.strip()}")
         return 1
+    if len(state.topology.ip_versions) > 1:
+        print("\nevery family's addresses:")
+        for kind, columns in ADDRESS_COLUMNS.items():
+            listed = cluster.kubectl("get", kind, "-A", f"-o=custom-columns={columns}", check=False)
+            print(listed.stdout if listed.returncode == 0 else listed.stderr, end="")
     return 0
+
+
+# kubectl joins a list's entries with commas.
+ADDRESS_COLUMNS = {
+    "nodes": "NODE:.metadata.name,"
+    'INTERNAL-IPS:.status.addresses[?(@.type=="InternalIP")].address,'
+    "POD-CIDRS:.spec.podCIDRs[*]",
+    "pods": "NAMESPACE:.metadata.namespace,POD:.metadata.name,POD-IPS:.status.podIPs[*].ip",
+}

@@ -11,6 +11,13 @@ from ambient_cni.dataplane.iptables_pod import IptablesPodDataplane
 def test_sandbox_defaults() -> None:
     args = build_parser().parse_args(["sandbox", "up"])
     assert (args.sandbox_command, args.name, args.nodes) == ("up", "demo", 2)
+    assert (args.pod_network, args.ip_family) == ("bridge", "dual")
+
+
+@pytest.mark.parametrize("family", ["dual", "ipv4", "ipv6"])
+def test_sandbox_up_takes_an_ip_family(family: str) -> None:
+    args = build_parser().parse_args(["sandbox", "up", "--ip-family", family])
+    assert args.ip_family == family
 
 
 def test_exec_keeps_the_command_after_double_dash() -> None:

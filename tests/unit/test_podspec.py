@@ -76,6 +76,52 @@ def test_env_values_and_field_refs() -> None:
     }
 
 
+def test_dual_stack_field_refs_list_every_family() -> None:
+    container = {
+        "env": [
+            {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+            for name, path in (
+                ("IP", "status.podIP"),
+                ("IPS", "status.podIPs"),
+                ("HOST", "status.hostIP"),
+                ("HOSTS", "status.hostIPs"),
+            )
+        ]
+    }
+    result = container_run(
+        pod(container),
+        pod_ip="10.244.0.2",
+        host_ip="172.18.0.11",
+        python="py",
+        pod_ips=("10.244.0.2", "fd00:10:244::2"),
+        host_ips=("172.18.0.11", "fd00:172:18::11"),
+    )
+    env = dict(result.env)
+    assert (env["IP"], env["IPS"]) == ("10.244.0.2", "10.244.0.2,fd00:10:244::2")
+    assert (env["HOST"], env["HOSTS"]) == ("172.18.0.11", "172.18.0.11,fd00:172:18::11")
+    # Without the plural values the plural fields hold the single one.
+    _, single, _ = run(pod(container))
+    assert (single["IPS"], single["HOSTS"]) == ("10.244.0.2", "172.18.0.11")
+
+
+def test_a_dual_stack_pod_reports_every_address_its_first_as_pod_ip() -> None:
+    runtime = RUNTIMES["running"].model_copy(
+        update={
+            "pod_ips": ("10.244.0.2", "fd00:10:244::2"),
+            "host_ips": ("172.18.0.11", "fd00:172:18::11"),
+        }
+    )
+    status = render_status(runtime)
+    assert (status["podIP"], status["podIPs"]) == (
+        "10.244.0.2",
+        [{"ip": "10.244.0.2"}, {"ip": "fd00:10:244::2"}],
+    )
+    assert (status["hostIP"], status["hostIPs"]) == (
+        "172.18.0.11",
+        [{"ip": "172.18.0.11"}, {"ip": "fd00:172:18::11"}],
+    )
+
+
 @pytest.mark.parametrize(
     ("p", "match"),
     [

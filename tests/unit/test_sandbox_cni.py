@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ambient_cni_sandbox.cni import REFERENCE_PLUGINS, SandboxPod, primary_conflist
-from ambient_cni_sandbox.topology import NODE_BRIDGE, plan
+import pytest
+
+from ambient_cni_sandbox.cni import (
+    REFERENCE_PLUGINS,
+    SandboxPod,
+    primary_conflist,
+    result_addresses,
+)
+from ambient_cni_sandbox.topology import NODE_BRIDGE, PodNetwork, plan
 
 
 def test_the_primary_network_is_the_node_bridge_with_its_pod_cidr() -> None:
-    node = plan("demo", 2).nodes[1]
+    node = plan("demo", 2, ip_family="ipv4").nodes[1]
     conflist = primary_conflist(node, Path("/state/ipam"))
     assert len(conflist["plugins"]) == 1
     bridge = conflist["plugins"][0]
@@ -20,7 +27,7 @@ def test_the_primary_network_is_the_node_bridge_with_its_pod_cidr() -> None:
 
 
 def test_the_ptp_network_is_kindnets_a_veth_per_pod_with_the_node_pod_cidr() -> None:
-    node = plan("demo", 2, "ptp").nodes[1]
+    node = plan("demo", 2, "ptp", "ipv4").nodes[1]
     conflist = primary_conflist(node, Path("/state/ipam"), "ptp")
     assert conflist["name"] == "simnet"
     assert conflist["plugins"] == [
@@ -44,3 +51,35 @@ def test_a_pod_is_named_to_plugins_as_a_cri_runtime_names_it() -> None:
         "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web;"
         "K8S_POD_INFRA_CONTAINER_ID=0b8f7c1e-4b8a;K8S_POD_UID=0b8f7c1e-4b8a"
     )
+
+
+@pytest.mark.parametrize("pod_network", ["bridge", "ptp"])
+def test_a_dual_stack_node_has_a_range_and_a_default_route_per_family(
+    pod_network: PodNetwork,
+) -> None:
+    node = plan("demo", 2, pod_network).nodes[1]
+    ipam = primary_conflist(node, Path("/state/ipam"), pod_network)["plugins"][0]["ipam"]
+    assert ipam["ranges"] == [
+        [{"subnet": "10.244.4.0/22", "gateway": "10.244.4.1"}],
+        [{"subnet": "fd00:10:244:1::/64", "gateway": "fd00:10:244:1::1"}],
+    ]
+    assert ipam["routes"] == [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]
+
+
+def test_an_ipv6_node_has_ipv6_alone() -> None:
+    node = plan("demo", 1, "bridge", "ipv6").nodes[0]
+    ipam = primary_conflist(node, Path("/state/ipam"))["plugins"][0]["ipam"]
+    assert ipam["ranges"] == [[{"subnet": "fd00:10:244::/64", "gateway": "fd00:10:244::1"}]]
+    assert ipam["routes"] == [{"dst": "::/0"}]
+
+
+def test_every_address_of_a_result_by_family() -> None:
+    result = {
+        "ips": [
+            {"address": "10.244.0.5/22", "gateway": "10.244.0.1", "interface": 2},
+            {"address": "fd00:10:244::5/64", "gateway": "fd00:10:244::1", "interface": 2},
+            {"address": "10.244.0.6/22", "interface": 2},
+        ]
+    }
+    assert result_addresses(result) == {4: "10.244.0.5", 6: "fd00:10:244::5"}
+    assert result_addresses({}) == {}
