@@ -33,11 +33,11 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .ztunnel import _pump_both, original_destination
+from .ztunnel import ANY, FAMILIES, _pump_both, _transparent, original_destination
 
 OUTBOUND, INBOUND = 15001, 15006
-PASSTHROUGH_SOURCE = "127.0.0.6"
-IP_TRANSPARENT = 19
+# Where Envoy's inbound passthrough connects from, per family (the rules let it through).
+PASSTHROUGH_SOURCE = {socket.AF_INET: "127.0.0.6", socket.AF_INET6: "::6"}
 TPROXY_MARK = 1337
 
 
@@ -48,15 +48,25 @@ class Sidecar:
         self._lock = threading.Lock()
 
     def listen(self) -> list[socket.socket]:
+        """Both ports in both families (IPv6 only where the pod has it)."""
         listeners = []
-        for port in (OUTBOUND, INBOUND):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if port == INBOUND and self.tproxy:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.bind(("0.0.0.0", port))  # noqa: S104 - inside the pod's own netns
-            sock.listen(64)
-            listeners.append(sock)
+        for family in FAMILIES:
+            for port in (OUTBOUND, INBOUND):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    if port == INBOUND and self.tproxy:
+                        _transparent(sock)
+                    sock.bind((ANY[family], port))
+                    sock.listen(64)
+                except OSError:
+                    sock.close()
+                    if family == socket.AF_INET:
+                        raise
+                    continue
+                listeners.append(sock)
         return listeners
 
     def serve(self, listener: socket.socket) -> None:
@@ -75,13 +85,13 @@ class Sidecar:
             transparent = direction == "inbound" and self.tproxy
             dst = conn.getsockname() if transparent else original_destination(conn)
             record["dst"] = f"{dst[0]}:{dst[1]}"
-            upstream = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            upstream = socket.socket(conn.family, socket.SOCK_STREAM)
             if transparent:
-                upstream.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+                _transparent(upstream)
                 upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TPROXY_MARK)
                 upstream.bind((peer[0], 0))
             elif direction == "inbound":
-                upstream.bind((PASSTHROUGH_SOURCE, 0))
+                upstream.bind((PASSTHROUGH_SOURCE[conn.family], 0))
             upstream.settimeout(5)
             upstream.connect(dst)
             upstream.settimeout(None)

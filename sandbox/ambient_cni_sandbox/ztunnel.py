@@ -42,8 +42,11 @@ from ambient_cni.zds import AddWorkload, DelWorkload, KeepWorkload, SnapshotSent
 from ambient_cni_sandbox.zds_client import ZdsClient
 
 ZTUNNEL_MARK = 1337
-SO_ORIGINAL_DST = 80
+SO_ORIGINAL_DST = 80  # at SOL_IP; IP6T_SO_ORIGINAL_DST has the same number at IPPROTO_IPV6
 IP_TRANSPARENT = 19  # at SOL_IP; not in Python's socket module
+IPV6_TRANSPARENT = 75  # at IPPROTO_IPV6 (SOL_IPV6)
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}  # noqa: S104 - inside a pod's netns
 PORTS = {15001: "outbound", 15006: "inbound", 15008: "hbone"}
 log = logging.getLogger("ztunnel-stand-in")
 
@@ -52,7 +55,12 @@ Address = tuple[str, int]
 
 
 def original_destination(conn: socket.socket) -> Address:
-    """Where a REDIRECTed (NATed) connection was going."""
+    """Where a REDIRECTed (NATed) connection was going, from conntrack: a sockaddr_in, or
+    for IPv6 a sockaddr_in6 (port, flow info, then the address)."""
+    if conn.family == socket.AF_INET6:
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        (port,) = struct.unpack_from("!H", raw, 2)
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), int(port)
     raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), int(port)
@@ -71,7 +79,9 @@ class Capture:
     mode: str  # "inpod" or "node"
     pod: str  # namespace/name; "" in node mode, where one listener serves every pod
     destination: Callable[[socket.socket], Address]
-    upstream: Callable[[], socket.socket]  # an unconnected socket to reach it with
+    # An unconnected socket to reach the destination with, bound to the given source (the
+    # client's own address, as ztunnel keeps it inbound) or to none.
+    upstream: Callable[[Address, str | None], socket.socket]
     closed: threading.Event = field(default_factory=threading.Event)
 
 
@@ -90,7 +100,9 @@ class PodProxy:
             "inpod",
             f"{self.namespace}/{self.name}",
             original_destination,
-            lambda: run_in_netns(self.netns_fd, _marked_socket),
+            lambda dst, source: run_in_netns(
+                self.netns_fd, lambda: _upstream(dst, source, marked=True)
+            ),
         )
 
     def close(self) -> None:
@@ -106,7 +118,9 @@ class StandIn:
         self._lock = threading.Lock()
         self.pods: dict[str, PodProxy] = {}
         self._named_in_session: set[str] = set()
-        self.node = Capture("node", "", local_destination, _plain_socket)
+        self.node = Capture(
+            "node", "", local_destination, lambda dst, source: _upstream(dst, source, marked=False)
+        )
         self.node_listeners: list[socket.socket] = []
 
     # -- node mode --------------------------------------------------------------------------------
@@ -217,7 +231,9 @@ class StandIn:
                 return
             dst = capture.destination(conn)
             record["dst"] = f"{dst[0]}:{dst[1]}"
-            upstream = capture.upstream()
+            # Inbound, the app sees the real client, as with ztunnel: the reply then finds
+            # its way back only through the redirection's return path.
+            upstream = capture.upstream(dst, peer[0] if direction == "inbound" else None)
             upstream.settimeout(5)
             upstream.connect(dst)
             upstream.settimeout(None)
@@ -237,34 +253,68 @@ class StandIn:
         log.info("connection %s", line)
 
 
-def _marked_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
+def _transparent(sock: socket.socket) -> None:
+    """May bind and accept addresses that are not its own (CAP_NET_ADMIN)."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+
+
+def _upstream(dst: Address, source: str | None, *, marked: bool) -> socket.socket:
+    """A socket of dst's family, in the calling thread's netns: marked 1337 as ztunnel's
+    are in a pod (its rules let those pass), and bound to `source` when given."""
+    family = socket.AF_INET6 if ":" in dst[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if marked:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
+        if source is not None:
+            _transparent(sock)
+            sock.bind((source, 0))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
-def _plain_socket() -> socket.socket:
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-
-
 def _listen_all(*, transparent: bool = False) -> list[socket.socket]:
-    """Listeners on every port, in the calling thread's netns: marked ones for a pod's
-    netns, or transparent ones (accepting TPROXYed connections) for node mode."""
+    """Listeners on every port and both families, in the calling thread's netns: marked
+    ones for a pod's netns, or transparent ones (accepting TPROXYed connections) for node
+    mode. IPv6 is skipped where the namespace has none."""
     listeners: list[socket.socket] = []
     try:
-        for port in PORTS:
-            sock = _plain_socket() if transparent else _marked_socket()
-            listeners.append(sock)
-            if transparent:
-                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("0.0.0.0", port))  # noqa: S104 - inside a pod's own netns
-            sock.listen(64)
+        for family in FAMILIES:
+            for port in PORTS:
+                try:
+                    listeners.append(_listener(family, port, transparent=transparent))
+                except OSError:
+                    if family == socket.AF_INET:
+                        raise
+                    log.info("no IPv6 listener on %d: the namespace has no IPv6", port)
     except OSError:
         for sock in listeners:
             sock.close()
         raise
     return listeners
+
+
+def _listener(family: socket.AddressFamily, port: int, *, transparent: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if transparent:
+            _transparent(sock)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, ZTUNNEL_MARK)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((ANY[family], port))
+        sock.listen(64)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _close_listeners(capture: Capture, listeners: list[socket.socket]) -> None:
