@@ -169,7 +169,7 @@ FLUSH = {
     "iptables-nft": (["iptables", "-t", "nat", "-F", "ISTIO_OUTPUT"], "IPv4 nat: 6 of our rules"),
     "nftables": (
         ["nft", "flush", "chain", "inet", "istio-ambient-nat", "istio-output"],
-        "nftables istio-ambient-nat: 6 of our rules",
+        "nftables istio-ambient-nat: 10 of our rules",  # both families' (dual stack)
     ),
 }
 

@@ -8,6 +8,9 @@ up its own sandbox with the ptp network (the session's `e2e` sandbox uses a brid
 from __future__ import annotations
 
 import functools
+import http.client
+import itertools
+import json
 import subprocess
 import sys
 import threading
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 
 from ambient_cni.api import names
+from ambient_cni.netns import run_in_netns
 from ambient_cni_sandbox import components, lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
 from ambient_cni_sandbox.components import Mesh
@@ -186,10 +190,13 @@ def test_headline_in_node_mode_through_both_ztunnels_and_nothing_left_after_unla
         assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
         # While a mesh pod is reached through its node's ztunnel, whoever calls (the node
         # routes every packet for it through istioin, as Istio's did).
-        reply = cluster.http_get(plain, pod_ip(server), 8080, "/to-mesh").json()
-        assert reply["client"].split(":")[0] != pod_ip(plain)
+        # ztunnel keeps the caller's address (not its port): the reply back to it goes
+        # through the node's table 102 and ztunnel's own rules (mark 0x4d3), Istio's way.
+        reply = call_from(cluster, plain, pod_ip(server), source_port=40999)
+        assert reply["client"] != f"{pod_ip(plain)}:40999"
+        assert reply["client"].rsplit(":", 1)[0] == pod_ip(plain)
         inbound = wait_for("node-2's record", lambda: relayed(mesh, "node-2", seen_2, "inbound"))
-        assert inbound[0]["src"].split(":")[0] == pod_ip(plain)
+        assert inbound[0]["src"] == f"{pod_ip(plain)}:40999"
 
         # Unlabelled: the same pods talk directly, nothing of theirs left on either node.
         cluster.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
@@ -332,25 +339,41 @@ def test_a_replaced_ztunnel_gets_the_node_side_again(
 # -- switching modes on a live node ------------------------------------------------------------
 
 
+def call_from(
+    cluster: SandboxCluster, pod: dict[str, Any], host: str, *, source_port: int
+) -> dict[str, Any]:
+    """A GET from inside `pod` from a port of our choosing: the server seeing that very port
+    means no proxy stood between (ztunnel keeps a caller's address, not its port)."""
+
+    def call() -> dict[str, Any]:
+        conn = http.client.HTTPConnection(host, 8080, timeout=2, source_address=("", source_port))
+        try:
+            conn.request("GET", "/switch")
+            return dict(json.loads(conn.getresponse().read()))
+        finally:
+            conn.close()
+
+    return run_in_netns(cluster.pod_netns(pod), call)
+
+
 @dataclass
 class Calls:
-    """Calls client -> server, made continuously from another thread: when, and who the
-    server saw calling (None: the call failed)."""
+    """Calls client -> server, made continuously from another thread, each from a port of
+    its own: when, and whether the server saw the client's very port (None: it failed)."""
 
     cluster: SandboxCluster
     client: dict[str, Any]
     server: dict[str, Any]
-    made: list[tuple[float, str | None]] = field(default_factory=list)
+    made: list[tuple[float, bool | None]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
+        ports = itertools.cycle(range(41000, 49000))
         while not self.stop.is_set():
-            started = time.monotonic()
+            started, port = time.monotonic(), next(ports)
             try:
-                reply = self.cluster.http_get(
-                    self.client, pod_ip(self.server), 8080, "/switch", timeout=2
-                )
-                self.made.append((started, reply.json()["client"].split(":")[0]))
+                reply = call_from(self.cluster, self.client, pod_ip(self.server), source_port=port)
+                self.made.append((started, reply["client"] == f"{pod_ip(self.client)}:{port}"))
             except (OSError, ValueError):
                 self.made.append((started, None))
             self.stop.wait(0.02)  # pacing the load, not waiting for anything
@@ -360,9 +383,8 @@ class Calls:
         return sum(1 for t, _ in self.made if t > start) >= count
 
     def direct(self, since: float = 0.0) -> list[float]:
-        """Calls the server saw from the client itself: they bypassed ztunnel."""
-        client = pod_ip(self.client)
-        return [t for t, seen in self.made if t >= since and seen == client]
+        """Calls the server saw from the client's own socket: they bypassed ztunnel."""
+        return [t for t, direct in self.made if t >= since and direct]
 
     def longest_gap(self, since: float, until: float) -> float:
         """The longest run of failed calls between `since` and `until`, in seconds."""

@@ -45,10 +45,11 @@ def test_nodes_are_ready_with_underlay_addresses(sandbox: SandboxCluster) -> Non
         ready = [c for c in node["status"]["conditions"] if c["type"] == "Ready"]
         assert [c["status"] for c in ready] == ["True"], node["status"]["conditions"]
         internal = [a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP"]
-        seen[node["metadata"]["name"]] = (internal, node["spec"]["podCIDR"])
+        seen[node["metadata"]["name"]] = (internal, node["spec"]["podCIDRs"])
+    # Dual stack: an address and a pod CIDR per family, IPv4 first.
     assert seen == {
-        "node-1": (["172.18.0.11"], "10.244.0.0/22"),
-        "node-2": (["172.18.0.12"], "10.244.4.0/22"),
+        "node-1": (["172.18.0.11", "fd00:172:18::11"], ["10.244.0.0/22", "fd00:10:244::/64"]),
+        "node-2": (["172.18.0.12", "fd00:172:18::12"], ["10.244.4.0/22", "fd00:10:244:1::/64"]),
     }
 
 
@@ -68,7 +69,10 @@ def test_pod_gets_netns_process_and_ip_then_delete_removes_them(
     pid = container_pid(pod)
 
     assert ipaddress.IPv4Address(ip) in ipaddress.IPv4Network("10.244.0.0/22")
-    assert pod["status"]["podIPs"] == [{"ip": ip}]
+    # Dual stack, IPv4 first, as a dual-stack kubelet reports them.
+    ip6 = pod_ip(pod, family=6)
+    assert ipaddress.IPv6Address(ip6) in ipaddress.IPv6Network("fd00:10:244::/64")
+    assert pod["status"]["podIPs"] == [{"ip": ip}, {"ip": ip6}]
     assert pod["status"]["hostIP"] == "172.18.0.11"
     assert netns_exists(netns)
     assert process_netns_inode(pid) == netns_inode(netns), "the process runs in the pod's netns"
@@ -79,6 +83,13 @@ def test_pod_gets_netns_process_and_ip_then_delete_removes_them(
         check=True,
     ).stdout
     assert f"inet {ip}/22" in addresses
+    addresses6 = subprocess.run(
+        ["ip", "-n", netns, "-o", "-6", "addr", "show", "eth0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert f"inet6 {ip6}/64" in addresses6
     # Made by the node's CNI chain: libcni cached the ADD result, host-local holds the IP.
     uid = pod["metadata"]["uid"]
     cni = paths_for(sandbox.name).node_cni("node-1")
@@ -113,13 +124,17 @@ def test_pod_on_node_1_gets_http_answer_from_pod_on_node_2(
     # The body proves the answer came from the server pod, and that its source
     # address was not rewritten on the way.
     assert reply.status == 200
-    assert reply.json() == {
-        "pod": "server",
-        "local": f"{pod_ip(server)}:9090",
-        "client": reply.json()["client"],
-        "path": "/hello",
-    }
-    assert reply.json()["client"].split(":")[0] == pod_ip(client)
+    body = reply.json()
+    assert (body["pod"], body["local"], body["path"]) == (
+        "server",
+        f"{pod_ip(server)}:9090",
+        "/hello",
+    )
+    assert body["client_ip"] == pod_ip(client)
+    # And over IPv6.
+    reply6 = sandbox.http_get(client, pod_ip(server, family=6), 9090, "/hello6").json()
+    assert (reply6["pod"], reply6["local_ip"]) == ("server", pod_ip(server, family=6))
+    assert reply6["client_ip"] == pod_ip(client, family=6)
 
 
 def test_a_replacement_pod_answers_at_once(sandbox: SandboxCluster, namespace: str) -> None:
