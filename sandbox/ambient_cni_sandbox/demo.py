@@ -3,8 +3,10 @@
 Brings the sandbox up, runs the whole operator on it (CRD, controller, one
 node agent per node, a ztunnel stand-in per node), labels a namespace and
 shows `kubectl get anc`, a cross-node call passing through both nodes'
-ztunnels, a call between pods outside the mesh going direct, then unlabels
-the namespace and shows the rules gone and the same pods talking directly.
+ztunnels over IPv4 and over IPv6 (the server seeing the client's own address,
+as ztunnel keeps it), a call between pods outside the mesh going direct, then
+unlabels the namespace and shows the rules gone and the same pods talking
+directly.
 """
 
 from __future__ import annotations
@@ -48,13 +50,17 @@ def _redirection(cluster: SandboxCluster, name: str) -> str | None:
 
 
 def _istio_rules(cluster: SandboxCluster, pod: dict[str, Any]) -> int:
-    saved = subprocess.run(
-        ["ip", "netns", "exec", cluster.pod_netns(pod), "iptables-save"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return sum(1 for line in saved.splitlines() if "ISTIO" in line)
+    """ISTIO rules in the pod's netns, both families."""
+    count = 0
+    for tool in ("iptables-save", "ip6tables-save"):
+        saved = subprocess.run(
+            ["ip", "netns", "exec", cluster.pod_netns(pod), tool],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        count += sum(1 for line in saved.splitlines() if "ISTIO" in line)
+    return count
 
 
 def _call(
@@ -64,13 +70,19 @@ def _call(
     server: dict[str, Any],
     *,
     meshed: bool,
+    family: int = 4,
 ) -> None:
     seen = {node: len(mesh.connections(node)) for node in cluster.node_names}
-    reply = cluster.http_get(client, pod_ip(server), 8080, "/hello")
+    reply = cluster.http_get(client, pod_ip(server, family=family), 8080, "/hello")
     body = reply.json()
-    print(f"HTTP {reply.status} from {body['pod']}: {reply.body}")
+    print(
+        f"HTTP {reply.status} from {body['pod']} at {body['local']}; "
+        f"it saw the call come from {body['client']}"
+    )
     if body["pod"] != server["metadata"]["name"]:
         raise DemoFailed(f"the call reached {body['pod']}, not {server['metadata']['name']}")
+    if body["client_ip"] != pod_ip(client, family=family):
+        raise DemoFailed(f"the server saw {body['client_ip']}, not the client's own address")
 
     def relayed() -> list[str]:
         return [
@@ -79,8 +91,12 @@ def _call(
             for c in mesh.connections(node)[seen[node] :]
         ]
 
-    # A stand-in records a connection once it has closed: give it a moment.
-    lines = wait_for("the ztunnels' records", relayed, timeout=5) if meshed else relayed()
+    # A stand-in records a connection once it has closed: wait for both nodes' records.
+    lines = (
+        wait_for("both ztunnels' records", lambda: len(r := relayed()) >= 2 and r, timeout=5)
+        if meshed
+        else relayed()
+    )
     if lines and not meshed:
         raise DemoFailed("a ztunnel relayed a call that should have gone direct")
     print("\n".join(lines) if lines else "  no ztunnel saw it: the call went direct")
@@ -154,6 +170,8 @@ def run_demo(name: str, *, keep: bool = False) -> int:
 
         _step("echo-1 (node-1) calls echo-2 (node-2): through both nodes' ztunnels")
         _call(cluster, mesh, echo_1, echo_2, meshed=True)
+        _step("the same over IPv6")
+        _call(cluster, mesh, echo_1, echo_2, meshed=True, family=6)
         _step("plain-1 calls plain-2, outside the mesh: direct")
         _call(cluster, mesh, plain_1, plain_2, meshed=False)
 
