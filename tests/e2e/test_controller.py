@@ -12,7 +12,7 @@ from kubernetes.client import CustomObjectsApi
 
 from ambient_cni.api import names
 from ambient_cni.kube import as_body, raw
-from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
+from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, pod_ips, wait_for
 from ambient_cni_sandbox.components import CONTROLLER_USER, Component, controller
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,8 +144,9 @@ def test_labelling_a_namespace_enrols_exactly_its_eligible_pods(
             "name": "a",
             "namespace": namespace,
             "serviceAccount": "default",
-            "ips": [pod_ip(pods["a"])],
+            "ips": pod_ips(pods["a"]),  # both families, IPv4 first
         }
+        assert len(entry["ips"]) == 2
         assert workloads(sandbox, "node-1", "kube-system") == []
 
         label_namespace(sandbox, namespace, None)

@@ -62,21 +62,58 @@ def address(endpoint: str) -> str:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_a_call_across_nodes_goes_through_both_ztunnels_and_arrives_from_the_client(
-    sandbox: SandboxCluster, mesh: Mesh, namespace: str, family: int
+def test_through_both_ztunnels_from_the_client_with_probes_and_the_return_path_load_bearing(
+    sandbox: SandboxCluster, mesh: Mesh, namespace: str, backend: str, family: int
 ) -> None:
     client, server = enrolled_pair(sandbox, namespace)
     target = pod_ip(server, family=family)
+
+    # 1. Across nodes, through both ztunnels; the app sees the client pod's own address:
+    # ztunnel kept it, and the reply found its way back to ztunnel's socket through the
+    # connmark and table 100.
     seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
     reply = sandbox.http_get(client, target, 8080, f"/v{family}").json()
-    # The app sees the client pod's own address: ztunnel kept it, and the reply found its
-    # way back to ztunnel's socket through the connmark and table 100.
     assert (reply["pod"], reply["client_ip"]) == ("server", pod_ip(client, family=family))
     out = wait_for("node-1's outbound record", lambda: records(mesh, "node-1", seen_1, "outbound"))
     into = wait_for("node-2's inbound record", lambda: records(mesh, "node-2", seen_2, "inbound"))
     assert [(c["pod"], c["dst"]) for c in out] == [(f"{namespace}/client", f"{target}:8080")]
     assert [(c["pod"], c["dst"]) for c in into] == [(f"{namespace}/server", f"{target}:8080")]
     assert address(out[0]["src"]) == pod_ip(client, family=family)
+
+    # 2. Kubelet-style probes from the node: SNATed to the probe source, which the pod's
+    # rules let straight in, while its address is in the probe set.
+    seen = len(mesh.connections("node-2"))
+    assert from_node(sandbox, "node-2", target)["client_ip"] == PROBE_SOURCE[family]
+    assert mesh.connections("node-2")[seen:] == []
+    # Out of it (the agent frozen, so it cannot put it back first): through ztunnel.
+    with frozen(mesh.agents["node-2"]):
+        unset_probe(backend, sandbox.state.topology.node("node-2").netns, family, target)
+        probe = from_node(sandbox, "node-2", target)
+    assert probe["client_ip"] != PROBE_SOURCE[family]
+    inbound = wait_for("the stand-in's record", lambda: records(mesh, "node-2", seen, "inbound"))
+    assert address(inbound[0]["src"]) == probe["client_ip"]
+    wait_for(
+        "the agent to put the address back",
+        lambda: from_node(sandbox, "node-2", target)["client_ip"] == PROBE_SOURCE[family],
+        timeout=15,
+    )
+
+    # 3. Without its `ip rule ... lookup 100`, the app's reply to the client's address leaves
+    # the pod instead of returning to ztunnel's socket: inbound calls fail, until drift
+    # repair puts the rule back.
+    with frozen(mesh.agents["node-2"]):
+        netns = sandbox.pod_netns(server)
+        rule = ["ip", f"-{family}", "rule", "del", "pref", "32764"]
+        subprocess.run(["ip", "netns", "exec", netns, *rule], check=True)
+        assert call(sandbox, client, target) is None, "a call succeeded without the rule"
+    repair = wait_for(
+        "the repair in status",
+        lambda: (mesh.workload("node-2", "server") or {}).get("lastRepair"),
+        timeout=15,
+    )
+    assert "ip rule" in repair["message"]
+    reply = wait_for("a call through again", lambda: call(sandbox, client, target))
+    assert reply["client_ip"] == pod_ip(client, family=family)
 
 
 @contextlib.contextmanager
@@ -96,40 +133,6 @@ def call(sandbox: SandboxCluster, client: dict[str, Any], target: str) -> dict[s
         return dict(sandbox.http_get(client, target, 8080, "/return", timeout=2).json())
     except OSError:
         return None
-
-
-@pytest.mark.parametrize(
-    ("family", "what", "break_it"),
-    [
-        (4, "ip rule 32764", ["ip", "-4", "rule", "del", "pref", "32764"]),
-        (6, "ip rule 32764", ["ip", "-6", "rule", "del", "pref", "32764"]),
-    ],
-)
-def test_without_the_return_path_inbound_calls_fail_and_drift_repair_brings_them_back(
-    sandbox: SandboxCluster,
-    mesh: Mesh,
-    namespace: str,
-    family: int,
-    what: str,
-    break_it: list[str],
-) -> None:
-    client, server = enrolled_pair(sandbox, namespace)
-    target = pod_ip(server, family=family)
-    assert call(sandbox, client, target) is not None
-    agent = mesh.agents["node-2"]
-    with frozen(agent):
-        subprocess.run(["ip", "netns", "exec", sandbox.pod_netns(server), *break_it], check=True)
-        # The app's reply to the client's address now leaves the pod instead of returning
-        # to ztunnel's socket: the call cannot complete.
-        assert call(sandbox, client, target) is None, f"a call succeeded without {what}"
-    repair = wait_for(
-        "the repair in status",
-        lambda: (mesh.workload("node-2", "server") or {}).get("lastRepair"),
-        timeout=15,
-    )
-    assert "ip rule" in repair["message"]
-    reply = wait_for("a call through again", lambda: call(sandbox, client, target))
-    assert reply["client_ip"] == pod_ip(client, family=family)
 
 
 def from_node(sandbox: SandboxCluster, node: str, target: str) -> dict[str, Any]:
@@ -154,34 +157,3 @@ def unset_probe(backend: str, node_netns: str, family: int, ip: str) -> None:
     else:
         argv = ["ipset", "del", name, ip]
     subprocess.run(["ip", "netns", "exec", node_netns, *argv], check=True)
-
-
-@pytest.mark.parametrize("family", [4, 6])
-def test_probes_from_the_node_bypass_ztunnel_as_the_probe_source_until_out_of_the_set(
-    sandbox: SandboxCluster, mesh: Mesh, namespace: str, backend: str, family: int
-) -> None:
-    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
-    sandbox.create_pod(namespace, "probed", node="node-1")
-    pod = sandbox.wait_running(namespace, "probed")
-    wait_for(
-        "enabled", lambda: sandbox.pod_annotation(namespace, "probed", REDIRECTION) == "enabled"
-    )
-    target = pod_ip(pod, family=family)
-    seen = len(mesh.connections("node-1"))
-    # In the set: SNATed to the probe source, which the pod's rules let straight in.
-    reply = from_node(sandbox, "node-1", target)
-    assert reply["client_ip"] == PROBE_SOURCE[family]
-    assert mesh.connections("node-1")[seen:] == []
-    # Out of it (the agent frozen, so it cannot put it back first): through ztunnel.
-    with frozen(mesh.agents["node-1"]):
-        unset_probe(backend, sandbox.state.topology.node("node-1").netns, family, target)
-        reply = from_node(sandbox, "node-1", target)
-    assert reply["client_ip"] != PROBE_SOURCE[family]
-    inbound = wait_for("the stand-in's record", lambda: records(mesh, "node-1", seen, "inbound"))
-    assert address(inbound[0]["src"]) == reply["client_ip"]
-    # And the agent puts the address back.
-    wait_for(
-        "the probe source again",
-        lambda: from_node(sandbox, "node-1", target)["client_ip"] == PROBE_SOURCE[family],
-        timeout=15,
-    )

@@ -328,7 +328,14 @@ def test_a_replaced_ztunnel_gets_the_node_side_again(
         ),
         timeout=30,
     )
-    wait_for("Ready again", lambda: node_mode_ready(mesh, "node-1"), timeout=30)
+    wait_for(
+        "the new ztunnel's side in place",
+        lambda: (
+            f"({new['ip']})" in condition(mesh, "node-1", "ZtunnelRulesReady").get("message", "")
+            and node_mode_ready(mesh, "node-1")
+        ),
+        timeout=30,
+    )
     side = node_side(cluster, "node-1")
     assert f"! -s {new['ip']}/32" in "\n".join(side["chains"])
     assert old["ip"] == new["ip"] or old["ip"] not in "\n".join(side["chains"] + side["tables"])

@@ -198,7 +198,7 @@ class NodeMode:
             lambda: (
                 "Applied",
                 "tunnel ends, ip rules 20000/20003, tables 100-102 and TPROXY in "
-                f"{ztunnel.namespace}/{ztunnel.name}",
+                f"{ztunnel.namespace}/{ztunnel.name} ({ztunnel.ip})",
             ),
         )
         parts = (rules, tunnels, inside)
