@@ -24,8 +24,10 @@ SANDBOX = "bench"
 
 
 def _on_sandbox(nodes: int, body: Callable[[SandboxCluster], dict[str, Any]]) -> dict[str, Any]:
-    """A fresh sandbox per benchmark: none inherits another's objects or load."""
-    lifecycle.up(SANDBOX, nodes=nodes)
+    """A fresh sandbox per benchmark: none inherits another's objects or load. IPv4 only, as
+    every figure in BENCHMARKS.md was measured (a dual-stack pod costs a second address and
+    ruleset: compare like with like)."""
+    lifecycle.up(SANDBOX, nodes=nodes, ip_family="ipv4")
     try:
         return body(SandboxCluster.open(SANDBOX))
     finally:
