@@ -374,13 +374,18 @@ class SandboxCluster:
         path: str = "/",
         *,
         timeout: float = 5.0,
+        source_port: int | None = None,
     ) -> HttpReply:
         """An HTTP GET made from inside `from_pod`'s network namespace. `url_host` may be
-        an IPv6 address, bracketed or not."""
+        an IPv6 address, bracketed or not. With `source_port` (below the kernel's ephemeral
+        range, 32768+, so no relay picks it too), the call comes from that port: a server
+        seeing it knows no proxy stood between (ztunnel keeps a caller's address, not its
+        port)."""
         host = url_host[1:-1] if url_host.startswith("[") and url_host.endswith("]") else url_host
+        source = None if source_port is None else ("", source_port)
 
         def call() -> HttpReply:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=timeout, source_address=source)
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()

@@ -11,6 +11,7 @@ directly.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from typing import Any
@@ -23,6 +24,7 @@ from .cluster import SandboxCluster, pod_ip, wait_for
 from .components import Mesh
 
 MESH_NS = "demo"
+_SOURCE_PORTS = itertools.count(20001)  # below the ephemeral range: no relay picks them
 PLAIN_NS = "outside"
 
 
@@ -73,7 +75,10 @@ def _call(
     family: int = 4,
 ) -> None:
     seen = {node: len(mesh.connections(node)) for node in cluster.node_names}
-    reply = cluster.http_get(client, pod_ip(server, family=family), 8080, "/hello")
+    port = next(_SOURCE_PORTS)
+    reply = cluster.http_get(
+        client, pod_ip(server, family=family), 8080, "/hello", source_port=port
+    )
     body = reply.json()
     print(
         f"HTTP {reply.status} from {body['pod']} at {body['local']}; "
@@ -97,8 +102,11 @@ def _call(
         if meshed
         else relayed()
     )
-    if lines and not meshed:
+    # Direct means the server saw the client's very socket: a relay keeps only the address.
+    if (lines or body["client_port"] != port) and not meshed:
         raise DemoFailed("a ztunnel relayed a call that should have gone direct")
+    if body["client_port"] == port and meshed:
+        raise DemoFailed("a call that should have gone through ztunnel went direct")
     print("\n".join(lines) if lines else "  no ztunnel saw it: the call went direct")
 
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .ztunnel import ANY, FAMILIES, _pump_both, _transparent, original_destination
+from .ztunnel import ANY, FAMILIES, NO_IPV6, _pump_both, _transparent, original_destination
 
 OUTBOUND, INBOUND = 15001, 15006
 # Where Envoy's inbound passthrough connects from, per family (the rules let it through).
@@ -49,7 +49,7 @@ class Sidecar:
 
     def listen(self) -> list[socket.socket]:
         """Both ports in both families (IPv6 only where the pod has it)."""
-        listeners = []
+        listeners: list[socket.socket] = []
         for family in FAMILIES:
             for port in (OUTBOUND, INBOUND):
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -61,11 +61,13 @@ class Sidecar:
                         _transparent(sock)
                     sock.bind((ANY[family], port))
                     sock.listen(64)
-                except OSError:
+                except OSError as exc:
                     sock.close()
-                    if family == socket.AF_INET:
-                        raise
-                    continue
+                    if family == socket.AF_INET6 and exc.errno in NO_IPV6:
+                        continue
+                    for made in listeners:
+                        made.close()
+                    raise
                 listeners.append(sock)
         return listeners
 
@@ -86,15 +88,19 @@ class Sidecar:
             dst = conn.getsockname() if transparent else original_destination(conn)
             record["dst"] = f"{dst[0]}:{dst[1]}"
             upstream = socket.socket(conn.family, socket.SOCK_STREAM)
-            if transparent:
-                _transparent(upstream)
-                upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TPROXY_MARK)
-                upstream.bind((peer[0], 0))
-            elif direction == "inbound":
-                upstream.bind((PASSTHROUGH_SOURCE[conn.family], 0))
-            upstream.settimeout(5)
-            upstream.connect(dst)
-            upstream.settimeout(None)
+            try:
+                if transparent:
+                    _transparent(upstream)
+                    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, TPROXY_MARK)
+                    upstream.bind((peer[0], 0))
+                elif direction == "inbound":
+                    upstream.bind((PASSTHROUGH_SOURCE[conn.family], 0))
+                upstream.settimeout(5)
+                upstream.connect(dst)
+                upstream.settimeout(None)
+            except OSError:
+                upstream.close()
+                raise
             up, down = _pump_both(conn, upstream)
             record.update(bytes_up=up, bytes_down=down)
         except OSError as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ SO_ORIGINAL_DST = 80  # at SOL_IP; IP6T_SO_ORIGINAL_DST has the same number at I
 IP_TRANSPARENT = 19  # at SOL_IP; not in Python's socket module
 IPV6_TRANSPARENT = 75  # at IPPROTO_IPV6 (SOL_IPV6)
 FAMILIES = (socket.AF_INET, socket.AF_INET6)
+NO_IPV6 = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)  # what a namespace without IPv6 answers
 ANY = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}  # noqa: S104 - inside a pod's netns
 PORTS = {15001: "outbound", 15006: "inbound", 15008: "hbone"}
 log = logging.getLogger("ztunnel-stand-in")
@@ -234,9 +236,13 @@ class StandIn:
             # Inbound, the app sees the real client, as with ztunnel: the reply then finds
             # its way back only through the redirection's return path.
             upstream = capture.upstream(dst, peer[0] if direction == "inbound" else None)
-            upstream.settimeout(5)
-            upstream.connect(dst)
-            upstream.settimeout(None)
+            try:
+                upstream.settimeout(5)
+                upstream.connect(dst)
+                upstream.settimeout(None)
+            except OSError:
+                upstream.close()
+                raise
             up, down = _pump_both(conn, upstream)
             record.update(bytes_up=up, bytes_down=down)
         except OSError as exc:
@@ -288,8 +294,8 @@ def _listen_all(*, transparent: bool = False) -> list[socket.socket]:
             for port in PORTS:
                 try:
                     listeners.append(_listener(family, port, transparent=transparent))
-                except OSError:
-                    if family == socket.AF_INET:
+                except OSError as exc:
+                    if family == socket.AF_INET or exc.errno not in NO_IPV6:
                         raise
                     log.info("no IPv6 listener on %d: the namespace has no IPv6", port)
     except OSError:

@@ -61,20 +61,29 @@ def kernel_state(cluster: SandboxCluster, pod: dict[str, Any]) -> dict[str, Any]
     return {
         "istio_rules": istio_rules(netns),
         "ip_rules": [
-            line for line in run_in(netns, "ip", "rule").splitlines() if line.startswith("32764:")
+            line
+            for family in ("-4", "-6")
+            for line in run_in(netns, "ip", family, "rule").splitlines()
+            if line.startswith("32764:")
         ],
-        "table_100": run_in(netns, "ip", "route", "show", "table", "100").strip(),
+        "table_100": "\n".join(
+            run_in(netns, "ip", family, "route", "show", "table", "100").strip()
+            for family in ("-4", "-6")
+        ).strip(),
     }
 
 
 def probe_members(cluster: SandboxCluster, node: str) -> list[str]:
-    """The node's IPv4 probe set members, from the ipset or the nft set, sorted."""
+    """The node's probe set members, both families, from the ipsets or the nft sets, sorted."""
     netns = cluster.state.topology.node(node).netns
     members: list[str] = []
-    listing = run_in(netns, "ipset", "list", "istio-inpod-probes-v4")
-    if "Members:" in listing:
-        members += [line.split()[0] for line in listing.split("Members:")[1].splitlines() if line]
-    nft = run_in(netns, "nft", "list", "set", "inet", "istio-ambient-nat", "istio-inpod-probes-v4")
-    for match in re.finditer(r"elements = \{([^}]*)\}", nft):
-        members += [part.split()[0] for part in match.group(1).split(",") if part.strip()]
+    for name in ("istio-inpod-probes-v4", "istio-inpod-probes-v6"):
+        listing = run_in(netns, "ipset", "list", name)
+        if "Members:" in listing:
+            members += [
+                line.split()[0] for line in listing.split("Members:")[1].splitlines() if line
+            ]
+        nft = run_in(netns, "nft", "list", "set", "inet", "istio-ambient-nat", name)
+        for match in re.finditer(r"elements = \{([^}]*)\}", nft):
+            members += [part.split()[0] for part in match.group(1).split(",") if part.strip()]
     return sorted(members)

@@ -120,10 +120,15 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         # Outside the mesh: direct, no ztunnel sees it.
         seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
         plain = sandbox.http_get(
-            before["plain-client"], pod_ip(before["plain-server"]), 8080, "/plain"
+            before["plain-client"],
+            pod_ip(before["plain-server"]),
+            8080,
+            "/plain",
+            source_port=20001,
         )
         assert plain.json()["pod"] == "plain-server"
-        assert plain.json()["client"].split(":")[0] == pod_ip(before["plain-client"])
+        # The client's very socket: a relay would keep its address but not its port.
+        assert plain.json()["client"] == f"{pod_ip(before['plain-client'])}:20001"
         assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
 
         sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
@@ -150,8 +155,8 @@ def test_headline_label_redirects_through_both_ztunnels_and_unlabel_leaves_nothi
         )
 
         seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
-        direct = sandbox.http_get(client, pod_ip(server), 8080, "/direct")
-        assert direct.json()["client"].split(":")[0] == pod_ip(client)
+        direct = sandbox.http_get(client, pod_ip(server), 8080, "/direct", source_port=20002)
+        assert direct.json()["client"] == f"{pod_ip(client)}:20002"
         assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
         after = {n: sandbox.pod(ns, n) for ns, n in ((namespace, "client"), (namespace, "server"))}
         for name, pod in after.items():

@@ -83,13 +83,16 @@ def test_through_both_ztunnels_from_the_client_with_probes_and_the_return_path_l
     # 2. Kubelet-style probes from the node: SNATed to the probe source, which the pod's
     # rules let straight in, while its address is in the probe set.
     seen = len(mesh.connections("node-2"))
-    assert from_node(sandbox, "node-2", target)["client_ip"] == PROBE_SOURCE[family]
+    direct = from_node(sandbox, "node-2", target, source_port=20001)
+    # SNAT keeps the port; a relay would not.
+    assert (direct["client_ip"], direct["client_port"]) == (PROBE_SOURCE[family], 20001)
     assert mesh.connections("node-2")[seen:] == []
     # Out of it (the agent frozen, so it cannot put it back first): through ztunnel.
     with frozen(mesh.agents["node-2"]):
         unset_probe(backend, sandbox.state.topology.node("node-2").netns, family, target)
-        probe = from_node(sandbox, "node-2", target)
+        probe = from_node(sandbox, "node-2", target, source_port=20002)
     assert probe["client_ip"] != PROBE_SOURCE[family]
+    assert probe["client_port"] != 20002
     inbound = wait_for("the stand-in's record", lambda: records(mesh, "node-2", seen, "inbound"))
     assert address(inbound[0]["src"]) == probe["client_ip"]
     wait_for(
@@ -135,11 +138,15 @@ def call(sandbox: SandboxCluster, client: dict[str, Any], target: str) -> dict[s
         return None
 
 
-def from_node(sandbox: SandboxCluster, node: str, target: str) -> dict[str, Any]:
-    """A GET from the node's own namespace, as kubelet's probes come."""
+def from_node(
+    sandbox: SandboxCluster, node: str, target: str, source_port: int | None = None
+) -> dict[str, Any]:
+    """A GET from the node's own namespace, as kubelet's probes come (from `source_port`,
+    below the ephemeral range, when given)."""
+    source = None if source_port is None else ("", source_port)
 
     def get() -> dict[str, Any]:
-        conn = http.client.HTTPConnection(target, 8080, timeout=2)
+        conn = http.client.HTTPConnection(target, 8080, timeout=2, source_address=source)
         try:
             conn.request("GET", "/healthz")
             return dict(json.loads(conn.getresponse().read()))

@@ -76,6 +76,6 @@ def test_headline_on_a_single_family_sandbox(single: tuple[SandboxCluster, Mesh,
         lambda: all(istio_rules(cluster.pod_netns(p)) == [] for p in (client, server)),
     )
     seen_1, seen_2 = len(mesh.connections("node-1")), len(mesh.connections("node-2"))
-    direct = cluster.http_get(client, target, 8080, "/direct").json()
-    assert direct["client_ip"] == pod_ip(client, family=family)
+    direct = cluster.http_get(client, target, 8080, "/direct", source_port=20001).json()
+    assert (direct["client_ip"], direct["client_port"]) == (pod_ip(client, family=family), 20001)
     assert mesh.connections("node-1")[seen_1:] == mesh.connections("node-2")[seen_2:] == []
