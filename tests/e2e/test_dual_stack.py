@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -83,16 +84,18 @@ def test_through_both_ztunnels_from_the_client_with_probes_and_the_return_path_l
     # 2. Kubelet-style probes from the node: SNATed to the probe source, which the pod's
     # rules let straight in, while its address is in the probe set.
     seen = len(mesh.connections("node-2"))
-    direct = from_node(sandbox, "node-2", target, source_port=20001)
+    port = fresh_port()
+    direct = from_node(sandbox, "node-2", target, source_port=port)
     # SNAT keeps the port; a relay would not.
-    assert (direct["client_ip"], direct["client_port"]) == (PROBE_SOURCE[family], 20001)
+    assert (direct["client_ip"], direct["client_port"]) == (PROBE_SOURCE[family], port)
     assert mesh.connections("node-2")[seen:] == []
     # Out of it (the agent frozen, so it cannot put it back first): through ztunnel.
     with frozen(mesh.agents["node-2"]):
         unset_probe(backend, sandbox.state.topology.node("node-2").netns, family, target)
-        probe = from_node(sandbox, "node-2", target, source_port=20002)
+        port = fresh_port()
+        probe = from_node(sandbox, "node-2", target, source_port=port)
     assert probe["client_ip"] != PROBE_SOURCE[family]
-    assert probe["client_port"] != 20002
+    assert probe["client_port"] != port
     inbound = wait_for("the stand-in's record", lambda: records(mesh, "node-2", seen, "inbound"))
     assert address(inbound[0]["src"]) == probe["client_ip"]
     wait_for(
@@ -136,6 +139,12 @@ def call(sandbox: SandboxCluster, client: dict[str, Any], target: str) -> dict[s
         return dict(sandbox.http_get(client, target, 8080, "/return", timeout=2).json())
     except OSError:
         return None
+
+
+def fresh_port() -> int:
+    """A source port below the kernel's ephemeral range, so no relay picks it too; random,
+    since the node's namespace outlives tests and keeps their connections in TIME_WAIT."""
+    return random.SystemRandom().randrange(20000, 32000)
 
 
 def from_node(
