@@ -304,7 +304,7 @@ def test_a_killed_agent_restarts_without_duplicates_and_reconverges(
     mesh.agents["node-1"].start(timeout=60)
     wait_for("Ready again", lambda: status_counts(mesh, "node-1")[3] == "True")
     assert kernel_state(sandbox, pod) == before  # the same rules, once each
-    assert len(before["ip_rules"]) == 1
+    assert len(before["ip_rules"]) == 2  # once per family (dual stack)
     assert probe_members(sandbox, "node-1") == host_before
     node_netns = sandbox.state.topology.node("node-1").netns
     # The host's probe rule, once: the jump to ours (iptables), or our two SNAT rules (nft).
