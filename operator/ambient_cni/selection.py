@@ -264,3 +264,16 @@ def sidecar_workload(
     if decision.capture is None:
         return None
     return _entry(pod, sidecar=decision.capture)
+
+
+def desired_workload(
+    pod: PodView, namespace_labels: Mapping[str, str] | None, config: SelectionConfig
+) -> Workload | None:
+    """The pod's entry in its node's spec, if it has one: ambient redirection when selection
+    enrols it, otherwise its sidecar's capture (never both: an ambient pod is not a sidecar
+    pod). The controller plans with this and `kubectl ambient why` checks against it."""
+    if decide(pod, namespace_labels, config).enrolled:
+        return workload(pod)
+    if pod.proxy is not None:
+        return sidecar_workload(pod, namespace_labels, config)
+    return None

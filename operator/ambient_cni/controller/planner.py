@@ -10,10 +10,8 @@ from ambient_cni.api.models import AmbientNodeConfigSpec, RedirectMode, ZtunnelR
 from ambient_cni.selection import (
     PodView,
     SelectionConfig,
-    decide,
+    desired_workload,
     is_ztunnel,
-    sidecar_workload,
-    workload,
 )
 
 
@@ -55,11 +53,9 @@ def plan_node(
     pods = list(pods)
     enrolled = []
     for pod in pods:
-        labels = namespace_labels.get(pod.namespace)
-        if decide(pod, labels, config.selection).enrolled:
-            enrolled.append(workload(pod))
-        elif pod.proxy is not None and (found := sidecar_workload(pod, labels, config.selection)):
-            enrolled.append(found)  # never both: an ambient pod is not a sidecar pod
+        found = desired_workload(pod, namespace_labels.get(pod.namespace), config.selection)
+        if found is not None:
+            enrolled.append(found)
     enrolled.sort(key=lambda w: (w.namespace, w.name, w.uid))
     return AmbientNodeConfigSpec(
         node_name=node,
