@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from ambient_cni.agent import reconciler
+from ambient_cni.agent.events import EventNote
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.interfaces import NetnsNotFoundError, ZdsError
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
 from ambient_cni.agent.sidecar_mode import SidecarMode
 from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api.models import Backend, SidecarCapture, Workload
+from ambient_cni.api.version import operator_version
 from ambient_cni.dataplane.constants import Family
 from ambient_cni.dataplane.errors import DataplaneError
 from ambient_cni.dataplane.interfaces import NO_CHANGES, Change, Changes
@@ -234,6 +236,22 @@ class FakeStatus:
         return "?", "?"
 
 
+@dataclass
+class FakeNodeEvents:
+    """The Events recorded on the node's object, by its UID."""
+
+    recorded: list[tuple[str, EventNote]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, uid: str, notes: Sequence[EventNote]) -> None:
+        with self.lock:
+            self.recorded.extend((uid, note) for note in notes)
+
+    def reasons(self) -> list[str]:
+        with self.lock:
+            return [note.reason for _, note in self.recorded]
+
+
 # -- a node with pods ---------------------------------------------------------------------------
 
 
@@ -251,7 +269,7 @@ def node_object(
 ) -> dict[str, Any]:
     with_sidecar = set(sidecars)
     return {
-        "metadata": {"name": "node-1", "generation": generation},
+        "metadata": {"name": "node-1", "generation": generation, "uid": "anc-uid-1"},
         "spec": {
             "nodeName": "node-1",
             "redirectMode": mode,
@@ -283,6 +301,7 @@ class Node:
     status: FakeStatus
     resolver: FakeResolver
     handles: FakeHandles
+    events: FakeNodeEvents
     generation: int = 0
     indexes: tuple[int, ...] = ()
 
@@ -328,6 +347,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
         pod_api=annotator,
     )
     status = FakeStatus()
+    events = FakeNodeEvents()
     agent = NodeAgent(
         AgentOptions(node="node-1", zds_socket=tmp_path / "zds.sock", drift_interval=3600),
         {"inpod": mode},
@@ -337,10 +357,11 @@ def node(tmp_path: Path) -> Iterator[Node]:
         sidecar=SidecarMode(
             dataplane=FakeSidecars(journal, pods.netns_of), resolver=resolver, handles=handles
         ),
+        events=events,
     )
     agent.start()
     try:
-        yield Node(agent, journal, pods, ztunnel, annotator, status, resolver, handles)
+        yield Node(agent, journal, pods, ztunnel, annotator, status, resolver, handles, events)
     finally:
         agent.stop()
 
@@ -499,6 +520,70 @@ def test_a_drift_repair_is_reported_with_what_was_wrong(node: Node) -> None:
     )
     assert repair["reason"] == "DriftRepaired"
     assert repair["message"] == "IPv4 nat: 9 of our rules missing: replaced"
+
+
+def test_status_names_the_agents_version(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    assert node.status.read()["agentVersion"] == operator_version()
+    assert operator_version() not in ("", "unknown")  # the package is installed
+
+
+def test_failures_repairs_and_ztunnel_are_told_in_events_on_the_object(node: Node) -> None:
+    node.pods.refuse.add("uid-1")
+    node.spec([0, 1])
+    wait_for("pod-1 Failed", lambda: node.state(1) == "Failed")
+    wait_for("its Event", lambda: "RuleRejected" in node.events.reasons())
+    uid, failed = next((u, n) for u, n in node.events.recorded if n.reason == "RuleRejected")
+    assert uid == "anc-uid-1"
+    assert failed == EventNote(
+        "Warning", "RuleRejected", "pod shop/pod-1: iptables-restore: line 3 failed"
+    )
+    # A fresh object: the connection is news too. Nothing else was.
+    assert sorted(node.events.reasons()) == ["RuleRejected", "ZtunnelConnected"]
+
+    node.pods.drifted.add("uid-0")
+    node.agent.ztunnel_changed()  # any pass over the pod finds it
+    wait_for("the repair's Event", lambda: "DriftRepaired" in node.events.reasons())
+    assert node.events.recorded[-1][1].message == (
+        "pod shop/pod-0: redirection repaired: IPv4 nat: 9 of our rules missing: replaced"
+    )
+
+    node.ztunnel.connected = False
+    node.agent.ztunnel_changed()
+    wait_for("ZtunnelDisconnected", lambda: "ZtunnelDisconnected" in node.events.reasons())
+    # Failed once, told once: the retries of pod-1 since add nothing.
+    assert node.events.reasons().count("RuleRejected") == 1
+
+
+def test_a_restarted_agent_does_not_tell_again_what_the_server_already_says(node: Node) -> None:
+    # The object as the agent before this one left it: pod-1 failed, ztunnel connected.
+    node.pods.refuse.add("uid-1")
+    earlier = {
+        "ztunnel": {"connected": True},
+        "workloads": [
+            {
+                "uid": "uid-1",
+                "name": "pod-1",
+                "namespace": "shop",
+                "state": "Failed",
+                "reason": "RuleRejected",
+                "message": "iptables-restore: line 3 failed",
+            }
+        ],
+    }
+    node.generation = 1
+    node.indexes = (0, 1)
+    node.status.document = earlier
+    node.agent.on_object({**node_object(1, [0, 1]), "status": earlier})
+    wait_for(
+        "both reconciled and reported",
+        lambda: in_sync(node) and node.state(0) == "Enrolled" and node.state(1) == "Failed",
+    )
+    node.pods.refuse.add("uid-2")
+    node.spec([0, 1, 2])  # something new fails: that is news
+    wait_for("pod-2's Event", lambda: node.events.reasons() == ["RuleRejected"])
+    assert "pod-2" in node.events.recorded[0][1].message
 
 
 def test_an_unsupported_redirect_mode_keeps_every_pod_as_it_was(node: Node) -> None:

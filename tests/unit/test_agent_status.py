@@ -129,3 +129,9 @@ def test_a_stopped_agent_leaves_the_node_not_ready() -> None:
         "AgentStopped",
         "the node agent is stopped; new pods on this node wait for it",
     )
+
+
+def test_the_agents_version_is_reported_as_given() -> None:
+    facts = FACTS.model_copy(update={"agent_version": "0.1.0"})
+    assert render(facts, [], [], T0).to_wire()["agentVersion"] == "0.1.0"
+    assert "agentVersion" not in render(FACTS, [], [], T0).to_wire()

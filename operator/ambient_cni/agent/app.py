@@ -11,13 +11,15 @@ from __future__ import annotations
 import functools
 import http.server
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client import CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from prometheus_client import start_http_server
 
 from ambient_cni.agent import metrics
@@ -25,7 +27,7 @@ from ambient_cni.agent.cni_endpoint import CniEndpoint
 from ambient_cni.agent.cni_server import CniServer
 from ambient_cni.agent.inpod import InpodMode
 from ambient_cni.agent.install_watch import InstallReportWatch
-from ambient_cni.agent.kube_writers import KubePodApi, KubeStatusWriter
+from ambient_cni.agent.kube_writers import KubeNodeEvents, KubePodApi, KubeStatusWriter
 from ambient_cni.agent.node_mode import NodeMode
 from ambient_cni.agent.podnetns import HeldNetns, PodNetnsResolver
 from ambient_cni.agent.reconciler import AgentOptions, NodeAgent
@@ -34,12 +36,14 @@ from ambient_cni.agent.zds_server import ZdsServer
 from ambient_cni.api import names
 from ambient_cni.daemonset_watch import DaemonSetWatch
 from ambient_cni.dataplane import factory
+from ambient_cni.event_recorder import EventRecorder, KubeEventApi, Source
 from ambient_cni.kube import new_api_client
 from ambient_cni.logs import configure_json_logging
 from ambient_cni.reflector import Reflector, name_of
 
 log = logging.getLogger("ambient_cni.agent")
 INITIAL_PASS_TIMEOUT = 60.0
+COMPONENT = "ambient-cni-agent"
 
 
 def _health_server(
@@ -82,6 +86,14 @@ def uninstall(options: AgentOptions) -> int:
     if dataplane.node.uninstall():
         log.info("node mode's chains, tables, rules, tunnels and ipset removed")
     return 0
+
+
+def _event_recorder(api: ApiClient, node: str) -> EventRecorder:
+    """Events on the node's AmbientNodeConfig, created in the agent's own namespace (the
+    object is cluster-scoped; `kubectl describe` finds them in any namespace)."""
+    namespace = os.environ.get("POD_NAMESPACE") or names.DEFAULT_SYSTEM_NAMESPACE
+    instance = os.environ.get("POD_NAME") or socket.gethostname()
+    return EventRecorder(KubeEventApi(api), namespace, Source(COMPONENT, instance, host=node))
 
 
 def _serve_when_ready(
@@ -146,6 +158,7 @@ def run(
         dataplane=dataplane.node, resolver=resolver, pod_api=pod_api, backend=dataplane.backend
     )
     sidecar = SidecarMode(dataplane=dataplane.sidecars, resolver=resolver, handles=HeldNetns())
+    recorder = _event_recorder(api, options.node)
     agent = NodeAgent(
         options,
         {m.name: m for m in (inpod, node) if m.name in options.redirect_modes},
@@ -153,6 +166,7 @@ def run(
         KubeStatusWriter(api, options.node),
         dataplane.backend,
         sidecar=sidecar,
+        events=KubeNodeEvents(recorder, options.node),
     )
     zds.on_change = agent.ztunnel_changed
     custom = CustomObjectsApi(api)
@@ -175,6 +189,7 @@ def run(
     log.info("agent for node %s (%s)", options.node, dataplane.backend)
 
     daemonset = DaemonSetWatch(api, options.daemonset) if options.daemonset else None
+    recorder.start()
     agent.start()
     reflector.start(stop)
     pods.start(stop)
@@ -202,6 +217,7 @@ def run(
     if cni is not None:
         cni.stop()
     agent.stop()
+    recorder.stop()
     zds.stop()
     if daemonset is not None:
         going, why = daemonset.going()

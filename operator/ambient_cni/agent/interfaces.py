@@ -1,17 +1,19 @@
 """The agent's seams to the world outside the kernel: ztunnel, the API server, pod netns lookup.
 
 Each is a small Protocol with one real implementation (ZdsServer, KubePodApi,
-KubeStatusWriter, PodNetnsResolver, HeldNetns); tests pass fakes.
+KubeStatusWriter, KubeNodeEvents, PodNetnsResolver, HeldNetns); tests pass fakes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from ambient_cni.api.models import Workload
 from ambient_cni.zds import WorkloadInfo
+
+from .events import EventNote
 
 
 class ZdsError(RuntimeError):
@@ -80,6 +82,15 @@ class StatusWriter(Protocol):
 
 class StatusWriteError(RuntimeError):
     pass
+
+
+class NodeEvents(Protocol):
+    """Kubernetes Events on the node's AmbientNodeConfig."""
+
+    def record(self, uid: str, notes: Sequence[EventNote]) -> None:
+        """Record `notes` on the object with `uid` (aggregated, rate-limited, posted later);
+        never blocks, never raises."""
+        ...
 
 
 class NetnsNotFoundError(LookupError):

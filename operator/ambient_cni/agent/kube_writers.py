@@ -1,8 +1,9 @@
-"""The agent's writes to the API server: the pod annotation and its node's status."""
+"""The agent's writes to the API server: the pod annotation, its node's status and Events."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
@@ -10,8 +11,10 @@ from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.api import names
 from ambient_cni.api.models import Workload
+from ambient_cni.event_recorder import EventRecorder, ObjectRef
 from ambient_cni.kube import MERGE_PATCH, as_body, discard, raw
 
+from .events import EventNote
 from .interfaces import StatusWriteError
 
 OURS = (names.REDIRECTION_ENABLED, names.REDIRECTION_PENDING)
@@ -149,3 +152,16 @@ class KubeStatusWriter:
                 return None
             raise StatusWriteError(f"writing status of {self.node}: {exc.reason}") from exc
         return raw(written)
+
+
+class KubeNodeEvents:
+    """Events on one node's AmbientNodeConfig (cluster-scoped), through a recorder."""
+
+    def __init__(self, recorder: EventRecorder, node: str):
+        self.recorder = recorder
+        self.node = node
+
+    def record(self, uid: str, notes: Sequence[EventNote]) -> None:
+        ref = ObjectRef(names.API_VERSION, names.KIND, self.node, uid)
+        for note in notes:
+            self.recorder.record(ref, note.type, note.reason, note.message)

@@ -30,7 +30,7 @@ from ambient_cni.dataplane.redirection import family_of
 from . import metrics
 from .interfaces import NetnsNotFoundError, NetnsResolver, PodApi
 from .mode import HostReport, NodeDefaults, PodState, Step
-from .status import HostPart
+from .status import REPAIRED, HostPart
 from .steps import failed, repaired
 
 log = logging.getLogger("ambient_cni.agent.node")
@@ -252,7 +252,7 @@ class NodeMode:
             what = changes.describe()
             log.warning("node mode: repaired %s: %s", condition, what)
             self._note_pod_repairs(changes)
-            return _part(condition, True, reason, f"{said}; repaired: {what}"[:32768])
+            return _part(condition, True, reason, f"{said}{REPAIRED}{what}"[:32768])
         if before is not None and before.ok and same:
             return before  # keeps the last repair in the message
         return _part(condition, True, reason, said)

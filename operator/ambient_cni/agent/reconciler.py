@@ -31,13 +31,14 @@ from ambient_cni.api.models import (
     RedirectMode,
     Workload,
 )
+from ambient_cni.api.version import operator_version
 from ambient_cni.install_report import InstallReport
 from ambient_cni.mergepatch import merge_patch
 from ambient_cni.selection import SelectionConfig
 from ambient_cni.workqueue import WorkQueue
 
-from . import metrics
-from .interfaces import StatusWriteError, StatusWriter, Ztunnel
+from . import events, metrics
+from .interfaces import NodeEvents, StatusWriteError, StatusWriter, Ztunnel
 from .mode import (
     NodeDefaults,
     PodHandler,
@@ -62,6 +63,10 @@ HOST_RETRY = 5.0
 # the mesh meanwhile): a controller that is slow or away un-enrols nobody.
 CNI_GRACE = 30.0
 STATUS_RETRY = 2.0
+# Events tell changes from the status the server held at start; what happens while the
+# agent comes up (pods re-applied, ztunnel reconnecting) is told only as it stands once
+# that is over, or this long after the start.
+EVENTS_SETTLE = 60.0
 SIDECAR = "sidecar"  # the handler name of sidecar capture, beside the modes' names
 # The mode that leaves state inside pods (the other's is all on the node).
 POD_LEVEL_MODE: RedirectMode = "inpod"
@@ -117,12 +122,14 @@ class NodeAgent:
         backend: Backend,
         *,
         sidecar: PodHandler | None = None,
+        events: NodeEvents | None = None,
     ):
         self.options = options
         self.modes = dict(modes)
         self.sidecar = sidecar
         self.ztunnel = ztunnel
         self.status_writer = status_writer
+        self.events = events
         self.backend = backend
         self.pods: WorkQueue[str] = WorkQueue()  # pod UIDs
         self.host: WorkQueue[Literal["host"]] = WorkQueue()
@@ -140,6 +147,11 @@ class NodeAgent:
         self._stored = threading.Condition(self._lock)
         self._host = _HostState()
         self._server = _ServerStatus()
+        self._uid = ""  # the object's, for its Events
+        # The status last told in Events (None: not one yet); the status worker's own.
+        self._told: AmbientNodeConfigStatus | None = None
+        self._settled = False  # the agent is past coming up (see EVENTS_SETTLE)
+        self._started_at = time.monotonic()
         self._missing_since: float | None = None
         self._status_written_at = float("-inf")
         self._refused_mode: RedirectMode | None = None
@@ -176,6 +188,7 @@ class NodeAgent:
                     log.error("ignoring an invalid spec for %s: %s", self.options.node, exc)
                     return
                 self._came_back()
+                self._uid = str(obj.get("metadata", {}).get("uid") or "")
                 if self._from_before is None:
                     # The pods the first spec lists were there before this agent started.
                     self._from_before = {w.uid for w in spec.workloads}
@@ -325,6 +338,7 @@ class NodeAgent:
 
     def start(self) -> None:
         """Start the workers; ZDS is served by the caller once `initial_pass_done`."""
+        self._started_at = time.monotonic()
         self.pods.start(
             self._reconcile_pod, workers=self.options.workers, name="agent-pod", retry_after=5.0
         )
@@ -652,6 +666,7 @@ class NodeAgent:
             in_sync=in_sync and host.pruned and supported,
             cni_plugin=cni_plugin,
             agent_stopped=stopped,
+            agent_version=operator_version(),
         )
         return facts, [r.outcome for r in records], list(previous)
 
@@ -664,7 +679,8 @@ class NodeAgent:
         if found is None:
             return
         facts, outcomes, previous = found
-        status = render(facts, outcomes, previous, now()).to_wire()
+        rendered = render(facts, outcomes, previous, now())
+        status = rendered.to_wire()
         # Gauges first, so they are never behind the status a reader can see.
         metrics.ZTUNNEL_CONNECTED.set(1 if facts.ztunnel_connected else 0)
         for state in ("Enrolled", "Pending", "Failed", "Removing"):
@@ -672,6 +688,7 @@ class NodeAgent:
         with self._lock:
             before = self._server.status
         if _without_sync_time(before) == _without_sync_time(status):
+            self._tell(before, rendered)  # the server holds it already
             return
         try:
             written = self.status_writer.write(merge_patch(before, status))
@@ -685,19 +702,53 @@ class NodeAgent:
             self._saw_status(written)
         self._status_written_at = time.monotonic()
         metrics.STATUS_WRITES.inc()
+        self._tell(before, rendered)
+
+    def _tell(self, server: Mapping[str, Any], current: AmbientNodeConfigStatus) -> None:
+        """Events for what changed since the status last told, once the server holds
+        `current` (`server`: the status it held before, the baseline of a first call)."""
+        if self.events is None:
+            return
+        try:
+            if self._told is None:
+                self._told = _parsed(server) or current  # unreadable: nothing to compare with
+            self._settled = self._settled or self._came_up(current)
+            if not self._settled:
+                return
+            told, self._told = self._told, current
+            found = events.notes(told, current)
+            with self._lock:
+                uid = self._uid
+            if found:
+                self.events.record(uid, found)
+        except Exception:  # an Event lost is no reason to stop reporting status
+            log.exception("could not record Events on %s", self.options.node)
+
+    def _came_up(self, current: AmbientNodeConfigStatus) -> bool:
+        """The agent has come up: every pod re-applied and ztunnel back, or long enough after
+        the start that what still is so is news."""
+        if time.monotonic() - self._started_at >= EVENTS_SETTLE:
+            return True
+        connected = current.ztunnel is not None and current.ztunnel.connected
+        return connected and self.initial_pass_done()
 
 
 def _without_sync_time(status: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k != "lastSyncTime"}
 
 
+def _parsed(status: Mapping[str, Any]) -> AmbientNodeConfigStatus | None:
+    try:
+        return AmbientNodeConfigStatus.model_validate(status)
+    except ValueError:
+        return None
+
+
 def _conditions(status: Mapping[str, Any]) -> list[Condition]:
     """The conditions the server holds, for their transition times; none if unreadable (a
     status edited by hand is rewritten whole)."""
-    try:
-        return list(AmbientNodeConfigStatus.model_validate(status).conditions)
-    except ValueError:
-        return []
+    parsed = _parsed(status)
+    return [] if parsed is None else list(parsed.conditions)
 
 
 def _version(obj: Mapping[str, Any]) -> int:

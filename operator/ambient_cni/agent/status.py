@@ -21,6 +21,10 @@ from ambient_cni.api.models import (
 )
 from ambient_cni.install_report import InstallReport
 
+# How a node-side condition's message says what was last put back (node mode keeps it there
+# until the next repair): "<what is in place>; repaired: <what was wrong>".
+REPAIRED = "; repaired: "
+
 
 class PodOutcome(BaseModel):
     """Where one workload stands, as the reconciler last left it."""
@@ -66,6 +70,7 @@ class NodeFacts(BaseModel):
     agent_stopped: bool = False  # the agent's last word: no new pod can be enrolled here
     host_parts: tuple[HostPart, ...] = ()  # the mode's own node-side conditions
     ztunnel_by_api: bool = False  # node mode: ztunnel learns pods from the API, not over ZDS
+    agent_version: str | None = None  # the agent's own version, for `status.agentVersion`
 
 
 class _Conditions:
@@ -206,6 +211,7 @@ def render(
         ],
         conditions=conditions,
         last_sync_time=now,
+        agent_version=facts.agent_version,
     )
 
 

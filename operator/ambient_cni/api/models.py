@@ -280,3 +280,6 @@ class AmbientNodeConfigStatus(Wire):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     last_sync_time: Time | None = None
+    agent_version: str | None = Field(
+        default=None, max_length=128, description="The version of the node agent that wrote this."
+    )

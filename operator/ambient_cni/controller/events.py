@@ -14,10 +14,10 @@ import socket
 import threading
 from dataclasses import dataclass
 
-from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from ambient_cni.kube import as_body, discard
+from ambient_cni.event_recorder import KubeEventApi, ObjectRef, Source, event_body
 from ambient_cni.selection import PodView
 from ambient_cni.workqueue import WorkQueue
 
@@ -37,11 +37,11 @@ class PodWarning:
 
 class PodEvents:
     def __init__(self, api: ApiClient, leading: threading.Event):
-        self.core = CoreV1Api(api)
+        self.events = KubeEventApi(api)
         self.leading = leading
         self.queue: WorkQueue[PodWarning] = WorkQueue()
         self._attempts: dict[PodWarning, int] = {}
-        self._instance = socket.gethostname()
+        self.source = Source(COMPONENT, socket.gethostname())
 
     def warn(self, pod: PodView, reason: str, message: str) -> None:
         self.queue.add(PodWarning(pod.namespace, pod.name, pod.uid, reason, message))
@@ -55,30 +55,17 @@ class PodEvents:
     def _post(self, warning: PodWarning) -> None:
         if not self.leading.is_set():
             return  # the leader posts it
-        now = datetime.datetime.now(datetime.UTC).isoformat()
-        body = {
-            "metadata": {"generateName": f"{warning.name}.", "namespace": warning.namespace},
-            "involvedObject": {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "namespace": warning.namespace,
-                "name": warning.name,
-                "uid": warning.uid,
-            },
-            "type": "Warning",
-            "reason": warning.reason,
-            "message": warning.message[:1024],
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-            "reportingInstance": self._instance,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
-        answer = self.core.create_namespaced_event(
-            warning.namespace, as_body(body), _preload_content=False
+        pod = ObjectRef("v1", "Pod", warning.name, warning.uid, warning.namespace)
+        body = event_body(
+            pod,
+            "Warning",
+            warning.reason,
+            warning.message,
+            source=self.source,
+            namespace=warning.namespace,
+            first=datetime.datetime.now(datetime.UTC),
         )
-        discard(answer)
+        self.events.create(warning.namespace, body)
         self._attempts.pop(warning, None)
 
     def _failed(self, warning: PodWarning, exc: Exception) -> None:
