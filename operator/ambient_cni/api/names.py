@@ -18,6 +18,14 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 # period); `kubectl wait ... -l '!cni.ambient.dev/orphaned'` leaves such objects out.
 ORPHANED_LABEL: Final = f"{GROUP}/orphaned"
 
+# The controller's leader-election Lease (in its own namespace) says who leads and, in these
+# annotations, what that replica runs with: `kubectl ambient` reads them to decide as it does.
+CONTROLLER_LEASE: Final = "ambient-cni-controller"
+CONTROLLER_VERSION_ANNOTATION: Final = f"{GROUP}/version"
+CONTROLLER_EXCLUDED_NAMESPACES_ANNOTATION: Final = f"{GROUP}/excluded-namespaces"
+CONTROLLER_SYSTEM_NAMESPACE_ANNOTATION: Final = f"{GROUP}/system-namespace"
+CONTROLLER_REDIRECT_MODE_ANNOTATION: Final = f"{GROUP}/redirect-mode"
+
 # -- Istio's selection labels and annotations (reference section 1) -------------------
 DATAPLANE_MODE_LABEL: Final = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT: Final = "ambient"

@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from ambient_cni.api import names
+from ambient_cni.api.version import operator_version
 from ambient_cni.controller import metrics
 from ambient_cni.controller.events import PodEvents
 from ambient_cni.controller.index import ClusterIndex
@@ -47,13 +48,27 @@ class ControllerOptions:
     health_port: int = 8081
     leader_election: bool = True
     lease_namespace: str = names.DEFAULT_SYSTEM_NAMESPACE
-    lease_name: str = "ambient-cni-controller"
+    lease_name: str = names.CONTROLLER_LEASE
     debounce: float = 0.1
     min_write_interval: float = 1.0
     orphan_grace: float = 60.0  # seconds an AmbientNodeConfig without a Node is kept
     untaint_nodes: bool = False  # take `taint_key` off nodes whose AmbientNodeConfig is Ready
     taint_key: str = names.NOT_READY_TAINT_KEY
     log_level: str = "info"
+
+
+def lease_annotations(options: ControllerOptions) -> dict[str, str]:
+    """What the leading replica says of itself on its Lease: its version and how it selects
+    pods, so `kubectl ambient why` decides exactly as it does."""
+    selection = options.planner.selection
+    return {
+        names.CONTROLLER_VERSION_ANNOTATION: operator_version(),
+        names.CONTROLLER_EXCLUDED_NAMESPACES_ANNOTATION: ",".join(
+            sorted(selection.excluded_namespaces)
+        ),
+        names.CONTROLLER_SYSTEM_NAMESPACE_ANNOTATION: selection.system_namespace,
+        names.CONTROLLER_REDIRECT_MODE_ANNOTATION: options.planner.redirect_mode,
+    }
 
 
 class CrdMissingError(RuntimeError):
@@ -241,7 +256,13 @@ def run(options: ControllerOptions) -> int:
     elector: LeaseElector | None = None
     if options.leader_election:
         identity = f"{socket.gethostname()}-{os.getpid()}"
-        elector = LeaseElector(api, options.lease_namespace, options.lease_name, identity)
+        elector = LeaseElector(
+            api,
+            options.lease_namespace,
+            options.lease_name,
+            identity,
+            annotations=lease_annotations(options),
+        )
 
         def elect() -> None:
             assert elector is not None

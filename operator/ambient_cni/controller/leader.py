@@ -12,7 +12,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kubernetes.client import ApiClient, CoordinationV1Api
@@ -34,11 +34,21 @@ def _micro(ts: datetime.datetime) -> str:
 
 
 class LeaseElector:
-    def __init__(self, api: ApiClient, namespace: str, name: str, identity: str):
+    def __init__(
+        self,
+        api: ApiClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        annotations: Mapping[str, str] | None = None,
+    ):
+        """`annotations`: what the holder says of itself on the Lease (its version and how
+        it selects pods), replaced by each new holder; `kubectl ambient` reads them."""
         self.coord = CoordinationV1Api(api)
         self.namespace = namespace
         self.name = name
         self.identity = identity
+        self.annotations = dict(annotations or {})
         self.where = f"{namespace}/{name}"
 
     def _try(self) -> bool:
@@ -57,7 +67,11 @@ class LeaseElector:
             if exc.status != 404:
                 raise
             body = {
-                "metadata": {"name": self.name, "namespace": self.namespace},
+                "metadata": {
+                    "name": self.name,
+                    "namespace": self.namespace,
+                    "annotations": self.annotations,
+                },
                 "spec": {**spec, "acquireTime": _micro(now), "leaseTransitions": 0},
             }
             try:
@@ -75,6 +89,8 @@ class LeaseElector:
             spec["acquireTime"] = _micro(now)
             spec["leaseTransitions"] = int(current.get("leaseTransitions") or 0) + 1
         lease["spec"] = {**current, **spec}
+        meta = lease.setdefault("metadata", {})
+        meta["annotations"] = {**(meta.get("annotations") or {}), **self.annotations}
         try:
             # A replace carries resourceVersion: a concurrent writer makes it fail with 409.
             self.coord.replace_namespaced_lease(self.name, self.namespace, as_body(lease))
