@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_SANDBOX = "demo"
 
@@ -66,7 +67,11 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
     down = named(cmds.add_parser("down", help="stop a sandbox and remove everything it made"))
     down.add_argument("--all", action="store_true", help="every sandbox on this machine")
     named(cmds.add_parser("status", help="control plane health, nodes and pods"))
-    named(cmds.add_parser("env", help="print shell exports for KUBECONFIG and the kubectl PATH"))
+    named(
+        cmds.add_parser(
+            "env", help="print shell exports: KUBECONFIG, and PATH for kubectl and kubectl ambient"
+        )
+    )
     ex = named(cmds.add_parser("exec", help="run a command inside a pod's network namespace"))
     ex.add_argument("-n", "--namespace", default="default")
     ex.add_argument("pod")
@@ -107,7 +112,9 @@ def run_sandbox(args: argparse.Namespace) -> int:
     if command == "env":
         state = lifecycle.require_state(args.name)
         print(f"export KUBECONFIG={state.kubeconfig}")
-        print(f"export PATH={state.bin_dir}:$PATH")
+        # The built kubectl, and next to this Python its plugin kubectl-ambient.
+        scripts = Path(sys.executable).parent
+        print(f"export PATH={state.bin_dir}:{scripts}:$PATH")
         return 0
     if command == "exec":
         return _exec_in_pod(args)

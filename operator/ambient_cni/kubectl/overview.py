@@ -1,0 +1,176 @@
+"""`kubectl ambient status`: the cluster at a glance, and whether all of it is Ready."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Mapping
+
+from ambient_cni.api.models import RedirectMode
+from ambient_cni.selection import PodView, SelectionConfig, desired_workload
+
+from .objects import ControllerInfo, NodeObject, Report
+
+MAX_NAMED_PODS = 5  # per group of pods not enrolled; the rest are counted
+
+
+class ControllerLine(Report):
+    found: bool  # a Lease exists
+    leading: bool = False
+    holder: str | None = None
+    version: str | None = None
+
+
+class NodeLine(Report):
+    name: str
+    mode: RedirectMode | None = None
+    backend: str | None = None
+    ztunnel: str = "-"  # the connected ztunnel pod, "no" when none
+    enrolled: int = 0
+    sidecars: int = 0
+    pending: int = 0
+    failed: int = 0
+    ready: bool = False
+    why_not_ready: str | None = None
+    agent_version: str | None = None
+
+
+class NotEnrolledGroup(Report):
+    """Pods that should be redirected and are not, for one reason."""
+
+    state: str
+    reason: str
+    example: str  # one message, so the reason reads in words
+    count: int
+    pods: tuple[str, ...]  # namespace/name, the first MAX_NAMED_PODS
+
+
+class Overview(Report):
+    ready: bool
+    controller: ControllerLine
+    nodes: tuple[NodeLine, ...]
+    not_enrolled: tuple[NotEnrolledGroup, ...]
+    orphans: tuple[str, ...]
+    problems: tuple[str, ...]  # why not ready, one line each
+
+
+def _node_line(node: NodeObject) -> NodeLine:
+    status = node.status
+    if status is None:
+        return NodeLine(
+            name=node.name,
+            mode=node.spec.redirect_mode if node.spec else None,
+            why_not_ready=node.problem or "no agent has reported on this node",
+        )
+    ready = node.condition("Ready")
+    why: str | None = None
+    if not node.in_sync:
+        why = (
+            f"the agent reported on generation {status.observed_generation}, "
+            f"the spec is at {node.generation}"
+        )
+    elif ready is None or ready.status != "True":
+        why = ready.message if ready is not None and ready.message else "not Ready"
+    connected = status.ztunnel is not None and status.ztunnel.connected
+    return NodeLine(
+        name=node.name,
+        mode=status.mode,
+        backend=status.backend,
+        ztunnel=(status.ztunnel.pod or "yes") if connected and status.ztunnel else "no",
+        enrolled=status.enrolled,
+        sidecars=status.sidecars,
+        pending=status.pending,
+        failed=status.failed,
+        ready=node.ready,
+        why_not_ready=why,
+        agent_version=node.agent_version,
+    )
+
+
+def _missing(pod: PodView, node: NodeObject | None) -> tuple[str, str, str] | None:
+    """(state, reason, message) for a pod that should be redirected and is not; None if it is."""
+    if node is None:
+        return ("Pending", "NoNodeConfig", f"node {pod.node_name} has no AmbientNodeConfig")
+    entry = node.status_entry(pod.uid)
+    if entry is not None:
+        if entry.state == "Enrolled":
+            return None
+        return (entry.state, entry.reason or entry.state, entry.message or "")
+    if node.spec is not None and node.spec_entry(pod.uid) is None:
+        return ("Pending", "NotInSpec", "the controller has not put the pod in its node's spec")
+    return ("Pending", "NotReported", "the node's agent has not reported on the pod yet")
+
+
+def _groups(
+    pods: Iterable[PodView],
+    namespace_labels: Mapping[str, Mapping[str, str]],
+    config: SelectionConfig,
+    by_name: Mapping[str, NodeObject],
+) -> list[NotEnrolledGroup]:
+    grouped: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for pod in pods:
+        if desired_workload(pod, namespace_labels.get(pod.namespace), config) is None:
+            continue
+        missing = _missing(pod, by_name.get(pod.node_name or ""))
+        if missing is not None:
+            state, reason, message = missing
+            grouped.setdefault((state, reason), []).append((f"{pod.namespace}/{pod.name}", message))
+    groups = []
+    for (state, reason), members in grouped.items():
+        members.sort()
+        groups.append(
+            NotEnrolledGroup(
+                state=state,
+                reason=reason,
+                example=members[0][1],
+                count=len(members),
+                pods=tuple(name for name, _ in members[:MAX_NAMED_PODS]),
+            )
+        )
+    return sorted(groups, key=lambda g: (-g.count, g.state, g.reason))
+
+
+def overview(
+    nodes: Iterable[NodeObject],
+    *,
+    node_names: Iterable[str],
+    pods: Iterable[PodView],
+    namespace_labels: Mapping[str, Mapping[str, str]],
+    config: SelectionConfig,
+    controller: ControllerInfo | None,
+    now: datetime.datetime,
+) -> Overview:
+    objects = sorted(nodes, key=lambda n: n.name)
+    by_name = {n.name: n for n in objects}
+    existing = set(node_names)
+    problems: list[str] = []
+    orphans = [
+        f"AmbientNodeConfig {n.name}: its Node does not exist"
+        for n in objects
+        if n.orphaned or n.name not in existing
+    ]
+    orphans += [f"Node {name}: no AmbientNodeConfig" for name in sorted(existing - set(by_name))]
+    line = ControllerLine(found=controller is not None)
+    if controller is not None:
+        line = ControllerLine(
+            found=True,
+            leading=controller.leading(now),
+            holder=controller.holder,
+            version=controller.version,
+        )
+        if not line.leading:
+            problems.append("controller: no replica holds its Lease (is it running?)")
+    lines = [_node_line(n) for n in objects if n.name in existing and not n.orphaned]
+    problems += [f"node {n.name}: {n.why_not_ready}" for n in lines if not n.ready]
+    groups = _groups(pods, namespace_labels, config, by_name)
+    problems += [
+        f"{g.count} pod(s) should be redirected and are not: {g.state} {g.reason}" for g in groups
+    ]
+    problems += orphans
+    return Overview(
+        ready=not problems,
+        controller=line,
+        nodes=tuple(lines),
+        not_enrolled=tuple(groups),
+        orphans=tuple(orphans),
+        problems=tuple(problems),
+    )
