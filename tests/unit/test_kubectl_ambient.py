@@ -81,7 +81,10 @@ def anc(
             "mode": "inpod",
             "backend": "iptables-nft",
             "agentVersion": "0.1.0",
-            "ztunnel": {"connected": ztunnel, "pod": f"ztunnel-{name}" if ztunnel else None},
+            "ztunnel": {
+                "connected": ztunnel,
+                "pod": f"istio-system/ztunnel-{name}" if ztunnel else None,
+            },
             "enrolled": counts["Enrolled"],
             "pending": counts["Pending"],
             "failed": sum(1 for w in status if w["state"] == "Failed"),

@@ -89,11 +89,12 @@ def uninstall(options: AgentOptions) -> int:
 
 
 def _event_recorder(api: ApiClient, node: str) -> EventRecorder:
-    """Events on the node's AmbientNodeConfig, created in the agent's own namespace (the
-    object is cluster-scoped; `kubectl describe` finds them in any namespace)."""
-    namespace = os.environ.get("POD_NAMESPACE") or names.DEFAULT_SYSTEM_NAMESPACE
+    """Events on the node's AmbientNodeConfig: cluster-scoped, so the API server takes its
+    Events in namespace default only, where `kubectl describe anc` finds them."""
     instance = os.environ.get("POD_NAME") or socket.gethostname()
-    return EventRecorder(KubeEventApi(api), namespace, Source(COMPONENT, instance, host=node))
+    return EventRecorder(
+        KubeEventApi(api), names.CLUSTER_EVENTS_NAMESPACE, Source(COMPONENT, instance, host=node)
+    )
 
 
 def _serve_when_ready(

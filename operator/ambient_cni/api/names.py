@@ -18,6 +18,10 @@ CRD_NAME: Final = f"{PLURAL}.{GROUP}"
 # period); `kubectl wait ... -l '!cni.ambient.dev/orphaned'` leaves such objects out.
 ORPHANED_LABEL: Final = f"{GROUP}/orphaned"
 
+# Events about a cluster-scoped object (an AmbientNodeConfig) live here: the API server
+# refuses them in any other namespace.
+CLUSTER_EVENTS_NAMESPACE: Final = "default"
+
 # The controller's leader-election Lease (in its own namespace) says who leads and, in these
 # annotations, what that replica runs with: `kubectl ambient` reads them to decide as it does.
 CONTROLLER_LEASE: Final = "ambient-cni-controller"
