@@ -1,10 +1,10 @@
 """Kubernetes Events, aggregated and rate-limited as client-go's EventRecorder does them.
 
-`record` never blocks and never raises: it charges the object's token bucket (a flood is
-dropped, with one log line), adds the occurrence to what waits for that Event, and a worker
-thread posts it. An Event identical to one posted on the same object within `window` (same
-type, reason and message) is not created again: the existing one's `count` and
-`lastTimestamp` go up (a merge patch), so a flapping pod is one Event with a count.
+`record` never blocks and never raises. A new Event charges the object's token bucket (a
+flood of different Events is dropped, with one log line); a repeat is only counted. A worker
+thread posts what waits. An Event identical to one posted on the same object within
+`window` (same type, reason and message) is not created again: the existing one's `count`
+and `lastTimestamp` go up (a merge patch), so a flapping pod is one Event with a count.
 A post that fails is tried again a few times, then dropped with a log line; nothing about
 it reaches the caller.
 """
@@ -216,11 +216,17 @@ class EventRecorder:
     # -- the caller's side ------------------------------------------------------------------
 
     def record(self, ref: ObjectRef, event_type: EventType, reason: str, message: str) -> None:
-        """Note one occurrence; posted soon after, unless the object's bucket is empty."""
+        """Note one occurrence; posted soon after, unless the object's bucket is empty. Only a
+        new Event spends a token: a repeat is a count on one already made (or waiting), so a
+        flapping pod never crowds out what else happens to the object."""
         key = _Key(ref, event_type, reason, message)
         now = self.wall()
         with self._lock:
-            if not self._take(ref):
+            posted = self._posted.get(key)
+            repeat = key in self._pending or (
+                posted is not None and self.clock() - posted.at < self.window
+            )
+            if not repeat and not self._take(ref):
                 return
             waiting = self._pending.get(key)
             occurrence = _Pending(1, now, now)

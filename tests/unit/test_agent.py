@@ -131,8 +131,11 @@ class FakeHost:
 
         return Noting()
 
+    drift: list[Change] = field(default_factory=list)  # found (and put back) by the next pass
+
     def ensure(self) -> Changes:
-        return NO_CHANGES
+        found, self.drift = Changes(tuple(self.drift)), []
+        return found
 
     def verify(self) -> bool:
         return True
@@ -554,6 +557,21 @@ def test_failures_repairs_and_ztunnel_are_told_in_events_on_the_object(node: Nod
     wait_for("ZtunnelDisconnected", lambda: "ZtunnelDisconnected" in node.events.reasons())
     # Failed once, told once: the retries of pod-1 since add nothing.
     assert node.events.reasons().count("RuleRejected") == 1
+
+
+def test_a_repair_of_the_nodes_own_rules_is_an_event(node: Node) -> None:
+    node.spec([0])
+    wait_for("pod-0 Enrolled", lambda: node.state(0) == "Enrolled")
+    host = node.agent.modes["inpod"].host  # type: ignore[attr-defined]
+    host.drift = [Change("rules", "IPv4 nat: 3 of our rules missing: replaced")]
+    node.spec([0, 1])  # any change brings a pass over the node
+    said = "the node's rules repaired: IPv4 nat: 3 of our rules missing: replaced"
+    wait_for("the repair's Event", lambda: ("Warning", "DriftRepaired", said) in told(node))
+
+
+def told(node: Node) -> list[tuple[str, str, str]]:
+    with node.events.lock:
+        return [(n.type, n.reason, n.message) for _, n in node.events.recorded]
 
 
 def test_a_restarted_agent_does_not_tell_again_what_the_server_already_says(node: Node) -> None:

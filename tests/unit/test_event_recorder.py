@@ -203,6 +203,21 @@ def test_a_flood_is_dropped_per_object_with_one_log_line(
         assert any("7 dropped" in r.getMessage() for r in caplog.records)
 
 
+def test_a_flapping_pod_never_crowds_out_other_events(recording: Recording) -> None:
+    """Repeats are counted, not charged: after 30 of the same (more than the burst of 5), a
+    different Event on the same object is still posted."""
+    for _ in range(30):
+        recording.record("pod shop/web: netns gone")
+        recording.posted()
+        recording.clocks.advance(20)
+    recording.recorder.record(NODE, "Warning", "ZtunnelDisconnected", "ztunnel disconnected")
+    posted = recording.posted()
+    assert [(e["reason"], e["count"]) for e in posted] == [
+        ("RuleRejected", 30),
+        ("ZtunnelDisconnected", 1),
+    ]
+
+
 def test_a_refused_post_is_dropped_and_logged_never_raised(
     recording: Recording, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,6 +25,7 @@ from ambient_cni.dataplane.node_rules import NodeHost
 from tests.unit.test_agent import (
     FakeHandles,
     FakeHost,
+    FakeNodeEvents,
     FakePodApi,
     FakePods,
     FakeResolver,
@@ -105,6 +106,7 @@ class Node:
     annotator: FakePodApi
     status: FakeStatus
     ztunnel: FakeZtunnel
+    events: FakeNodeEvents
     generation: int = 0
 
     def spec(self, indexes: list[int], mode: str, ztunnel: dict[str, Any] | None = None) -> None:
@@ -146,16 +148,18 @@ def node(tmp_path: Path) -> Iterator[Node]:
         dataplane=kernel, resolver=resolver, pod_api=annotator, backend="iptables-nft"
     )
     status = FakeStatus()
+    events = FakeNodeEvents()
     agent = NodeAgent(
         AgentOptions(node="node-1", zds_socket=tmp_path / "zds.sock", drift_interval=3600),
         {"inpod": inpod, "node": node_mode},
         ztunnel,
         status,
         "iptables-nft",
+        events=events,
     )
     agent.start()
     try:
-        yield Node(agent, journal, kernel, pods, annotator, status, ztunnel)
+        yield Node(agent, journal, kernel, pods, annotator, status, ztunnel, events)
     finally:
         agent.stop()
 
@@ -239,6 +243,17 @@ def test_a_repair_of_a_pods_route_on_the_node_is_credited_to_the_pod(node: Node)
     tunnels = node.condition("TunnelsReady")
     assert "repaired: istioin (vxlan) created" in tunnels["message"]
     assert tunnels["status"] == "True"
+    # An Event for the node's side, each time; the pod's own repair is one more.
+    said = "the node's rules repaired: TunnelsReady: istioin (vxlan) created"
+    wait_for("the node's repair Event", lambda: len(told(node, said)) == 1)
+    node.kernel.drift = [Change("tunnels", "istioin (vxlan) created")]
+    node.spec([0, 1, 2], "node", ZTUNNEL)
+    wait_for("a second Event for the same repair", lambda: len(told(node, said)) == 2)
+
+
+def told(node: Node, prefix: str) -> list[str]:
+    with node.events.lock:
+        return [n.message for _, n in node.events.recorded if n.message.startswith(prefix)]
 
 
 def test_a_cni_add_in_node_mode_answers_once_the_pods_entry_and_route_are_in(

@@ -19,8 +19,6 @@ from ambient_cni.api.models import (
     ZtunnelStatus,
 )
 
-from .status import REPAIRED
-
 EventType = Literal["Normal", "Warning"]
 
 # The node's own pieces, each a condition of its own (Ready, ZtunnelConnected and InSync
@@ -82,9 +80,6 @@ def _conditions(
             yield EventNote(
                 "Normal", now.reason, f"{again}: {now.message}" if now.message else again
             )
-        elif now.status == "True" and REPAIRED in now.message and _message(before) != now.message:
-            what = now.message.split(REPAIRED, 1)[1]
-            yield EventNote("Warning", "DriftRepaired", f"{kind} repaired: {what}")
 
 
 def _workloads(
@@ -113,7 +108,3 @@ def _condition(status: AmbientNodeConfigStatus, kind: ConditionType) -> Conditio
 
 def _reason(condition: Condition | None) -> str | None:
     return None if condition is None else condition.reason
-
-
-def _message(condition: Condition | None) -> str | None:
-    return None if condition is None else condition.message

@@ -173,14 +173,16 @@ class InpodMode:
         except DataplaneError as exc:
             self._host_ok = False
             return HostReport(ok=False, message=f"{exc.reason}: {exc.message}")
+        repaired = ""
         if changes and self._host_ok:
             for change in changes.items:
                 metrics.REPAIRS.labels(change.kind).inc()
-            log.warning("repaired the host's rules: %s", changes.describe())
+            repaired = changes.describe()
+            log.warning("repaired the host's rules: %s", repaired)
         elif changes:
             log.info("host probe rules and ipsets applied: %s", changes.describe())
         self._host_ok = True
-        return HostReport(ok=True, changed=bool(changes))
+        return HostReport(ok=True, changed=bool(changes), repaired=repaired)
 
     def uninstall_host(self) -> bool:
         return self.host.uninstall()

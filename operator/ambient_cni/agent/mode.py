@@ -117,6 +117,9 @@ class HostReport:
     # The mode took `prune_to` even though the node's side is not in place yet (node mode
     # waiting for its ztunnel pod): the agent's first pass is done all the same.
     prune_taken: bool = False
+    # What was put back on the node after it had been in place (a repair of drift, never the
+    # first apply), in words; the agent records it as an Event.
+    repaired: str = ""
 
 
 @dataclass(frozen=True)

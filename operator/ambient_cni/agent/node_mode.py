@@ -62,6 +62,7 @@ class NodeMode:
         self._waiting = "the node's side is not applied yet"
         self._repaired: dict[str, Changes] = {}  # UID -> what the node's pass put back for it
         self._parts: dict[ConditionType, HostPart] = {}
+        self._fresh_repairs: list[str] = []  # this host pass's repairs (the host worker's own)
 
     @property
     def name(self) -> RedirectMode:
@@ -175,6 +176,7 @@ class NodeMode:
         with self._lock:
             before = self._host
         same = before == host  # changes against the same ztunnel are repairs
+        self._fresh_repairs = []
         with self._kernel:
             with self._lock:
                 pods = dict(self._pods)
@@ -218,6 +220,7 @@ class NodeMode:
             parts=parts,
             requeue_pods=requeue,
             prune_taken=True,
+            repaired="; ".join(self._fresh_repairs),
         )
 
     def _rules(self, host: NodeHost, pods: Mapping[str, str]) -> Changes:
@@ -251,6 +254,7 @@ class NodeMode:
                 metrics.REPAIRS.labels(change.kind).inc()
             what = changes.describe()
             log.warning("node mode: repaired %s: %s", condition, what)
+            self._fresh_repairs.append(f"{condition}: {what}")
             self._note_pod_repairs(changes)
             return _part(condition, True, reason, f"{said}{REPAIRED}{what}"[:32768])
         if before is not None and before.ok and same:

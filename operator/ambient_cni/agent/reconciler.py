@@ -417,6 +417,12 @@ class NodeAgent:
             self.pods.add(key)
         if not report.ok:
             self.host.add_after("host", HOST_RETRY)
+        if report.repaired:
+            self._tell_now(
+                events.EventNote(
+                    "Warning", "DriftRepaired", f"the node's rules repaired: {report.repaired}"
+                )
+            )
         if changed:
             if not report.ok:
                 log.error("the node's own rules are not in place: %s", report.message)
@@ -723,6 +729,14 @@ class NodeAgent:
                 self.events.record(uid, found)
         except Exception:  # an Event lost is no reason to stop reporting status
             log.exception("could not record Events on %s", self.options.node)
+
+    def _tell_now(self, note: events.EventNote) -> None:
+        """An Event that no status shows (a repair of the node's own rules)."""
+        if self.events is None:
+            return
+        with self._lock:
+            uid = self._uid
+        self.events.record(uid, [note])
 
     def _came_up(self, current: AmbientNodeConfigStatus) -> bool:
         """The agent has come up: every pod re-applied and ztunnel back, or long enough after
