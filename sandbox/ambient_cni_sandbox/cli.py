@@ -114,7 +114,7 @@ def run_sandbox(args: argparse.Namespace) -> int:
         print(f"export KUBECONFIG={state.kubeconfig}")
         # The built kubectl, and next to this Python its plugin kubectl-ambient.
         scripts = Path(sys.executable).parent
-        print(f"export PATH={state.bin_dir}:{scripts}:$PATH")
+        print(f"export PATH={state.bin_dir}:$PATH:{scripts}")
         return 0
     if command == "exec":
         return _exec_in_pod(args)

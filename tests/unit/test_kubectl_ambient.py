@@ -8,6 +8,7 @@ import datetime
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import pytest
 
 from ambient_cni.kubectl import human
 from ambient_cni.kubectl.listing import pod_rows
-from ambient_cni.kubectl.main import parser, run
+from ambient_cni.kubectl.main import _selection, _split_pod, parser, run
 from ambient_cni.kubectl.objects import ControllerInfo, NodeObject, controller_info, node_object
 from ambient_cni.kubectl.overview import overview
-from ambient_cni.kubectl.why import explain
+from ambient_cni.kubectl.source import SourceError
+from ambient_cni.kubectl.why import WhyReport, explain
 from ambient_cni.selection import PodView, SelectionConfig
 from ambient_cni.sidecar import ProxyFacts
 
@@ -27,6 +29,7 @@ UPDATE = os.environ.get("AMBIENT_CNI_UPDATE_GOLDEN") == "1"
 NOW = datetime.datetime(2026, 11, 26, 12, 0, 0, tzinfo=datetime.UTC)
 CONFIG = SelectionConfig()
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+REDIRECTION = "ambient.istio.io/redirection"
 SIDECAR_STATUS = {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'}
 
 
@@ -182,22 +185,155 @@ def test_why_compares_the_pieces() -> None:
     # Enrolled in status, but the annotation was never written: they disagree.
     report = explain(pod("client"), AMBIENT, CONFIG, NODE_1)
     assert (report.verdict, report.ok) == ("Inconsistent", False)
-    assert any("annotation" in f for f in report.findings)
+    assert codes(report) == ["AnnotationMissing"]
     # The spec still lists a pod that selection now leaves out (the controller lags).
     report = explain(pod("server", annotations=ENABLED), {}, CONFIG, NODE_1)
     assert report.verdict == "Inconsistent"
-    assert any("spec lists the pod, but selection leaves it out" in f for f in report.findings)
+    assert codes(report) == ["ListedButNotSelected", "StillInStatus"]
     # Selected, not yet in the spec.
     report = explain(pod("new"), AMBIENT, CONFIG, NODE_1)
     assert report.verdict == "Pending"
-    assert any("does not list the pod" in f for f in report.findings)
+    assert codes(report) == ["NotInSpec"]
     # Failed in status.
     report = explain(pod("broken"), AMBIENT, CONFIG, NODE_1)
     assert (report.verdict, report.status and report.status.reason) == ("Failed", "NetnsNotFound")
     # The node has no AmbientNodeConfig at all.
     report = explain(pod("lost", node_name="node-9"), AMBIENT, CONFIG, None)
     assert report.verdict == "Pending"
-    assert report.findings == ("node node-9 has no AmbientNodeConfig: is the controller running?",)
+    assert [f.message for f in report.findings] == [
+        "node node-9 has no AmbientNodeConfig: is the controller running?"
+    ]
+
+
+def codes(report: WhyReport) -> list[str]:
+    return [f.code for f in report.findings]
+
+
+def test_why_while_things_move() -> None:
+    leaving = anc(
+        "node-1",
+        spec=[],
+        status=[entry("old", state="Removing", reason="NetnsNotFound", since=ago(5))],
+    )
+    # Still redirected until it can be taken out: its annotation is right to say enabled.
+    report = explain(pod("old", annotations=ENABLED), {}, CONFIG, leaving)
+    assert (report.verdict, codes(report)) == ("Pending", [])
+    # A leftover failure of a pod selection no longer wants is not "its redirection failed".
+    failed_leftover = anc(
+        "node-1", spec=[], status=[entry("gone", state="Failed", reason="NetnsNotFound")]
+    )
+    report = explain(pod("gone"), {}, CONFIG, failed_leftover)
+    assert (report.verdict, codes(report)) == ("Inconsistent", ["StillInStatus"])
+    # The agent has not reported on the spec that changed: wait, do not accuse.
+    behind = anc(
+        "node-1",
+        spec=[entry("client", **IPS)],
+        status=[entry("client", state="Enrolled", reason="Enrolled")],
+        generation=4,
+        observed=3,
+    )
+    report = explain(pod("client", annotations=ENABLED), {}, CONFIG, behind)
+    assert (report.verdict, codes(report)) == ("Pending", ["AgentBehind", "ListedButNotSelected"])
+    # `pending` is what the agent writes while ztunnel has not taken the pod.
+    waiting = anc(
+        "node-1",
+        spec=[entry("w", **IPS)],
+        status=[entry("w", state="Pending", reason="ZtunnelNotConnected")],
+    )
+    report = explain(pod("w", annotations={REDIRECTION: "pending"}), AMBIENT, CONFIG, waiting)
+    assert (report.verdict, codes(report)) == ("Pending", [])
+    # ... and a stale one on a pod nothing holds is said.
+    report = explain(pod("x", annotations={REDIRECTION: "pending"}), {}, CONFIG, waiting)
+    assert (report.verdict, codes(report)) == ("Inconsistent", ["AnnotationStale"])
+
+
+def test_status_and_why_never_disagree() -> None:
+    """Every pod `why` finds wrong is counted by `status`, under the same verdict."""
+    # client: Enrolled, but its annotation is missing (it was written and removed by hand).
+    others = [p for p in cluster_pods() if p.name != "client"]
+    pods = [*others, pod("client"), pod("client-2"), pod("stray", annotations=ENABLED)]
+    view = overview(
+        [NODE_1, NODE_2],
+        node_names=["node-1", "node-2"],
+        pods=pods,
+        namespace_labels=NAMESPACES,
+        config=CONFIG,
+        controller=LEADING,
+        now=NOW,
+    )
+    by_node = {"node-1": NODE_1, "node-2": NODE_2}
+    wrong = {
+        f"{p.namespace}/{p.name}": r.verdict
+        for p in pods
+        if not (
+            r := explain(p, NAMESPACES.get(p.namespace), CONFIG, by_node.get(p.node_name or ""))
+        ).ok
+    }
+    counted = {name: g.state for g in view.not_enrolled for name in g.pods}
+    assert counted == wrong
+    assert wrong == {
+        "shop/broken": "Failed",
+        "shop/client": "Inconsistent",
+        "shop/new": "Pending",
+        "shop/client-2": "Pending",
+        "shop/stray": "Pending",
+    }
+
+
+def test_a_node_without_agent_or_pods_is_shown_not_counted() -> None:
+    idle = anc("node-3", spec=[], status=None)
+    view = overview(
+        [NODE_2, idle],
+        node_names=["node-2", "node-3"],
+        pods=[pod("db", namespace="data", node_name="node-2", annotations=ENABLED)],
+        namespace_labels=NAMESPACES,
+        config=CONFIG,
+        controller=LEADING,
+        now=NOW,
+    )
+    assert view.ready
+    assert [(n.name, n.idle) for n in view.nodes] == [("node-2", False), ("node-3", True)]
+
+
+def test_controller_leading_is_judged_on_the_api_servers_clock() -> None:
+    lease = {"spec": {"holderIdentity": "c", "renewTime": ago(5), "leaseDurationSeconds": 15}}
+    skewed_laptop = NOW + datetime.timedelta(minutes=3)
+    assert controller_info(lease, server_time=NOW).leading(skewed_laptop)
+    assert not controller_info(lease).leading(skewed_laptop)
+
+
+@pytest.mark.parametrize(
+    ("argument", "namespace", "explicit", "expected"),
+    [
+        ("web", "shop", False, ("shop", "web")),
+        ("data/db", "shop", False, ("data", "db")),
+        ("pod/web", "shop", False, ("shop", "web")),
+        ("po/data/db", "shop", False, ("data", "db")),
+        ("data/db", "data", True, ("data", "db")),
+        ("data/db", "shop", True, "names namespace data, but -n says shop"),
+        ("a/b/c", "shop", False, "'a/b/c': give a pod as"),
+        ("pod/", "shop", False, "'pod/': give a pod as"),
+    ],
+)
+def test_pod_arguments(
+    argument: str, namespace: str, explicit: bool, expected: tuple[str, str] | str
+) -> None:
+    if isinstance(expected, tuple):
+        assert _split_pod(argument, namespace, explicit) == expected
+    else:
+        with pytest.raises(SourceError, match=re.escape(expected)):
+            _split_pod(argument, namespace, explicit)
+
+
+def test_without_the_controllers_word_why_says_what_it_assumed() -> None:
+    config, note = _selection(ControllerInfo(found=False, problem="no Lease x/y"), "istio-system")
+    assert config == CONFIG
+    assert note == (
+        "the controller's configuration is unknown (no Lease x/y): decided with its defaults, "
+        "excluded namespaces kube-system, system namespace istio-system"
+    )
+    report = explain(pod("web"), {}, config, NODE_1, note=note)
+    assert human.why_text(report, NOW, PLAIN).splitlines()[-1] == f"Note: {note}"
 
 
 def test_why_follows_the_controllers_configuration() -> None:
@@ -229,7 +365,7 @@ def test_a_malformed_node_config_is_reported_not_fatal() -> None:
     assert broken.spec is None
     assert "spec unreadable" in str(broken.problem)
     report = explain(pod("x", node_name="node-3"), AMBIENT, CONFIG, broken)
-    assert any("spec unreadable" in f for f in report.findings)
+    assert any("spec unreadable" in f.message for f in report.findings)
 
 
 # -- golden human output -------------------------------------------------------------------
@@ -372,7 +508,7 @@ class FakeSource:
     def all_namespace_labels(self) -> dict[str, dict[str, str]]:
         return NAMESPACES
 
-    def controller(self, namespace: str) -> ControllerInfo | None:
+    def controller(self, namespace: str) -> ControllerInfo:
         return LEADING
 
 

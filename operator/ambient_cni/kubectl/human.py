@@ -197,9 +197,11 @@ def why_text(report: WhyReport, now: datetime.datetime, style: Style) -> str:
     text = [f"{key + ':':<{width}}{value}" for key, value in lines]
     if report.findings:
         text.append("Findings:")
-        text += [f"  - {finding}" for finding in report.findings]
+        text += [f"  - {finding.message}" for finding in report.findings]
     else:
         text.append(_AGREEMENT[report.verdict])
+    if report.note:
+        text.append(f"Note: {report.note}")
     if report.warnings:
         text.append("Warnings:")
         text += [f"  - {warning}" for warning in report.warnings]
@@ -213,7 +215,7 @@ def status_text(view: Overview, style: Style, *, wide: bool) -> str:
     out = []
     controller = view.controller
     if not controller.found:
-        said = "no Lease found (leader election off, or another namespace: see -i)"
+        said = f"unknown: {controller.problem} (leader election off, or another namespace: -i)"
     elif controller.leading:
         said = f"leading: {controller.holder}, version {controller.version or 'unknown'}"
     else:
@@ -240,7 +242,7 @@ def status_text(view: Overview, style: Style, *, wide: bool) -> str:
             str(node.sidecars),
             str(node.pending),
             str(node.failed),
-            "True" if node.ready else "False",
+            "-" if node.idle else "True" if node.ready else "False",
         ]
         if wide:
             row += [node.agent_version or "-", _one_line(node.why_not_ready) or "-"]
@@ -250,7 +252,7 @@ def status_text(view: Overview, style: Style, *, wide: bool) -> str:
     else:
         out.append("No AmbientNodeConfigs found: is the controller running?")
     if view.not_enrolled:
-        out += ["", "Pods that should be redirected and are not:"]
+        out += ["", "Pods whose redirection is not as selected:"]
         for group in view.not_enrolled:
             more = (
                 f" and {group.count - len(group.pods)} more"

@@ -31,7 +31,7 @@ from .why import explain
 OK, NOT_OK, CANNOT_ANSWER = 0, 1, 2
 
 
-def _common(parser: argparse.ArgumentParser, *, namespaced: bool) -> None:
+def _common(parser: argparse.ArgumentParser, *, namespaced: bool, outputs: Sequence[str]) -> None:
     parser.add_argument("--kubeconfig", type=Path, help="default: $KUBECONFIG or ~/.kube/config")
     parser.add_argument("--context", help="the kubeconfig context to use (default: current)")
     if namespaced:
@@ -42,7 +42,7 @@ def _common(parser: argparse.ArgumentParser, *, namespaced: bool) -> None:
         default=names.DEFAULT_SYSTEM_NAMESPACE,
         help="where the controller runs (its Lease says how it selects; default %(default)s)",
     )
-    parser.add_argument("-o", "--output", choices=["wide", "json", "yaml"], help="output format")
+    parser.add_argument("-o", "--output", choices=list(outputs), help="output format")
     parser.add_argument(
         "--color",
         choices=["auto", "always", "never"],
@@ -63,20 +63,21 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status", help="the cluster at a glance: nodes, pods not yet redirected, orphans"
     )
-    _common(status, namespaced=False)
+    _common(status, namespaced=False, outputs=["wide", "json", "yaml"])
     why = sub.add_parser("why", help="why a pod is, or is not, redirected")
     why.add_argument("pod", metavar="POD", help="NAME, NAMESPACE/NAME or pod/NAME")
-    _common(why, namespaced=True)
+    _common(why, namespaced=True, outputs=["json", "yaml"])
     pods = sub.add_parser("pods", help="every redirected pod and its state, from the nodes' status")
     pods.add_argument("-A", "--all-namespaces", action="store_true", help="pods of every namespace")
-    _common(pods, namespaced=True)
+    _common(pods, namespaced=True, outputs=["wide", "json", "yaml"])
     return top
 
 
 def _colour(choice: str, out: TextIO) -> bool:
     if choice != "auto":
         return choice == "always"
-    return out.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    # no-color.org: NO_COLOR set to anything but the empty string turns colour off.
+    return out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
 def _structured(data: Any, output: str) -> str:
@@ -90,28 +91,47 @@ def _dump(report: Report) -> dict[str, Any]:
     return data
 
 
-def _selection(controller: ControllerInfo | None, istio_namespace: str) -> SelectionConfig:
-    """How the running controller selects, from its Lease; its defaults when it says nothing."""
+def _selection(
+    controller: ControllerInfo, istio_namespace: str
+) -> tuple[SelectionConfig, str | None]:
+    """How the running controller selects, from its Lease; its defaults, and a note saying
+    so, when the Lease says nothing."""
     config = SelectionConfig(system_namespace=istio_namespace)
-    if controller is None:
-        return config
     update: dict[str, Any] = {}
     if controller.excluded_namespaces is not None:
         update["excluded_namespaces"] = frozenset(controller.excluded_namespaces)
     if controller.system_namespace:
         update["system_namespace"] = controller.system_namespace
-    return config.model_copy(update=update)
+    config = config.model_copy(update=update)
+    if controller.found and controller.excluded_namespaces is not None:
+        return config, None
+    why = controller.problem or "its Lease does not say how it selects"
+    return config, (
+        f"the controller's configuration is unknown ({why}): decided with its defaults, "
+        f"excluded namespaces {', '.join(sorted(config.excluded_namespaces))}, "
+        f"system namespace {config.system_namespace}"
+    )
 
 
-def _split_pod(argument: str, namespace: str) -> tuple[str, str]:
-    for prefix in ("pod/", "pods/"):
-        if argument.startswith(prefix):
-            argument = argument[len(prefix) :]
-    if "/" in argument:
-        namespace, _, argument = argument.partition("/")
-    if not namespace or not argument or "/" in argument:
+TYPE_PREFIXES = ("pod/", "pods/", "po/")
+
+
+def _split_pod(argument: str, namespace: str, explicit: bool) -> tuple[str, str]:
+    """NAME, NAMESPACE/NAME or pod/NAME (kubectl's TYPE/NAME; so a namespace named like a
+    type needs -n). `explicit`: the namespace came from -n, so NAMESPACE/NAME must agree."""
+    name = argument
+    for prefix in TYPE_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+            break
+    if "/" in name:
+        given, _, name = name.partition("/")
+        if explicit and given != namespace:
+            raise SourceError(f"{argument!r} names namespace {given}, but -n says {namespace}")
+        namespace = given
+    if not namespace or not name or "/" in name:
         raise SourceError(f"{argument!r}: give a pod as NAME, NAMESPACE/NAME or pod/NAME")
-    return namespace, argument
+    return namespace, name
 
 
 def run(
@@ -138,14 +158,14 @@ def run(
             )
         return OK
     controller = source.controller(args.istio_namespace)
-    config = _selection(controller, args.istio_namespace)
+    config, note = _selection(controller, args.istio_namespace)
     if args.command == "why":
-        pod_namespace, name = _split_pod(args.pod, namespace)
+        pod_namespace, name = _split_pod(args.pod, namespace, args.namespace is not None)
         pod = source.pod(pod_namespace, name)
         if pod is None:
             raise SourceError(f'pod "{name}" not found in namespace {pod_namespace}')
         node = source.node_config(pod.node_name) if pod.node_name else None
-        report = explain(pod, source.namespace_labels(pod.namespace), config, node)
+        report = explain(pod, source.namespace_labels(pod.namespace), config, node, note=note)
         if args.output in ("json", "yaml"):
             out.write(_structured(_dump(report), args.output))
         else:
@@ -177,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SourceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return CANNOT_ANSWER
+    except BrokenPipeError:
+        # `kubectl ambient pods -A | head`: the reader has what it wanted.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -112,10 +112,16 @@ def node_object(obj: Mapping[str, Any]) -> NodeObject:
 
 
 class ControllerInfo(BaseModel):
-    """What the leading controller says of itself on its leader-election Lease."""
+    """What the leading controller says of itself on its leader-election Lease; with
+    `found` false, why the Lease could not be read (`problem`)."""
 
     model_config = ConfigDict(frozen=True)
 
+    found: bool = True
+    problem: str | None = None
+    # The API server's clock when the Lease was read: "leading" is judged on it, so a
+    # laptop's clock that is off does not make a live controller look gone.
+    server_time: datetime.datetime | None = None
     holder: str | None = None
     renewed: datetime.datetime | None = None
     duration_seconds: int = 15
@@ -127,16 +133,21 @@ class ControllerInfo(BaseModel):
     def leading(self, now: datetime.datetime) -> bool:
         if not self.holder or self.renewed is None:
             return False
-        return now <= self.renewed + datetime.timedelta(seconds=self.duration_seconds)
+        at = self.server_time or now
+        # The Date header has whole seconds: one more of slack.
+        return at <= self.renewed + datetime.timedelta(seconds=self.duration_seconds + 1)
 
 
-def controller_info(lease: Mapping[str, Any]) -> ControllerInfo:
+def controller_info(
+    lease: Mapping[str, Any], server_time: datetime.datetime | None = None
+) -> ControllerInfo:
     meta = lease.get("metadata") or {}
     spec = lease.get("spec") or {}
     notes = meta.get("annotations") or {}
     renewed = spec.get("renewTime")
     excluded = notes.get(names.CONTROLLER_EXCLUDED_NAMESPACES_ANNOTATION)
     return ControllerInfo(
+        server_time=server_time,
         holder=spec.get("holderIdentity") or None,
         renewed=datetime.datetime.fromisoformat(str(renewed).replace("Z", "+00:00"))
         if renewed

@@ -6,15 +6,17 @@ import datetime
 from collections.abc import Iterable, Mapping
 
 from ambient_cni.api.models import RedirectMode
-from ambient_cni.selection import PodView, SelectionConfig, desired_workload
+from ambient_cni.selection import PodView, SelectionConfig
 
 from .objects import ControllerInfo, NodeObject, Report
+from .why import WhyReport, explain
 
 MAX_NAMED_PODS = 5  # per group of pods not enrolled; the rest are counted
 
 
 class ControllerLine(Report):
-    found: bool  # a Lease exists
+    found: bool  # its Lease could be read
+    problem: str | None = None  # why not
     leading: bool = False
     holder: str | None = None
     version: str | None = None
@@ -30,14 +32,15 @@ class NodeLine(Report):
     pending: int = 0
     failed: int = 0
     ready: bool = False
+    idle: bool = False  # no agent reports, and no pod is to be redirected here
     why_not_ready: str | None = None
     agent_version: str | None = None
 
 
 class NotEnrolledGroup(Report):
-    """Pods that should be redirected and are not, for one reason."""
+    """Pods whose redirection is not as selected, for one reason."""
 
-    state: str
+    state: str  # the pods' verdict: Failed, Pending or Inconsistent
     reason: str
     example: str  # one message, so the reason reads in words
     count: int
@@ -56,10 +59,16 @@ class Overview(Report):
 def _node_line(node: NodeObject) -> NodeLine:
     status = node.status
     if status is None:
+        # Nothing to redirect and no agent (the chart's agent.nodeSelector leaves the node
+        # out, say): shown, never counted against the cluster.
+        idle = node.problem is None and node.spec is not None and not node.spec.workloads
         return NodeLine(
             name=node.name,
             mode=node.spec.redirect_mode if node.spec else None,
-            why_not_ready=node.problem or "no agent has reported on this node",
+            idle=idle,
+            why_not_ready=node.problem
+            or "no agent has reported on this node"
+            + (" (nothing to redirect on it)" if idle else ""),
         )
     ready = node.condition("Ready")
     why: str | None = None
@@ -86,18 +95,17 @@ def _node_line(node: NodeObject) -> NodeLine:
     )
 
 
-def _missing(pod: PodView, node: NodeObject | None) -> tuple[str, str, str] | None:
-    """(state, reason, message) for a pod that should be redirected and is not; None if it is."""
-    if node is None:
-        return ("Pending", "NoNodeConfig", f"node {pod.node_name} has no AmbientNodeConfig")
-    entry = node.status_entry(pod.uid)
-    if entry is not None:
-        if entry.state == "Enrolled":
-            return None
-        return (entry.state, entry.reason or entry.state, entry.message or "")
-    if node.spec is not None and node.spec_entry(pod.uid) is None:
-        return ("Pending", "NotInSpec", "the controller has not put the pod in its node's spec")
-    return ("Pending", "NotReported", "the node's agent has not reported on the pod yet")
+def _group_key(report: WhyReport) -> tuple[str, str]:
+    """(reason, example) under which a pod that is not as selected is counted: the agent's
+    reason when it has one, else the first finding's code."""
+    status = report.status
+    behind = any(f.code == "AgentBehind" for f in report.findings)
+    agents_word = status is not None and status.reason and report.verdict in ("Failed", "Pending")
+    if status is not None and agents_word and not behind:
+        return str(status.reason), status.message or status.state
+    if report.findings:
+        return report.findings[0].code, report.findings[0].message
+    return report.verdict, report.summary
 
 
 def _groups(
@@ -106,20 +114,24 @@ def _groups(
     config: SelectionConfig,
     by_name: Mapping[str, NodeObject],
 ) -> list[NotEnrolledGroup]:
+    """Pods whose redirection is not what selection says, each explained as `why` would
+    (the same function, so `status` and `why` never disagree), grouped by reason."""
     grouped: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for pod in pods:
-        if desired_workload(pod, namespace_labels.get(pod.namespace), config) is None:
+        node = by_name.get(pod.node_name or "")
+        report = explain(pod, namespace_labels.get(pod.namespace), config, node)
+        if report.ok:
             continue
-        missing = _missing(pod, by_name.get(pod.node_name or ""))
-        if missing is not None:
-            state, reason, message = missing
-            grouped.setdefault((state, reason), []).append((f"{pod.namespace}/{pod.name}", message))
+        reason, example = _group_key(report)
+        grouped.setdefault((report.verdict, reason), []).append(
+            (f"{pod.namespace}/{pod.name}", example)
+        )
     groups = []
-    for (state, reason), members in grouped.items():
+    for (verdict, reason), members in grouped.items():
         members.sort()
         groups.append(
             NotEnrolledGroup(
-                state=state,
+                state=verdict,
                 reason=reason,
                 example=members[0][1],
                 count=len(members),
@@ -136,7 +148,7 @@ def overview(
     pods: Iterable[PodView],
     namespace_labels: Mapping[str, Mapping[str, str]],
     config: SelectionConfig,
-    controller: ControllerInfo | None,
+    controller: ControllerInfo,
     now: datetime.datetime,
 ) -> Overview:
     objects = sorted(nodes, key=lambda n: n.name)
@@ -149,8 +161,8 @@ def overview(
         if n.orphaned or n.name not in existing
     ]
     orphans += [f"Node {name}: no AmbientNodeConfig" for name in sorted(existing - set(by_name))]
-    line = ControllerLine(found=controller is not None)
-    if controller is not None:
+    line = ControllerLine(found=False, problem=controller.problem)
+    if controller.found:
         line = ControllerLine(
             found=True,
             leading=controller.leading(now),
@@ -160,11 +172,9 @@ def overview(
         if not line.leading:
             problems.append("controller: no replica holds its Lease (is it running?)")
     lines = [_node_line(n) for n in objects if n.name in existing and not n.orphaned]
-    problems += [f"node {n.name}: {n.why_not_ready}" for n in lines if not n.ready]
+    problems += [f"node {n.name}: {n.why_not_ready}" for n in lines if not n.ready and not n.idle]
     groups = _groups(pods, namespace_labels, config, by_name)
-    problems += [
-        f"{g.count} pod(s) should be redirected and are not: {g.state} {g.reason}" for g in groups
-    ]
+    problems += [f"{g.count} pod(s) not as selected: {g.state} {g.reason}" for g in groups]
     problems += orphans
     return Overview(
         ready=not problems,

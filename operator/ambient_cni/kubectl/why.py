@@ -57,6 +57,14 @@ class StatusEntry(Report):
     capture: str | None = None
 
 
+class Finding(Report):
+    """Where the pieces disagree, or what is missing: a code for scripts and the status
+    command's groups, and words for a person."""
+
+    code: str
+    message: str
+
+
 class WhyReport(Report):
     namespace: str
     name: str
@@ -73,7 +81,9 @@ class WhyReport(Report):
     node_facts: NodeFacts | None = None
     status: StatusEntry | None = None
     annotation: str | None = None
-    findings: tuple[str, ...] = ()  # where the pieces disagree, or what is missing
+    findings: tuple[Finding, ...] = ()
+    # How selection was configured when the running controller did not say (no Lease).
+    note: str | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -177,9 +187,12 @@ def explain(
     namespace_labels: Mapping[str, str] | None,
     config: SelectionConfig,
     node: NodeObject | None,
+    *,
+    note: str | None = None,
 ) -> WhyReport:
     """Why `pod` is or is not redirected, from selection, its node's spec and status and
-    its annotation; `node` is the AmbientNodeConfig of the pod's node (None: none)."""
+    its annotation; `node` is the AmbientNodeConfig of the pod's node (None: none); `note`
+    says how `config` was chosen when the controller did not say."""
     decision = decide(pod, namespace_labels, config)
     desired = desired_workload(pod, namespace_labels, config)
     handling: Handling | None = None
@@ -215,6 +228,7 @@ def explain(
         status=status,
         annotation=annotation,
         findings=tuple(findings),
+        note=note,
     )
 
 
@@ -226,54 +240,99 @@ def _findings(
     listed: bool | None,
     status: StatusEntry | None,
     annotation: str | None,
-) -> list[str]:
-    found: list[str] = []
+) -> list[Finding]:
     where = f"node {pod.node_name}"
     if pod.node_name and node is None:
-        if handling is not None:
-            found.append(f"{where} has no AmbientNodeConfig: is the controller running?")
-        return found
+        if handling is None:
+            return []
+        said = f"{where} has no AmbientNodeConfig: is the controller running?"
+        return [Finding(code="NoNodeConfig", message=said)]
+    found: list[Finding] = []
     if node is not None and node.problem:
-        found.append(f"{where}'s AmbientNodeConfig: {node.problem}")
+        found.append(Finding(code="NodeConfigUnreadable", message=f"{where}: {node.problem}"))
+    behind = node is not None and node.spec is not None and not node.in_sync
+    if behind and (handling is not None or listed or status is not None):
+        assert node is not None  # for mypy: `behind` says so
+        reported = node.status.observed_generation if node.status else None
+        found.append(
+            Finding(
+                code="AgentBehind",
+                message=f"{where}'s agent has not reported on the current spec yet "
+                f"(generation {node.generation}, reported {reported if reported else 'none'})",
+            )
+        )
     if handling is not None and listed is False:
         found.append(
-            f"{where}'s spec does not list the pod: the controller has not caught up, "
-            "or decides with another configuration"
+            Finding(
+                code="NotInSpec",
+                message=f"{where}'s spec does not list the pod: the controller has not "
+                "caught up, or decides with another configuration",
+            )
         )
     if handling is None and listed:
         found.append(
-            f"{where}'s spec lists the pod, but selection leaves it out: the controller has "
-            "not caught up, or decides with another configuration"
+            Finding(
+                code="ListedButNotSelected",
+                message=f"{where}'s spec lists the pod, but selection leaves it out: the "
+                "controller has not caught up, or decides with another configuration",
+            )
         )
-    if listed and status is None:
-        if node is not None and not node.in_sync:
-            found.append(f"{where}'s agent has not reported on the current spec yet")
-        else:
-            found.append(f"{where}'s status does not mention the pod")
-    if handling is None and status is not None and status.state != "Removing":
-        found.append(f"{where}'s status still holds the pod ({status.state})")
-    if handling == "ambient" or (handling is None and annotation == names.REDIRECTION_ENABLED):
-        enrolled = status is not None and status.state == "Enrolled"
-        if enrolled and annotation != names.REDIRECTION_ENABLED:
-            found.append(
-                f"the status says Enrolled, but the annotation {names.REDIRECTION_ANNOTATION} "
-                f"is {annotation or 'absent'}"
+    if listed and status is None and not behind:
+        found.append(
+            Finding(code="NotReported", message=f"{where}'s status does not mention the pod")
+        )
+    if handling is None and status is not None and status.state != "Removing" and not behind:
+        found.append(
+            Finding(
+                code="StillInStatus",
+                message=f"{where}'s status still holds the pod ({status.state})",
             )
-        if not enrolled and annotation == names.REDIRECTION_ENABLED:
-            found.append(
-                f"the annotation {names.REDIRECTION_ANNOTATION} says enabled, but the pod's "
-                "redirection is not in place"
-            )
+        )
+    found += _annotation_findings(handling, status, annotation)
     return found
 
 
-def _verdict(handling: Handling | None, status: StatusEntry | None, findings: list[str]) -> Verdict:
+def _annotation_findings(
+    handling: Handling | None, status: StatusEntry | None, annotation: str | None
+) -> list[Finding]:
+    """The annotation against the status: `enabled` exactly while the pod is redirected
+    (Enrolled, or Removing: still redirected until it can be taken out), `pending` while
+    ztunnel has not taken it yet; a sidecar pod gets neither."""
+    key = names.REDIRECTION_ANNOTATION
     state = status.state if status is not None else None
-    if state == "Failed":
-        return "Failed"
-    if handling is not None and state != "Enrolled":
+    if handling == "ambient" and state == "Enrolled" and annotation != names.REDIRECTION_ENABLED:
+        return [
+            Finding(
+                code="AnnotationMissing",
+                message=f"the status says Enrolled, but the annotation {key} is "
+                f"{annotation or 'absent'}",
+            )
+        ]
+    ours = (names.REDIRECTION_ENABLED, names.REDIRECTION_PENDING)
+    if annotation in ours and state in (None, "Failed") and handling != "sidecar":
+        in_place = "not in place" if state is None else "failed"
+        return [
+            Finding(
+                code="AnnotationStale",
+                message=f"the annotation {key} says {annotation}, but the pod's redirection "
+                f"is {in_place}",
+            )
+        ]
+    return []
+
+
+def _verdict(
+    handling: Handling | None, status: StatusEntry | None, findings: list[Finding]
+) -> Verdict:
+    state = status.state if status is not None else None
+    if any(f.code == "AgentBehind" for f in findings):
         return "Pending"
-    if handling is None and state == "Removing":
+    if handling is not None:
+        if state == "Failed":
+            return "Failed"
+        if state != "Enrolled":
+            return "Pending"
+    elif state == "Removing":
         return "Pending"
     if findings:
         return "Inconsistent"
