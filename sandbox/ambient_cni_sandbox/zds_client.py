@@ -77,7 +77,10 @@ class ZdsClient:
             except Exception as exc:  # the stand-in must answer, whatever went wrong
                 log.exception("handling %s", request)
                 error = str(exc) or type(exc).__name__
-            sock.send(encode_response(Ack(error=error)))
+            try:
+                sock.send(encode_response(Ack(error=error)))
+            except OSError:  # the agent hung up meanwhile (it gave up waiting): done
+                break
         self.close()
 
     def close(self) -> None:
