@@ -5,7 +5,7 @@ BIN := .venv/bin
 # The Go toolchain may live outside PATH on a fresh machine.
 export PATH := $(PATH):/usr/local/go/bin
 
-.PHONY: setup demo test lint unit e2e bench clean-sandboxes
+.PHONY: setup demo test lint unit e2e bench image clean-sandboxes
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -30,6 +30,10 @@ e2e: setup
 # All benchmarks at full size (about 10 minutes); rewrites the tables of BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m benchmarks --write BENCHMARKS.md
+
+# The image, from the Dockerfile as it is, with buildah (no Docker engine): localhost/ambient-cni:dev.
+image: setup
+	$(BIN)/ambient-cni sandbox image
 
 # Removes every sandbox on this machine, including ones a crash left behind.
 clean-sandboxes: setup

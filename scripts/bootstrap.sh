@@ -11,8 +11,11 @@ die() { say "error: $*"; exit 1; }
 
 # -- Debian packages: the kernel tools the sandbox and the dataplane drive ------
 DEB_PACKAGES=(iproute2 iptables ipset nftables python3-nftables)
+# ... and the image's: made (mmdebstrap), built (buildah) and run (podman, runc) without
+# a Docker engine. Their configuration and store live under ~/.cache/ambient-cni/containers.
+IMAGE_PACKAGES=(mmdebstrap buildah podman runc)
 missing=()
-for pkg in "${DEB_PACKAGES[@]}"; do
+for pkg in "${DEB_PACKAGES[@]}" "${IMAGE_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -49,6 +49,15 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
         help="build (or find cached) etcd, kube-apiserver, kube-controller-manager, kubectl, "
         "helm, the CNI reference plugins and istio-cni",
     )
+    image = cmds.add_parser(
+        "image",
+        help="build the project's image from its Dockerfile with buildah (no Docker engine); "
+        "its base images are made locally, nothing is pulled",
+    )
+    image.add_argument("--tag", default="localhost/ambient-cni:dev")
+    image.add_argument(
+        "--push", metavar="DEST", help="then push it, e.g. registry.example.com/ambient-cni:1.0"
+    )
     up = named(cmds.add_parser("up", help="start a sandbox and wait until its nodes are Ready"))
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     up.add_argument(
@@ -91,6 +100,18 @@ def run_sandbox(args: argparse.Namespace) -> int:
 
         print(binaries_dir())
         print(cni_binaries_dir())
+        return 0
+    if command == "image":
+        from . import images
+
+        def say(message: str) -> None:
+            print(f"[image] {message}", file=sys.stderr)
+
+        image_id = images.build(images.repo_root(), tag=args.tag, log=say)
+        print(f"{args.tag} {image_id[:12]} {images.size(args.tag) / 1e6:.0f} MB")
+        if args.push:
+            images.run_tool("podman", "push", "--quiet", args.tag, args.push)
+            print(f"pushed {args.push}")
         return 0
     if command == "up":
         state = lifecycle.up(
