@@ -343,10 +343,13 @@ class EventRecorder:
                 self._attempts[key] = attempts
                 self.queue.add_after(key, self.retry_after * attempts)
                 return
+            # Said before the occurrence is let go, so whoever waits on flush() sees it said.
+            log.warning(
+                "no Event %s on %s %s: %s", key.reason, key.ref.kind, key.ref.name, _said(exc)
+            )
             self._attempts.pop(key, None)
             self._pending.pop(key, None)
             self._lock.notify_all()
-        log.warning("no Event %s on %s %s: %s", key.reason, key.ref.kind, key.ref.name, _said(exc))
 
 
 def _said(exc: Exception) -> str:
