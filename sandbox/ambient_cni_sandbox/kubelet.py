@@ -40,11 +40,15 @@ from ambient_cni.netns import run_in_netns
 from ambient_cni.reflector import Reflector
 from ambient_cni.workqueue import WorkQueue
 
-from . import network
+from . import cni as cni_chain
+from . import container_runtime, network
 from .binaries import gomod_dir, parse_pins
 from .cni import CniError, CniRuntime, SandboxPod
+from .containerspec import ContainerPlan
+from .image_pods import ImagePods, VolumeError, backoff
 from .podspec import (
     SIDECAR_PORTS,
+    ContainerState,
     PodRuntime,
     PodSpecError,
     app_container,
@@ -104,6 +108,7 @@ class LocalPod(BaseModel):
     restart_at: float | None = None  # monotonic time of the next restart after a crash
     ready_port: int | None = None  # Ready once something listens here (None: Ready on start)
     launched_at: float = 0.0  # monotonic time of the last start, for readiness polling
+    image_pod: bool = False  # its containers run from images (image_pods.py), not a process
     runtime: PodRuntime
 
 
@@ -128,6 +133,24 @@ class Kubelet:
         self.cni = CniRuntime(
             self.paths.node_cni(node_name), self.node, Path(state.cni_bin_dir) / "cni-run"
         )
+        node_cni = self.paths.node_cni(node_name)
+        self.images = ImagePods(
+            core=self.core,
+            sandbox=state.name,
+            node=node_name,
+            node_root=Path(state.state_dir) / "nodes" / node_name / "root",
+            # The node's own directories where the sandbox keeps them (its CNI dirs and
+            # the sockets its ztunnel and CNI plugin use); other hostPaths under its root.
+            special_paths={
+                "/etc/cni/net.d": str(node_cni.conf_dir),
+                "/opt/cni/bin": str(node_cni.bin_dir),
+                "/var/run/ztunnel": str(Path(state.state_dir) / "ztunnel" / node_name),
+                "/var/run/istio-cni": str(cni_chain.agent_run_dir(node_cni)),
+            },
+            records=self.records,
+            now=now,
+        )
+        self.plans: dict[str, dict[str, ContainerPlan]] = {}  # uid -> container -> its plan
         self.sandbox_failures: dict[str, int] = {}  # uid -> failed CNI ADDs in a row
         self.sandbox_retry_at: dict[str, float] = {}  # uid -> monotonic time of the next try
         self.local: dict[str, LocalPod] = {}
@@ -310,6 +333,10 @@ class Kubelet:
             local = self.start(pod)
             if local is None:
                 return
+        if local.image_pod:
+            self._sync_images(pod, local)
+            self.report(local)
+            return
         self._handle_exit(pod, local)
         if local.restart_at is not None and time.monotonic() >= local.restart_at:
             local.restart_at = None
@@ -384,7 +411,11 @@ class Kubelet:
             self.sandbox_retry_at.pop(uid, None)
         runtime.pod_ip, runtime.pod_ips = local.ip, local.ips
         self.save(local)
-        self.launch(pod, local)
+        if ImagePods.eligible(pod):
+            local.image_pod = True
+            self.launch_images(pod, local)
+        else:
+            self.launch(pod, local)
         return local
 
     def _sandbox(self, local: LocalPod) -> SandboxPod:
@@ -619,12 +650,145 @@ class Kubelet:
         pid = local.sidecar_pid
         if pid and is_running(pid) and start_time(pid) == local.sidecar_pid_start:
             terminate_group(pid, grace=1.0)
+        if local.image_pod:
+            self.images.stop(local.runtime.containers, float(grace))
+            self.images.forget(local.uid)
+            self.plans.pop(local.uid, None)
         self._release_network(local)
         with self.lock:
             self.local.pop(local.uid, None)
             self.exited.pop(local.uid, None)
         self._record_path(local.uid).unlink(missing_ok=True)
         log.info("removed %s/%s", local.namespace, local.name)
+
+    # -- image pods ------------------------------------------------------------
+
+    def launch_images(self, pod: Obj, local: LocalPod) -> None:
+        """Every container of the pod from its image, its volumes made first; a volume that
+        cannot be made yet (a ConfigMap not there) is retried, as a kubelet retries."""
+        runtime = local.runtime
+        try:
+            volumes = self.images.make_volumes(pod, local.ips, self.node.ips)
+            plans = self.images.plans(
+                pod, f"/run/netns/{local.netns}", local.ips, self.node.ips, volumes
+            )
+        except PodSpecError as exc:
+            self._fail(local, exc.reason, exc.message)
+            return
+        except (VolumeError, OSError) as exc:
+            runtime.state_reason, runtime.state_message = "ContainerCreating", str(exc)
+            self._event(local, "FailedMount", f"MountVolume.SetUp failed: {exc}")
+            local.restart_at = time.monotonic() + 2.0
+            self.queue.add_after(local.uid, 2.0)
+            self.save(local)
+            return
+        self.plans[local.uid] = {p.name: p for p in plans}
+        runtime.containers = [ContainerState(name=p.name, image=p.image) for p in plans]
+        for spec, state in zip(plans, runtime.containers, strict=True):
+            self._start_container(local, spec, state)
+        runtime.phase = "Running"
+        runtime.state = "running"
+        runtime.started_at = now()
+        runtime.ready = False
+        local.restart_at = None
+        self.save(local)
+        self.queue.add(local.uid)
+
+    def _start_container(self, local: LocalPod, spec: ContainerPlan, state: ContainerState) -> None:
+        uid = local.uid
+        try:
+            self.images.start(spec, state, lambda: self.queue.add(uid))
+        except container_runtime.RuntimeError_ as exc:
+            state.state, state.reason, state.message = "waiting", "CreateContainerError", str(exc)
+            state.restart_count += 1
+            state.restart_at = time.monotonic() + backoff(state.restart_count)
+            log.warning("%s/%s %s: %s", local.namespace, local.name, spec.name, exc)
+            return
+        log.info(
+            "started %s/%s container %s (pid %d) in %s",
+            local.namespace,
+            local.name,
+            spec.name,
+            state.pid,
+            local.netns,
+        )
+
+    def _sync_images(self, pod: Obj, local: LocalPod) -> None:
+        runtime = local.runtime
+        if not runtime.containers:  # its volumes are not made yet
+            if local.restart_at is not None and time.monotonic() >= local.restart_at:
+                self.launch_images(pod, local)
+            return
+        plans = self.plans.get(local.uid)
+        if plans is None:  # adopted after a restart: the plans are pure, make them again
+            volumes = self.images.make_volumes(pod, local.ips, self.node.ips)
+            made = self.images.plans(
+                pod, f"/run/netns/{local.netns}", local.ips, self.node.ips, volumes
+            )
+            plans = self.plans[local.uid] = {p.name: p for p in made}
+        clock = time.monotonic()
+        wait = 10.0
+        for state in runtime.containers:
+            code = self.images.take_exit(state.id) if state.id else None
+            if code is not None and state.state == "running":
+                state.state, state.exit_code, state.ready = "terminated", code, False
+                state.reason = "Completed" if code == 0 else "Error"
+                state.finished_at = now()
+                log.info("%s/%s %s exited with %d", local.namespace, local.name, state.name, code)
+                if restart_on_exit(pod, code):
+                    state.restart_count += 1
+                    state.restart_at = clock + backoff(state.restart_count)
+            if state.restart_at is not None:
+                if clock >= state.restart_at:
+                    self._start_container(local, plans[state.name], state)
+                else:
+                    wait = min(wait, state.restart_at - clock)
+        address = local.ip if local.own_netns else self.node.ip
+        _, probe_wait, restart = self.images.probe_all(
+            plans, runtime.containers, self.node.netns, address
+        )
+        wait = min(wait, probe_wait)
+        for name in restart:  # liveness failed: killed and started again, as a kubelet does
+            state = next(c for c in runtime.containers if c.name == name)
+            log.warning("%s/%s %s failed its liveness probe", local.namespace, local.name, name)
+            self.images.stop([state], 1.0)
+            state.restart_count += 1
+            self._start_container(local, plans[name], state)
+        if all(c.state == "terminated" and c.restart_at is None for c in runtime.containers):
+            failed = any(c.exit_code for c in runtime.containers)
+            runtime.phase = "Failed" if failed else "Succeeded"
+            runtime.state = "terminated"
+            self._release_network(local)
+        ready = all(c.ready and c.state == "running" for c in runtime.containers)
+        if ready != runtime.ready:
+            runtime.ready = ready
+            stamp = now()
+            if ready:
+                runtime.ready_since = stamp
+            else:
+                runtime.not_ready_since = stamp
+        self.save(local)
+        if runtime.phase == "Running":
+            self.queue.add_after(local.uid, wait)
+
+    def _adopt_images(self, local: LocalPod) -> bool:
+        """After a restart: keep an image pod whose containers still run, watching them."""
+        running = [c for c in local.runtime.containers if c.id and container_runtime.pid(c.id)]
+        if not running:
+            return False
+        self.local[local.uid] = local
+        for state in running:
+            uid, container = local.uid, state.id
+
+            def watch(uid: str = uid, container: str = container) -> None:
+                code = container_runtime.wait(container)
+                with self.images.lock:
+                    self.images.exited[container] = code
+                self.queue.add(uid)
+
+            threading.Thread(target=watch, daemon=True).start()
+        log.info("adopted %s/%s (%d containers)", local.namespace, local.name, len(running))
+        return True
 
     # -- status ------------------------------------------------------------------
 
@@ -660,6 +824,8 @@ class Kubelet:
                 local = LocalPod.model_validate_json(path.read_text())
             except ValueError:
                 path.unlink(missing_ok=True)
+                continue
+            if local.image_pod and self._adopt_images(local):
                 continue
             alive = (
                 local.pid is not None

@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.kube import new_api_client, raw
 
-from . import cni, network
+from . import cni, container_runtime, network
 from .binaries import binaries_dir, cni_binaries_dir
 from .controlplane import ControlPlane, ControlPlaneError, Ports
 from .processes import is_running, spawn_daemon, tagged_pids, tagged_sandboxes, terminate
@@ -189,10 +189,11 @@ class DownReport:
     processes: list[int] = field(default_factory=list)
     netns: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    containers: list[str] = field(default_factory=list)  # the kubelets' image pods'
 
     @property
     def empty(self) -> bool:
-        return not (self.processes or self.netns or self.paths)
+        return not (self.processes or self.netns or self.paths or self.containers)
 
 
 def leftovers(name: str) -> DownReport:
@@ -201,7 +202,14 @@ def leftovers(name: str) -> DownReport:
         processes=tagged_pids(name),
         netns=network.sandbox_netns(prefix_for(name)),
         paths=[str(p) for p in _owned_paths(name) if p.exists()],
+        containers=_containers(name),
     )
+
+
+def _containers(name: str) -> list[str]:
+    if shutil.which("podman") is None:  # no image was ever run here
+        return []
+    return container_runtime.containers_of(sandbox=name)
 
 
 def _owned_paths(name: str) -> list[Path]:
@@ -216,6 +224,8 @@ def down(name: str, *, say: Say = _say) -> DownReport:
     # Kubelets and the scheduler first, so nothing restarts pods while we remove them.
     helpers = [p for p in found.processes if _is_helper(p)]
     still = terminate(helpers, grace=5.0)
+    if found.containers:  # after the kubelets, so none is started again meanwhile
+        container_runtime.remove_all(name)
     still += terminate(tagged_pids(name), grace=5.0)
     network.delete_all(prefix_for(name))
     for path in _owned_paths(name):
@@ -231,6 +241,7 @@ def down(name: str, *, say: Say = _say) -> DownReport:
         say(
             f"sandbox {name} removed: {len(found.processes)} processes, "
             f"{len(found.netns)} network namespaces, {len(found.paths)} directories"
+            + (f", {len(found.containers)} containers" if found.containers else "")
         )
     return found
 

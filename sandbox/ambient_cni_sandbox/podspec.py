@@ -117,7 +117,7 @@ def container_port(pod: Pod) -> int:
     return DEFAULT_PORT
 
 
-def _field(pod: Pod, path: str, pod_ips: Sequence[str], host_ips: Sequence[str]) -> str:
+def field_value(pod: Pod, path: str, pod_ips: Sequence[str], host_ips: Sequence[str]) -> str:
     # The plural fields are comma-separated lists, the primary family's address first.
     if path in ("status.podIP", "status.podIPs"):
         return pod_ips[0] if path == "status.podIP" else ",".join(pod_ips)
@@ -165,7 +165,7 @@ def container_run(
                 "CreateContainerConfigError",
                 f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
             )
-        env[name] = _field(pod, path, pod_ips, host_ips)
+        env[name] = field_value(pod, path, pod_ips, host_ips)
     return ContainerRun(
         container=str(container.get("name", "main")),
         argv=tuple(argv),
@@ -210,7 +210,29 @@ def grace_seconds(pod: Pod, default: int = 30) -> int:
 
 # -- status -------------------------------------------------------------------
 
-ContainerState = Literal["waiting", "running", "terminated"]
+ContainerStateName = Literal["waiting", "running", "terminated"]
+
+
+class ContainerState(BaseModel):
+    """One container of an image pod, as the kubelet tracks it (and reports it)."""
+
+    name: str
+    image: str
+    id: str = ""
+    pid: int = 0
+    state: ContainerStateName = "waiting"
+    reason: str | None = None
+    message: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    restart_count: int = 0
+    ready: bool = False
+    started_mono: float = 0.0
+    next_probe: float = 0.0
+    readiness_streak: int = 0
+    liveness_failures: int = 0
+    restart_at: float | None = None
 
 
 class PodRuntime(BaseModel):
@@ -224,7 +246,7 @@ class PodRuntime(BaseModel):
     start_time: str | None = None
     container: str = "main"
     image: str = ""
-    state: ContainerState = "waiting"
+    state: ContainerStateName = "waiting"
     state_reason: str | None = None
     state_message: str | None = None
     started_at: str | None = None
@@ -237,6 +259,8 @@ class PodRuntime(BaseModel):
     not_ready_since: str | None = None
     pod_reason: str | None = None
     pod_message: str | None = None
+    # An image pod's containers, each its own (empty: the one process above).
+    containers: list[ContainerState] = []
 
 
 def _condition(kind: str, ok: bool, since: str | None, reason: str | None = None) -> dict[str, Any]:
@@ -276,6 +300,9 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
                 "message": runtime.state_message,
             }
         }
+    if runtime.containers:
+        ready = runtime.phase == "Running" and all(c.ready for c in runtime.containers)
+        since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
     container_status: dict[str, Any] = {
         "name": runtime.container,
         "image": runtime.image,
@@ -299,7 +326,9 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
             _condition("Ready", ready, since, "ContainersNotReady"),
             _condition("PodScheduled", True, runtime.start_time),
         ],
-        "containerStatuses": [container_status],
+        "containerStatuses": [_container_status(c) for c in runtime.containers]
+        if runtime.containers
+        else [container_status],
     }
     # podIPs/hostIPs: one address per family, the one in podIP/hostIP first (the API checks).
     if runtime.host_ip:
@@ -309,3 +338,40 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
         status["podIP"] = runtime.pod_ip
         status["podIPs"] = [{"ip": ip} for ip in runtime.pod_ips or (runtime.pod_ip,)]
     return status
+
+
+def _container_status(container: ContainerState) -> dict[str, Any]:
+    """One container of an image pod, as a kubelet reports it."""
+    state: dict[str, Any]
+    if container.state == "running":
+        state = {"running": {"startedAt": container.started_at}}
+    elif container.state == "terminated":
+        state = {
+            "terminated": {
+                "exitCode": container.exit_code if container.exit_code is not None else 0,
+                "reason": container.reason,
+                "message": container.message,
+                "startedAt": container.started_at,
+                "finishedAt": container.finished_at,
+                "containerID": f"podman://{container.id}" if container.id else None,
+            }
+        }
+    else:
+        state = {
+            "waiting": {
+                "reason": container.reason or "ContainerCreating",
+                "message": container.message,
+            }
+        }
+    found: dict[str, Any] = {
+        "name": container.name,
+        "image": container.image,
+        "imageID": "",
+        "ready": container.ready and container.state == "running",
+        "started": container.state == "running",
+        "restartCount": container.restart_count,
+        "state": state,
+    }
+    if container.id and container.state == "running":
+        found["containerID"] = f"podman://{container.id}"
+    return found
