@@ -88,6 +88,7 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
     kubelet = named(cmds.add_parser("kubelet", help=argparse.SUPPRESS))
     kubelet.add_argument("--node", required=True)
     named(cmds.add_parser("scheduler", help=argparse.SUPPRESS))
+    named(cmds.add_parser("apiproxy", help=argparse.SUPPRESS))
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
@@ -148,6 +149,11 @@ def run_sandbox(args: argparse.Namespace) -> int:
         from . import scheduler
 
         scheduler.main(args.name)
+        return 0
+    if command == "apiproxy":
+        from . import apiproxy
+
+        apiproxy.main(args.name)
         return 0
     raise AssertionError(command)
 

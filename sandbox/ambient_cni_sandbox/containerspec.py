@@ -191,10 +191,12 @@ def plan(
     volume_dirs: Mapping[str, str],
     image_user: str,
     log_path: str,
+    service_env: Sequence[tuple[str, str]] = (),
 ) -> ContainerPlan:
     """`podman run` of one container: in `netns_path`, as its securityContext says, with
     its env, its mounts of the pod's volumes (`volume_dirs`: volume name -> host
-    directory), its log in `log_path` (the k8s-file format kubelets read)."""
+    directory), its log in `log_path` (the k8s-file format kubelets read), and
+    `service_env` (KUBERNETES_SERVICE_HOST and PORT) before its own env."""
     meta = pod.get("metadata", {})
     args = [
         "--detach",
@@ -212,7 +214,9 @@ def plan(
     if not pod.get("spec", {}).get("hostNetwork"):
         args.append(f"--hostname={meta.get('name', '')}")
     args += _security(pod, container, image_user)
-    args += [f"--env={key}={value}" for key, value in _env(pod, container, pod_ips, host_ips)]
+    # The API server's whereabouts first, as a kubelet puts service variables first.
+    env = [*service_env, *_env(pod, container, pod_ips, host_ips)]
+    args += [f"--env={key}={value}" for key, value in env]
     args += _mounts(container, volume_dirs)
     command = [str(c) for c in container.get("command") or []]
     if command:

@@ -22,7 +22,7 @@ import yaml
 from . import pki
 from .ports import free_port
 from .processes import spawn_daemon, terminate
-from .topology import KUBERNETES_SERVICE_IP, SERVICE_CIDR
+from .topology import API_ENDPOINT_IPS, KUBERNETES_SERVICE_IP, SERVICE_CIDR
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 START_TIMEOUT = 90.0
@@ -97,7 +97,7 @@ class ControlPlane:
                 "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ),
-            ip_addresses=("127.0.0.1", KUBERNETES_SERVICE_IP),
+            ip_addresses=("127.0.0.1", KUBERNETES_SERVICE_IP, *API_ENDPOINT_IPS.values()),
         )
         pki.write_pair(serving, self.pki_dir, "apiserver")
         pki.write_service_account_keys(self.pki_dir)

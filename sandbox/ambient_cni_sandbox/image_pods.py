@@ -17,7 +17,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class ImagePods:
         special_paths: Mapping[str, str],
         records: Path,
         now: Callable[[], str],
+        service_env: Sequence[tuple[str, str]] = (),
     ):
         self.core = core
         self.sandbox = sandbox
@@ -60,6 +61,7 @@ class ImagePods:
         self.special = dict(special_paths)
         self.records = records
         self.now = now
+        self.service_env = tuple(service_env)
         self.exited: dict[str, int] = {}  # container ID -> exit code
         self.lock = threading.Lock()
 
@@ -220,6 +222,7 @@ class ImagePods:
                 volume_dirs=volume_dirs,
                 image_user=runtime.image_user(str(container.get("image", ""))),
                 log_path=str(self.log_path(pod, str(container.get("name")))),
+                service_env=self.service_env,
             )
             for container in containers(pod)
         ]

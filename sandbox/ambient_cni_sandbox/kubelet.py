@@ -63,6 +63,7 @@ from .podspec import (
 )
 from .processes import TAG_ENV, is_running, listens_on, start_time, terminate_group
 from .state import SandboxState, load_state, paths_for
+from .topology import API_ENDPOINT_IPS, API_ENDPOINT_PORT
 
 log = logging.getLogger("kubelet")
 
@@ -149,6 +150,7 @@ class Kubelet:
             },
             records=self.records,
             now=now,
+            service_env=api_service_env(self.node.ips[0]),
         )
         self.plans: dict[str, dict[str, ContainerPlan]] = {}  # uid -> container -> its plan
         self.sandbox_failures: dict[str, int] = {}  # uid -> failed CNI ADDs in a row
@@ -844,6 +846,24 @@ class Kubelet:
                 self.local[local.uid] = local  # keeps reporting its terminal status
             else:
                 self.teardown(local, grace=0)  # half-made or dead: the next sync starts it anew
+
+
+def api_service_env(node_ip: str) -> list[tuple[str, str]]:
+    """What a kubelet tells every container about the `kubernetes` Service; here its
+    address is the apiproxy's on the underlay, in the node's primary family."""
+    host = API_ENDPOINT_IPS[6 if ":" in node_ip else 4]
+    port = str(API_ENDPOINT_PORT)
+    url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+    return [
+        ("KUBERNETES_SERVICE_HOST", host),
+        ("KUBERNETES_SERVICE_PORT", port),
+        ("KUBERNETES_SERVICE_PORT_HTTPS", port),
+        ("KUBERNETES_PORT", url),
+        ("KUBERNETES_PORT_443_TCP", url),
+        ("KUBERNETES_PORT_443_TCP_PROTO", "tcp"),
+        ("KUBERNETES_PORT_443_TCP_PORT", port),
+        ("KUBERNETES_PORT_443_TCP_ADDR", host),
+    ]
 
 
 def _call_process_kubelet() -> None:

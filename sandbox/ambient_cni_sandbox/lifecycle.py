@@ -112,7 +112,10 @@ def up(
         for node in topology.nodes:
             network.create_node(topology, node)
             cni.write_node_config(paths.node_cni(node.name), node, cni_bin_dir, pod_network)
-        helpers = {"scheduler": ["scheduler", "--name", name]}
+        helpers = {
+            "scheduler": ["scheduler", "--name", name],
+            "apiproxy": ["apiproxy", "--name", name],
+        }
         for node in topology.nodes:
             helpers[f"kubelet-{node.name}"] = ["kubelet", "--name", name, "--node", node.name]
         procs = {

@@ -35,6 +35,7 @@ from ambient_cni.netns import list_named_netns, netns_path, pids_in_netns, run_i
 
 from .processes import terminate
 from .topology import (
+    API_ENDPOINT_IPS,
     NODE_BRIDGE,
     NODE_UPLINK,
     UNDERLAY_BRIDGE,
@@ -116,13 +117,22 @@ def prepare_pod_netns(netns: str) -> None:
 
 
 def create_underlay(topology: Topology) -> None:
+    """The underlay: a bridge joining the nodes, holding the API endpoint's address (the
+    apiproxy listens there) and a route to each node's pods (added with the node)."""
     create_netns(topology.underlay_netns)
+    versions = sorted({v for node in topology.nodes for v in node.ip_versions})
+    if 6 in versions:
+        run_in_netns(topology.underlay_netns, lambda: _write_ipv6_sysctls(NODE_IPV6_SYSCTLS))
 
     def setup() -> None:
         with IPRoute() as ipr:
             _loopback_up(ipr)
             ipr.link("add", ifname=UNDERLAY_BRIDGE, kind="bridge")
-            ipr.link("set", index=_index(ipr, UNDERLAY_BRIDGE), state="up")
+            bridge = _index(ipr, UNDERLAY_BRIDGE)
+            for version in versions:
+                net = UNDERLAY_NET if version == 4 else UNDERLAY_NET6
+                _add_address(ipr, bridge, API_ENDPOINT_IPS[version], net.prefixlen)
+            ipr.link("set", index=bridge, state="up")
 
     run_in_netns(topology.underlay_netns, setup)
 
@@ -154,6 +164,13 @@ def create_node(topology: Topology, node: NodePlan) -> None:
         run_in_netns(topology.underlay_netns, plug_into_underlay)
     finally:
         os.close(node_fd)
+
+    def route_to_pods() -> None:  # the API endpoint's answers to pods go back via their node
+        with IPRoute() as ipr:
+            for cidr, via in zip(node.pod_cidrs, node.ips, strict=True):
+                ipr.route("add", dst=cidr, gateway=via)
+
+    run_in_netns(topology.underlay_netns, route_to_pods)
 
     def setup_node() -> None:
         with IPRoute() as ipr:

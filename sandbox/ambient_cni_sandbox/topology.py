@@ -45,6 +45,11 @@ POD_SUPERNET6 = ipaddress.IPv6Network("fd00:10:244::/48")
 POD_PREFIXLEN6 = 64
 SERVICE_CIDR = "10.96.0.0/16"
 KUBERNETES_SERVICE_IP = "10.96.0.1"
+# Where pods and nodes reach the API server, as a kubelet tells its pods in
+# KUBERNETES_SERVICE_HOST/PORT (no kube-proxy here to serve the Service's address): the
+# underlay's own address, where the sandbox's apiproxy relays to the loopback API server.
+API_ENDPOINT_IPS = {4: "172.18.0.1", 6: "fd00:172:18::1"}
+API_ENDPOINT_PORT = 443
 
 NODE_BRIDGE = "cbr0"
 NODE_UPLINK = "eth0"

@@ -21,8 +21,22 @@ from ambient_cni_sandbox.state import paths_for
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = images.IMAGE
 
+# In-cluster, as a pod's client finds the API server: KUBERNETES_SERVICE_HOST/PORT, the
+# projected token and CA. The API server says who it takes the caller for.
+WHOAMI = """
+from kubernetes import client, config
+config.load_incluster_config()
+review = client.AuthenticationV1Api().create_self_subject_review(
+    {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+)
+user = review.status.user_info
+print("WHOAMI", user.username, *(user.extra or {}).get("authentication.kubernetes.io/node-name"))
+"""
+
 # What the main container reports, then serves its readiness on.
-REPORT = """
+REPORT = (
+    f"WHOAMI = {WHOAMI!r}\n"
+    + """
 import json, os, pathlib, subprocess, http.server
 def attempt(path):
     try:
@@ -43,6 +57,7 @@ report = {
     "root": attempt("/etc/written"),
     "scratch": attempt("/scratch/written"),
     "addresses": subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout,
+    "whoami": subprocess.run(["python", "-c", WHOAMI], capture_output=True, text=True).stdout,
 }
 print("REPORT " + json.dumps(report), flush=True)
 class Ready(http.server.BaseHTTPRequestHandler):
@@ -53,6 +68,7 @@ class Ready(http.server.BaseHTTPRequestHandler):
         pass
 http.server.HTTPServer(("", 8080), Ready).serve_forever()
 """
+)
 
 
 def create(cluster: SandboxCluster, namespace: str, body: dict[str, Any]) -> None:
@@ -162,6 +178,11 @@ def test_a_pod_of_a_local_image_runs_as_containers_with_what_its_spec_says(
     assert (report["root"], report["scratch"]) == ("OSError", "written")
     assert f"inet {pod_ip}/" in report["addresses"]  # the pod's own network namespace
     assert report["namespace"] == namespace
+    assert report["whoami"].split() == [
+        "WHOAMI",
+        f"system:serviceaccount:{namespace}:default",
+        "node-1",
+    ]
     assert report["ca"] is True
     claims = json.loads(base64.urlsafe_b64decode(report["token"].split(".")[1] + "=="))
     bound = claims["kubernetes.io"]
@@ -208,7 +229,12 @@ def test_a_host_network_pod_runs_in_the_nodes_namespace_and_its_host_path_is_the
                     {
                         "name": "main",
                         "image": IMAGE,
-                        "command": ["sh", "-c", "ip -o addr && echo here > /data/marker"],
+                        "command": [
+                            "sh",
+                            "-c",
+                            'ip -o addr && echo here > /data/marker && python -c "$WHOAMI"',
+                        ],
+                        "env": [{"name": "WHOAMI", "value": WHOAMI}],
                         "securityContext": {"runAsUser": 0},
                         "volumeMounts": [{"name": "data", "mountPath": "/data"}],
                     }
@@ -230,7 +256,13 @@ def test_a_host_network_pod_runs_in_the_nodes_namespace_and_its_host_path_is_the
         timeout=60,
     )
     node_ip = pod["status"]["hostIP"]
-    assert any(f"inet {node_ip}/" in line for line in log_lines(sandbox, pod, "main"))
+    # From the node's namespace too, the API server answers, and names the pod's node (the
+    # log's last line may land just after the exit is seen: read until it is there).
+    said = f"WHOAMI system:serviceaccount:{namespace}:default node-2"
+    lines = wait_for(
+        "main's whole log", lambda: (x := log_lines(sandbox, pod, "main")) and said in x and x
+    )
+    assert any(f"inet {node_ip}/" in line for line in lines)
     # The node's own /var/lib: under its root in the sandbox, not the machine's, not node-1's.
     nodes = Path(sandbox.state.state_dir) / "nodes"
     assert (nodes / "node-2" / "root/var/lib/acni-e2e/marker").read_text() == "here\n"

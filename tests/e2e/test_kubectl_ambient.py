@@ -123,10 +123,23 @@ def test_why_names_the_reason_for_each_kind_of_pod(
             (SYSTEM, "agent-pod"): ("NodeAgentPod", "NotRedirected"),
             (SYSTEM, "ztunnel-node-1"): ("ZtunnelPod", "NotRedirected"),
         }
-        # Each answer is its own kubectl and plugin process: asked a few at a time.
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            found = pool.map(lambda key: why(sandbox, *key), expected)
-            answers = dict(zip(expected, found, strict=True))
+
+        def ask() -> dict[tuple[str, str], dict[str, Any]]:
+            # Each answer is its own kubectl and plugin process: asked a few at a time.
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                found = pool.map(lambda key: why(sandbox, *key), expected)
+                return dict(zip(expected, found, strict=True))
+
+        def settled() -> dict[tuple[str, str], dict[str, Any]] | None:
+            # A pod that just finished is Pending until its node's agent reports it gone.
+            answers = ask()
+            said = {k: (a["reason"], a["verdict"]) for k, a in answers.items()}
+            return answers if said == expected else None
+
+        try:
+            answers = wait_for("every pod's answer", settled, timeout=30)
+        except AssertionError:
+            answers = ask()
         assert {k: (a["reason"], a["verdict"]) for k, a in answers.items()} == expected
         member = answers[(namespace, "member")]
         assert (member["listedInSpec"], member["status"]["state"]) == (True, "Enrolled")
