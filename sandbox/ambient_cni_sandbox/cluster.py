@@ -405,6 +405,13 @@ class SandboxCluster:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def container_log(self, pod: Mapping[str, Any], container: str) -> list[str]:
+        """An image pod's container's output, line by line, as `kubectl logs` shows it."""
+        meta = pod["metadata"]
+        name = f"{meta['namespace']}_{meta['name']}_{meta['uid']}_{container}.log"
+        path = paths_for(self.name).pods_dir(pod["spec"]["nodeName"]) / name
+        return cri_log_lines(path.read_text()) if path.exists() else []
+
     def exec_in_pod(
         self, pod: Mapping[str, Any], argv: Sequence[str], *, timeout: float = 30.0
     ) -> subprocess.CompletedProcess[str]:
@@ -415,6 +422,25 @@ class SandboxCluster:
             check=False,
             timeout=timeout,
         )
+
+
+def cri_log_lines(text: str) -> list[str]:
+    """The lines of a CRI log file (`TIME STREAM TAG TEXT`; tag P: the line goes on in the
+    next entry, F: it ends here), partial entries joined, both streams in order."""
+    lines, partial = [], ""
+    for entry in text.splitlines():
+        fields = entry.split(" ", 3)
+        if len(fields) < 3:
+            continue
+        content = fields[3] if len(fields) == 4 else ""
+        if fields[2].startswith("P"):
+            partial += content
+            continue
+        lines.append(partial + content)
+        partial = ""
+    if partial:
+        lines.append(partial)
+    return lines
 
 
 def is_ready(pod: Mapping[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from .podspec import FIELD_REFS, Pod, PodSpecError, field_value
+from .podspec import Pod, PodSpecError, resolve_env
 
 ProbeKind = Literal["http", "tcp", "exec"]
 
@@ -99,27 +99,6 @@ def probe(container: Mapping[str, Any], key: str) -> Probe | None:
         command = tuple(str(c) for c in spec["exec"].get("command") or ())
         return timing.model_copy(update={"kind": "exec", "command": command})
     raise PodSpecError("CreateContainerConfigError", f"{key}: no httpGet, tcpSocket or exec")
-
-
-def _env(
-    pod: Pod, container: Mapping[str, Any], pod_ips: Sequence[str], host_ips: Sequence[str]
-) -> list[tuple[str, str]]:
-    env = []
-    for item in container.get("env") or []:
-        name = item.get("name")
-        if not name:
-            continue
-        if "valueFrom" not in item:
-            env.append((name, str(item.get("value", ""))))
-            continue
-        path = (item["valueFrom"].get("fieldRef") or {}).get("fieldPath")
-        if path not in FIELD_REFS:
-            raise PodSpecError(
-                "CreateContainerConfigError",
-                f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
-            )
-        env.append((name, field_value(pod, path, pod_ips, host_ips)))
-    return env
 
 
 def _security(pod: Pod, container: Mapping[str, Any], image_user: str) -> list[str]:
@@ -215,7 +194,7 @@ def plan(
         args.append(f"--hostname={meta.get('name', '')}")
     args += _security(pod, container, image_user)
     # The API server's whereabouts first, as a kubelet puts service variables first.
-    env = [*service_env, *_env(pod, container, pod_ips, host_ips)]
+    env = [*service_env, *resolve_env(pod, container, pod_ips, host_ips)]
     args += [f"--env={key}={value}" for key, value in env]
     args += _mounts(container, volume_dirs)
     command = [str(c) for c in container.get("command") or []]

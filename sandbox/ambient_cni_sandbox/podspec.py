@@ -130,6 +130,28 @@ def field_value(pod: Pod, path: str, pod_ips: Sequence[str], host_ips: Sequence[
     return "" if value is None else str(value)
 
 
+def resolve_env(
+    pod: Pod, container: Mapping[str, Any], pod_ips: Sequence[str], host_ips: Sequence[str]
+) -> list[tuple[str, str]]:
+    """A container's `env`: values as written, fieldRefs from the downward API."""
+    env = []
+    for item in container.get("env") or []:
+        name = item.get("name")
+        if not name:
+            continue
+        if "value" in item or "valueFrom" not in item:
+            env.append((name, str(item.get("value", ""))))
+            continue
+        path = (item["valueFrom"].get("fieldRef") or {}).get("fieldPath")
+        if path not in FIELD_REFS:
+            raise PodSpecError(
+                "CreateContainerConfigError",
+                f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
+            )
+        env.append((name, field_value(pod, path, pod_ips, host_ips)))
+    return env
+
+
 def container_run(
     pod: Pod,
     *,
@@ -152,20 +174,7 @@ def container_run(
     argv = [*entrypoint, *args]
 
     env: dict[str, str] = {"HOSTNAME": str(pod.get("metadata", {}).get("name", ""))}
-    for item in container.get("env") or []:
-        name = item.get("name")
-        if not name:
-            continue
-        if "value" in item or "valueFrom" not in item:
-            env[name] = str(item.get("value", ""))
-            continue
-        path = (item["valueFrom"].get("fieldRef") or {}).get("fieldPath")
-        if path not in FIELD_REFS:
-            raise PodSpecError(
-                "CreateContainerConfigError",
-                f"env {name}: the sandbox resolves only fieldRef {', '.join(FIELD_REFS)}",
-            )
-        env[name] = field_value(pod, path, pod_ips, host_ips)
+    env.update(resolve_env(pod, container, pod_ips, host_ips))
     return ContainerRun(
         container=str(container.get("name", "main")),
         argv=tuple(argv),
@@ -277,43 +286,26 @@ def _condition(kind: str, ok: bool, since: str | None, reason: str | None = None
 
 def render_status(runtime: PodRuntime) -> dict[str, Any]:
     """The pod `status` the kubelet writes for this runtime (a full replacement of its fields)."""
-    ready = runtime.phase == "Running" and runtime.state == "running" and runtime.ready
-    since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
-    state: dict[str, Any]
-    if runtime.state == "running":
-        state = {"running": {"startedAt": runtime.started_at}}
-    elif runtime.state == "terminated":
-        state = {
-            "terminated": {
-                "exitCode": runtime.exit_code if runtime.exit_code is not None else 0,
-                "reason": runtime.state_reason,
-                "message": runtime.state_message,
-                "startedAt": runtime.started_at,
-                "finishedAt": runtime.finished_at,
-                "containerID": f"sandbox://{runtime.pid}" if runtime.pid else None,
-            }
-        }
-    else:
-        state = {
-            "waiting": {
-                "reason": runtime.state_reason or "ContainerCreating",
-                "message": runtime.state_message,
-            }
-        }
     if runtime.containers:
         ready = runtime.phase == "Running" and all(c.ready for c in runtime.containers)
-        since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
-    container_status: dict[str, Any] = {
-        "name": runtime.container,
-        "image": runtime.image,
-        "imageID": "",
-        "ready": ready,
-        "started": runtime.state == "running",
-        "restartCount": runtime.restart_count,
-        "state": state,
-    }
-    if runtime.pid and runtime.state == "running":
-        container_status["containerID"] = f"sandbox://{runtime.pid}"
+        statuses = [_container_status(c, "podman") for c in runtime.containers]
+    else:
+        ready = runtime.phase == "Running" and runtime.state == "running" and runtime.ready
+        process = ContainerState(
+            name=runtime.container,
+            image=runtime.image,
+            id=str(runtime.pid) if runtime.pid else "",
+            state=runtime.state,
+            reason=runtime.state_reason,
+            message=runtime.state_message,
+            started_at=runtime.started_at,
+            finished_at=runtime.finished_at,
+            exit_code=runtime.exit_code,
+            restart_count=runtime.restart_count,
+            ready=ready,
+        )
+        statuses = [_container_status(process, "sandbox")]
+    since = runtime.ready_since if ready else (runtime.not_ready_since or runtime.start_time)
     status: dict[str, Any] = {
         "phase": runtime.phase,
         "reason": runtime.pod_reason,
@@ -326,9 +318,7 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
             _condition("Ready", ready, since, "ContainersNotReady"),
             _condition("PodScheduled", True, runtime.start_time),
         ],
-        "containerStatuses": [_container_status(c) for c in runtime.containers]
-        if runtime.containers
-        else [container_status],
+        "containerStatuses": statuses,
     }
     # podIPs/hostIPs: one address per family, the one in podIP/hostIP first (the API checks).
     if runtime.host_ip:
@@ -340,8 +330,8 @@ def render_status(runtime: PodRuntime) -> dict[str, Any]:
     return status
 
 
-def _container_status(container: ContainerState) -> dict[str, Any]:
-    """One container of an image pod, as a kubelet reports it."""
+def _container_status(container: ContainerState, scheme: str) -> dict[str, Any]:
+    """One container, as a kubelet reports it (`scheme`: its runtime's, in its ID)."""
     state: dict[str, Any]
     if container.state == "running":
         state = {"running": {"startedAt": container.started_at}}
@@ -353,7 +343,7 @@ def _container_status(container: ContainerState) -> dict[str, Any]:
                 "message": container.message,
                 "startedAt": container.started_at,
                 "finishedAt": container.finished_at,
-                "containerID": f"podman://{container.id}" if container.id else None,
+                "containerID": f"{scheme}://{container.id}" if container.id else None,
             }
         }
     else:
@@ -373,5 +363,5 @@ def _container_status(container: ContainerState) -> dict[str, Any]:
         "state": state,
     }
     if container.id and container.state == "running":
-        found["containerID"] = f"podman://{container.id}"
+        found["containerID"] = f"{scheme}://{container.id}"
     return found

@@ -75,16 +75,6 @@ def create(cluster: SandboxCluster, namespace: str, body: dict[str, Any]) -> Non
     CoreV1Api(cluster.api).create_namespaced_pod(namespace, as_body(body), _preload_content=False)
 
 
-def log_lines(cluster: SandboxCluster, pod: dict[str, Any], container: str) -> list[str]:
-    """The container's log as the kubelet keeps it (CRI's k8s-file: time, stream, tag, text)."""
-    meta = pod["metadata"]
-    name = f"{meta['namespace']}_{meta['name']}_{meta['uid']}_{container}.log"
-    path = paths_for(cluster.name).pods_dir(pod["spec"]["nodeName"]) / name
-    if not path.exists():
-        return []
-    return [line.split(" ", 3)[3] for line in path.read_text().splitlines() if line.count(" ") >= 3]
-
-
 def test_a_pod_of_a_local_image_runs_as_containers_with_what_its_spec_says(
     sandbox: SandboxCluster, namespace: str
 ) -> None:
@@ -168,7 +158,9 @@ def test_a_pod_of_a_local_image_runs_as_containers_with_what_its_spec_says(
 
     line = wait_for(
         "the report in main's log",
-        lambda: next((x for x in log_lines(sandbox, pod, "main") if x.startswith("REPORT ")), None),
+        lambda: next(
+            (x for x in sandbox.container_log(pod, "main") if x.startswith("REPORT ")), None
+        ),
     )
     report = json.loads(line.removeprefix("REPORT "))
     pod_ip = pod["status"]["podIP"]
@@ -259,9 +251,19 @@ def test_a_host_network_pod_runs_in_the_nodes_namespace_and_its_host_path_is_the
     # From the node's namespace too, the API server answers, and names the pod's node (the
     # log's last line may land just after the exit is seen: read until it is there).
     said = f"WHOAMI system:serviceaccount:{namespace}:default node-2"
-    lines = wait_for(
-        "main's whole log", lambda: (x := log_lines(sandbox, pod, "main")) and said in x and x
-    )
+
+    def logged() -> list[str] | None:
+        lines = sandbox.container_log(pod, "main")
+        return lines if said in lines else None
+
+    try:
+        lines = wait_for("main's whole log", logged)
+    except AssertionError:
+        lines = sandbox.container_log(pod, "main")
+        container = pod["status"]["containerStatuses"][0]["state"]["terminated"]["containerID"]
+        shown = images.run_tool("podman", "logs", container.removeprefix("podman://"), check=False)
+        lines.append(f"(podman logs says: {shown.stdout!r} {shown.stderr!r})")
+    assert said in lines
     assert any(f"inet {node_ip}/" in line for line in lines)
     # The node's own /var/lib: under its root in the sandbox, not the machine's, not node-1's.
     nodes = Path(sandbox.state.state_dir) / "nodes"

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from ambient_cni_sandbox.cluster import cri_log_lines
 from ambient_cni_sandbox.containerspec import Probe, host_path, plan, probe, volume_kind
 from ambient_cni_sandbox.podspec import PodSpecError
 
@@ -142,3 +143,17 @@ def test_host_paths_are_the_nodes_own_but_proc_and_netns(path: str, expected: st
         "/var/run/ztunnel": "/sb/ztunnel/node-1",
     }
     assert host_path(path, "/sb/nodes/node-1", special) == expected
+
+
+def test_a_cri_log_reads_as_its_lines_partial_entries_joined() -> None:
+    text = (
+        "2026-11-26T03:17:46.5+00:00 stdout F 1: lo inet 127.0.0.1/8\n"
+        "2026-11-26T03:17:46.6+00:00 stdout P WHOAMI system:service\n"
+        "2026-11-26T03:17:46.6+00:00 stdout F account:ns:default node-2\n"
+        "2026-11-26T03:17:46.7+00:00 stderr F \n"
+    )
+    assert cri_log_lines(text) == [
+        "1: lo inet 127.0.0.1/8",
+        "WHOAMI system:serviceaccount:ns:default node-2",
+        "",
+    ]
