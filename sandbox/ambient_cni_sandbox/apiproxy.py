@@ -10,7 +10,6 @@ another; no relay tool on the machine opens sockets in two namespaces.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import socket
@@ -21,9 +20,9 @@ from ambient_cni.netns import run_in_netns
 
 from .state import load_state
 from .topology import API_ENDPOINT_IPS, API_ENDPOINT_PORT
+from .ztunnel import relay
 
 log = logging.getLogger("apiproxy")
-BUFFER = 65536
 
 
 def _listen(address: str) -> socket.socket:
@@ -35,32 +34,14 @@ def _listen(address: str) -> socket.socket:
     return server
 
 
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(BUFFER):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for end in (sink, source):
-            with contextlib.suppress(OSError):
-                end.shutdown(socket.SHUT_RDWR)
-
-
 def _relay(client: socket.socket, target: tuple[str, int]) -> None:
+    upstream = socket.socket(socket.AF_INET6 if ":" in target[0] else socket.AF_INET)
     try:
-        upstream = socket.create_connection(target, timeout=10)
+        relay(client, upstream, target, timeout=10)
     except OSError as exc:
         log.warning("cannot reach the API server at %s:%d: %s", *target, exc)
+    finally:
         client.close()
-        return
-    upstream.settimeout(None)
-    back = threading.Thread(target=_pipe, args=(upstream, client), daemon=True)
-    back.start()
-    _pipe(client, upstream)
-    back.join()
-    client.close()
-    upstream.close()
 
 
 def _serve(server: socket.socket, target: tuple[str, int]) -> None:

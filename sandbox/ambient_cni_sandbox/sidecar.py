@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from .ztunnel import ANY, FAMILIES, NO_IPV6, _pump_both, _transparent, original_destination
+from .ztunnel import ANY, FAMILIES, NO_IPV6, _transparent, original_destination, relay
 
 OUTBOUND, INBOUND = 15001, 15006
 # Where Envoy's inbound passthrough connects from, per family (the rules let it through).
@@ -95,13 +95,10 @@ class Sidecar:
                     upstream.bind((peer[0], 0))
                 elif direction == "inbound":
                     upstream.bind((PASSTHROUGH_SOURCE[conn.family], 0))
-                upstream.settimeout(5)
-                upstream.connect(dst)
-                upstream.settimeout(None)
             except OSError:
                 upstream.close()
                 raise
-            up, down = _pump_both(conn, upstream)
+            up, down = relay(conn, upstream, dst)
             record.update(bytes_up=up, bytes_down=down)
         except OSError as exc:
             record["error"] = str(exc)

@@ -236,14 +236,7 @@ class StandIn:
             # Inbound, the app sees the real client, as with ztunnel: the reply then finds
             # its way back only through the redirection's return path.
             upstream = capture.upstream(dst, peer[0] if direction == "inbound" else None)
-            try:
-                upstream.settimeout(5)
-                upstream.connect(dst)
-                upstream.settimeout(None)
-            except OSError:
-                upstream.close()
-                raise
-            up, down = _pump_both(conn, upstream)
+            up, down = relay(conn, upstream, dst)
             record.update(bytes_up=up, bytes_down=down)
         except OSError as exc:
             record["error"] = str(exc)
@@ -351,6 +344,21 @@ def _pump_both(client: socket.socket, upstream: socket.socket) -> tuple[int, int
     back.join()
     upstream.close()
     return up[0], down[0]
+
+
+def relay(
+    client: socket.socket, upstream: socket.socket, dst: tuple[str, int], *, timeout: float = 5
+) -> tuple[int, int]:
+    """Connect `upstream` (bound as the caller wants) to `dst`, then copy both ways until
+    both sides are done; (bytes up, bytes down). A failed connect closes it and raises."""
+    try:
+        upstream.settimeout(timeout)
+        upstream.connect(dst)
+        upstream.settimeout(None)
+    except OSError:
+        upstream.close()
+        raise
+    return _pump_both(client, upstream)
 
 
 def main() -> None:

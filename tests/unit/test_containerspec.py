@@ -128,6 +128,7 @@ def test_a_mount_of_a_missing_volume_and_an_unknown_kind_are_the_pods_error() ->
     ("path", "expected"),
     [
         ("/proc", "/proc"),
+        ("/proc/1/ns", "/proc/1/ns"),
         ("/var/run/netns", "/var/run/netns"),
         ("/etc/cni/net.d", "/sb/cni/node-1/conf"),
         ("/opt/cni/bin/", "/sb/cni/node-1/bin"),
