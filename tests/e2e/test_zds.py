@@ -145,8 +145,9 @@ def test_nack_not_connected_and_disconnect(socket_path: Path, netns_factory: lis
 
         stand_in.stop.set()  # ztunnel goes away while idle
         wait_for("the server to notice", lambda: not server.connected)
+        # on_change is told just after the flag flips: wait for it too.
+        wait_for("the disconnect to be told", lambda: changes[-1] is False)
         assert changes[0] is True
-        assert changes[-1] is False
     finally:
         server.stop()
 
