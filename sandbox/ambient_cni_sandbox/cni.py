@@ -22,6 +22,7 @@ import ipaddress
 import json
 import os
 import subprocess
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,13 +160,51 @@ class SandboxPod:
         )
 
 
+# Binds each source onto its target, then runs the command: the arguments are
+# SOURCE TARGET pairs, `--`, and the command.
+_BIND_THEN_EXEC = (
+    'while [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 1; shift 2; done; shift; exec "$@"'
+)
+
+
+def in_node_view(node_view: Mapping[str, Path], argv: Sequence[str]) -> list[str]:
+    """`argv` run where the node's own paths are: in a private mount namespace, each path
+    of a real node (`/var/run/istio-cni`) bind-mounted from where the sandbox keeps that
+    node's, as a runtime on that node would see them. Nothing leaks to the machine."""
+    if not node_view:
+        return list(argv)
+    pairs = [str(a) for path, source in sorted(node_view.items()) for a in (source, path)]
+    return [
+        "unshare",
+        "--mount",
+        "--propagation=private",
+        "--",
+        "sh",
+        "-c",
+        _BIND_THEN_EXEC,
+        "sh",
+        *pairs,
+        "--",
+        *argv,
+    ]
+
+
 class CniRuntime:
     """Runs a node's CNI networks for pod sandboxes, from the node's namespace."""
 
-    def __init__(self, cni: NodeCni, node: NodePlan, cni_run: Path):
+    def __init__(
+        self,
+        cni: NodeCni,
+        node: NodePlan,
+        cni_run: Path,
+        node_view: Mapping[str, Path] | None = None,
+    ):
+        """`node_view`: paths a node's CNI config may name (install-cni in a pod writes
+        `/var/run/istio-cni`) -> where the sandbox keeps this node's (see `in_node_view`)."""
         self.cni = cni
         self.node = node
         self.cni_run = cni_run
+        self.node_view = dict(node_view or {})
 
     def add(self, pod: SandboxPod) -> tuple[str, ...]:
         """Set up the pod's networks; its addresses, one per family of the node in the
@@ -203,6 +242,9 @@ class CniRuntime:
         return failures
 
     def _run(self, command: str, pod: SandboxPod, conf_dir: Path) -> str:
+        for mount_point in self.node_view:
+            # A node has these; the machine may not (removed again at `sandbox down`).
+            os.makedirs(mount_point, exist_ok=True)
         argv = [
             str(self.cni_run),
             f"--conf-dir={conf_dir}",
@@ -218,7 +260,7 @@ class CniRuntime:
 
         def run() -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                argv,
+                in_node_view(self.node_view, argv),
                 capture_output=True,
                 text=True,
                 env=env,
@@ -237,6 +279,10 @@ class CniRuntime:
 
 
 # -- istio-cni in a node's chain ---------------------------------------------------------------
+
+
+# Where a real node's agent serves the plugin (Istio's path, the chart's default).
+NODE_AGENT_RUN_DIR = "/var/run/istio-cni"
 
 
 def agent_run_dir(cni: NodeCni) -> Path:

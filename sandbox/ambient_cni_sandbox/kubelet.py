@@ -131,10 +131,15 @@ class Kubelet:
             self.queue.add,
             field_selector=f"spec.nodeName={node_name}",
         )
-        self.cni = CniRuntime(
-            self.paths.node_cni(node_name), self.node, Path(state.cni_bin_dir) / "cni-run"
-        )
         node_cni = self.paths.node_cni(node_name)
+        agent_run_dir = cni_chain.agent_run_dir(node_cni)
+        self.cni = CniRuntime(
+            node_cni,
+            self.node,
+            Path(state.cni_bin_dir) / "cni-run",
+            # install-cni in the agent's pod names the node's path in the conflist.
+            node_view={cni_chain.NODE_AGENT_RUN_DIR: agent_run_dir},
+        )
         self.images = ImagePods(
             core=self.core,
             sandbox=state.name,
@@ -146,7 +151,7 @@ class Kubelet:
                 "/etc/cni/net.d": str(node_cni.conf_dir),
                 "/opt/cni/bin": str(node_cni.bin_dir),
                 "/var/run/ztunnel": str(Path(state.state_dir) / "ztunnel" / node_name),
-                "/var/run/istio-cni": str(cni_chain.agent_run_dir(node_cni)),
+                cni_chain.NODE_AGENT_RUN_DIR: str(agent_run_dir),
             },
             records=self.records,
             now=now,

@@ -235,6 +235,8 @@ def down(name: str, *, say: Say = _say) -> DownReport:
         shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(OSError):  # the shared root, once no sandbox uses it
         STATE_ROOT.rmdir()
+    with contextlib.suppress(OSError):  # the kubelets' mount point for a node's view, if empty
+        Path(cni.NODE_AGENT_RUN_DIR).rmdir()
     remaining = leftovers(name)
     if not remaining.empty or still:
         raise SandboxError(f"sandbox {name}: could not remove everything: {remaining}")

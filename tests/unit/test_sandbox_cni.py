@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from ambient_cni_sandbox.cni import (
     REFERENCE_PLUGINS,
     SandboxPod,
+    in_node_view,
     primary_conflist,
     result_addresses,
 )
@@ -83,3 +85,32 @@ def test_every_address_of_a_result_by_family() -> None:
     }
     assert result_addresses(result) == {4: "10.244.0.5", 6: "fd00:10:244::5"}
     assert result_addresses({}) == {}
+
+
+def test_a_cni_call_sees_the_nodes_own_paths_in_a_private_mount_namespace() -> None:
+    argv = ["cni-run", "add"]
+    assert in_node_view({}, argv) == argv  # nothing to show: run as it is
+    wrapped = in_node_view({"/var/run/istio-cni": Path("/state/node-2/istio-cni")}, argv)
+    assert wrapped[:4] == ["unshare", "--mount", "--propagation=private", "--"]
+    # The script binds SOURCE onto TARGET, then execs what follows the `--`.
+    assert wrapped[-5:] == ["/state/node-2/istio-cni", "/var/run/istio-cni", "--", *argv]
+
+
+def test_the_node_view_script_binds_then_runs_the_command(tmp_path: Path) -> None:
+    # The shell part alone, with `mount` replaced by a recorder on PATH: what it binds, in
+    # order, and that the command runs with its own arguments (never when a bind fails).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "mounts"
+    recorder = bin_dir / "mount"
+    recorder.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ "$3" != /fail ]\n')
+    recorder.chmod(0o755)
+    view = {"/b": Path("/src-b"), "/a": Path("/src-a")}
+    script = in_node_view(view, ["echo", "ran", "x y"])[4:]
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = subprocess.run(script, capture_output=True, text=True, env=env, check=False)
+    assert (done.returncode, done.stdout) == (0, "ran x y\n")
+    assert log.read_text().splitlines() == ["--bind /src-a /a", "--bind /src-b /b"]
+    failing = in_node_view({"/fail": Path("/src")}, ["echo", "ran"])[4:]
+    done = subprocess.run(failing, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode != 0 and "ran" not in done.stdout
