@@ -7,6 +7,7 @@ modules take.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,15 @@ def as_body(data: Obj | list[Obj]) -> Any:
     models, whose round trip would reformat timestamps and drop unknown fields.
     """
     return data
+
+
+def in_cluster_server(env: Mapping[str, str]) -> str | None:
+    """The API server as client-go's in-cluster config finds it: where
+    KUBERNETES_SERVICE_HOST/PORT say (the kubelet sets them in every pod); None outside one."""
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        return None
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
 def raw(response: Any) -> Obj:

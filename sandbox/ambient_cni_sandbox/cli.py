@@ -81,6 +81,23 @@ def _sandbox_commands(sandbox: argparse.ArgumentParser) -> None:
             "env", help="print shell exports: KUBECONFIG, and PATH for kubectl and kubectl ambient"
         )
     )
+    named(
+        cmds.add_parser(
+            "ztunnel",
+            help="run ztunnel's stand-in on every node, as installing Istio's ztunnel would "
+            "(a pod labelled app=ztunnel in istio-system, a real ZDS client of the node's agent)",
+        )
+    )
+    logs = named(
+        cmds.add_parser(
+            "logs",
+            help="a container's output, as `kubectl logs` shows it (the sandbox's kubelets "
+            "serve no kubelet API, so kubectl logs cannot reach them)",
+        )
+    )
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("-c", "--container", help="default: the pod's only or first container")
+    logs.add_argument("pod")
     ex = named(cmds.add_parser("exec", help="run a command inside a pod's network namespace"))
     ex.add_argument("-n", "--namespace", default="default")
     ex.add_argument("pod")
@@ -138,6 +155,16 @@ def run_sandbox(args: argparse.Namespace) -> int:
         scripts = Path(sys.executable).parent
         print(f"export PATH={state.bin_dir}:$PATH:{scripts}")
         return 0
+    if command == "ztunnel":
+        from . import components
+        from .cluster import SandboxCluster
+
+        cluster = SandboxCluster.open(args.name)
+        for node in cluster.node_names:
+            print(f"pod/{components.start_ztunnel(cluster, node)} running on {node}")
+        return 0
+    if command == "logs":
+        return _logs(args)
     if command == "exec":
         return _exec_in_pod(args)
     if command == "kubelet":
@@ -156,6 +183,28 @@ def run_sandbox(args: argparse.Namespace) -> int:
         apiproxy.main(args.name)
         return 0
     raise AssertionError(command)
+
+
+def _logs(args: argparse.Namespace) -> int:
+    from .cluster import SandboxCluster
+
+    cluster = SandboxCluster.open(args.name)
+    pod = cluster.pod(args.namespace, args.pod)
+    if pod is None:
+        print(f'error: pod "{args.pod}" not found in namespace {args.namespace}', file=sys.stderr)
+        return 1
+    containers = [c["name"] for c in pod["spec"]["containers"]]
+    container = args.container or containers[0]
+    if container not in containers:
+        print(
+            f"error: container {container} is not valid for pod {args.pod}: "
+            f"choose one of {containers}",
+            file=sys.stderr,
+        )
+        return 1
+    for line in cluster.container_log(pod, container):
+        print(line)
+    return 0
 
 
 def _exec_in_pod(args: argparse.Namespace) -> int:  # noqa: RET503 - ends in execvp

@@ -223,8 +223,14 @@ def remove_agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> 
 
 
 def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-system") -> str:
-    """The ztunnel stand-in as a pod labelled app=ztunnel on `node`; returns the pod name."""
+    """The ztunnel stand-in as a pod labelled app=ztunnel on `node` (kept if it is there);
+    returns the pod name once it runs."""
     name = f"ztunnel-{node}"
+    if cluster.namespace(namespace) is None:
+        cluster.create_namespace(namespace)
+    if cluster.pod(namespace, name) is not None:
+        cluster.wait_running(namespace, name)
+        return name
     cluster.create_pod(
         namespace,
         name,

@@ -1,18 +1,18 @@
-"""The Helm chart on the sandbox's real API server, driven by pyhelm3.
-
-The sandbox's kubelet runs commands, not images, so the chart is installed
-with no controller replica and an agent node selector that matches no node;
-the controller and the agents then run as sandbox processes with the bearer
-tokens of the chart's own ServiceAccounts. That proves the chart's RBAC, not
-admin's, does the whole job.
+"""The README's Helm install path, run as it says on the sandbox: the image built from the
+Dockerfile, `helm upgrade --install` with default values (a controller replica, the agent
+DaemonSet with install-cni on every node), the chart's pods run from that image by the
+sandbox's kubelets as real containers (podman with runc) with the chart's securityContext,
+volumes, projected tokens and probes. No operator process is started by these tests: the
+redirection, the plugin in each node's CNI chain and the node's rules are the pods' doing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,15 +24,16 @@ import pytest
 import yaml
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
-from pyhelm3 import Client
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client
-from ambient_cni_sandbox import components
+from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client, raw
+from ambient_cni_sandbox import components, container_runtime, images
 from ambient_cni_sandbox.binaries import PLUGIN_BINARY
-from ambient_cni_sandbox.cluster import SandboxCluster, pod_ip, wait_for
-from ambient_cni_sandbox.cni import PRIMARY_CONFIG
-from ambient_cni_sandbox.components import Mesh
+from ambient_cni_sandbox.cluster import SandboxCluster, is_ready, pod_ip, wait_for
+from ambient_cni_sandbox.cni import PRIMARY_CONFIG, agent_run_dir
+from ambient_cni_sandbox.state import paths_for
+
+from .kernel import istio_rules, probe_members
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "istio-cni"
@@ -40,57 +41,67 @@ RELEASE = "ambient"
 NAMESPACE = names.DEFAULT_SYSTEM_NAMESPACE
 CONTROLLER_SA = "ambient-cni-controller"
 AGENT_SA = "ambient-cni-node"
-SANDBOX_VALUES: dict[str, Any] = {
-    "controller": {"replicas": 0},
-    "agent": {"nodeSelector": {"ambient-cni.dev/runs-images": "true"}, "driftInterval": 2},
-}
+AGENT_PODS = "k8s-app=istio-cni-node"
+CHART_PODS = "app.kubernetes.io/name=ambient-cni"
+CONTROLLER_PODS = "app=ambient-cni-controller"
+NEXT_VERSION = "0.1.0.post1"  # the package version of the rebuilt image an upgrade brings
 
-
-# The README's commands, run verbatim here (helm and kubectl from the sandbox, its kubeconfig).
-README_STATUS = "kubectl get ambientnodeconfigs"
+# The README's commands, run verbatim here: helm and kubectl are the sandbox's, with its
+# kubeconfig; `ambient-cni` is this venv's, on the test's sandbox.
+README_IMAGE = "make image"
+README_INSTALL = (
+    "helm upgrade --install ambient charts/istio-cni -n istio-system --create-namespace \\\n"
+    "    --set image.repository=localhost/ambient-cni --set image.tag=dev"
+)
+README_ZTUNNEL = "ambient-cni sandbox ztunnel"
 README_WAIT = (
     "kubectl wait --for=condition=Ready ambientnodeconfigs -l '!cni.ambient.dev/orphaned' "
     "--timeout=60s"
 )
-README_UPGRADE = "helm upgrade ambient charts/istio-cni -n istio-system --reuse-values"
+README_STATUS = "kubectl get ambientnodeconfigs"
+README_TEST = "helm test ambient -n istio-system"
+README_NEXT_IMAGE = "ambient-cni sandbox image --tag localhost/ambient-cni:next"
+README_UPGRADE = (
+    "helm upgrade ambient charts/istio-cni -n istio-system --reuse-values --set image.tag=next"
+)
 README_UNINSTALL = "helm uninstall ambient -n istio-system"
 
 
 def run_readme(sandbox: SandboxCluster, command: str) -> subprocess.CompletedProcess[str]:
-    tool, *args = shlex.split(command)
+    tool, *args = shlex.split(command.replace("\\\n", " "))  # a shell's line continuation
+    if tool == "ambient-cni":
+        executable = str(Path(sys.executable).parent / tool)
+        if args[:2] == ["sandbox", "ztunnel"]:
+            args.append(f"--name={sandbox.name}")
+    else:
+        executable = str(Path(sandbox.state.bin_dir) / tool)
     return subprocess.run(
-        [str(Path(sandbox.state.bin_dir) / tool), *args],
+        [executable, *args],
         capture_output=True,
         text=True,
         check=False,
         cwd=REPO,
         env={**os.environ, "KUBECONFIG": str(sandbox.kubeconfig)},
+        timeout=300,
     )
 
 
 def test_the_readme_shows_the_commands_these_tests_run() -> None:
     readme = (REPO / "README.md").read_text()
-    for command in (README_STATUS, README_WAIT, README_UPGRADE, README_UNINSTALL):
+    for command in (
+        README_IMAGE,
+        README_INSTALL,
+        README_ZTUNNEL,
+        README_WAIT,
+        README_STATUS,
+        README_TEST,
+        README_NEXT_IMAGE,
+        README_UPGRADE,
+        README_UNINSTALL,
+    ):
         assert command in readme, command
-
-
-def helm(sandbox: SandboxCluster) -> Client:
-    return Client(
-        executable=str(Path(sandbox.state.bin_dir) / "helm"), kubeconfig=sandbox.kubeconfig
-    )
-
-
-def install(sandbox: SandboxCluster, values: dict[str, Any]) -> None:
-    client = helm(sandbox)
-
-    async def go() -> None:
-        chart = await client.get_chart(CHART)
-        # take_ownership: earlier tests applied crds/ with kubectl.
-        await client.install_or_upgrade_release(
-            RELEASE, chart, values, namespace=NAMESPACE, take_ownership=True, wait=False
-        )
-
-    asyncio.run(go())
+    # What `make image` runs is what the `installed` fixture runs (images.build).
+    assert "image: setup\n\t$(BIN)/ambient-cni sandbox image\n" in (REPO / "Makefile").read_text()
 
 
 def run_helm(sandbox: SandboxCluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,33 +113,53 @@ def run_helm(sandbox: SandboxCluster, *args: str) -> subprocess.CompletedProcess
     )
 
 
-class Installed:
-    def __init__(self, sandbox: SandboxCluster):
-        self.sandbox = sandbox
-        self.mesh: Mesh | None = None
+def raw_pods(sandbox: SandboxCluster, selector: str) -> list[dict[str, Any]]:
+    listed = sandbox.core.list_namespaced_pod(
+        NAMESPACE, label_selector=selector, _preload_content=False
+    )
+    return list(raw(listed)["items"])
+
+
+def agent_pods(sandbox: SandboxCluster) -> dict[str, str]:
+    """The DaemonSet's pods that run: node -> pod name."""
+    return {
+        pod["spec"]["nodeName"]: pod["metadata"]["name"]
+        for pod in raw_pods(sandbox, AGENT_PODS)
+        if "deletionTimestamp" not in pod["metadata"] and is_ready(pod)
+    }
+
+
+def remove_from_nodes(sandbox: SandboxCluster) -> None:
+    """What the chart's uninstall should have done, done again: so that a failed test leaves
+    no istio-cni in a node's chain for later modules' pods (a no-op when all went well)."""
+    for node in sandbox.node_names:
+        components.uninstall_cni(sandbox, node)
 
 
 @pytest.fixture(scope="module")
-def installed(sandbox: SandboxCluster) -> Iterator[Installed]:
-    install(sandbox, SANDBOX_VALUES)
-    state = Installed(sandbox)
-    state.mesh = Mesh(
-        sandbox,
-        "--drift-interval=2",
-        f"--daemonset={NAMESPACE}/{AGENT_SA}",
-        controller_kubeconfig=sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA),
-        # Tokens bound to a pod on each node, as the DaemonSet's pods get them.
-        agent_kubeconfig=components.agent_pods(sandbox, NAMESPACE, AGENT_SA),
-        install_crds=False,
-        cni=True,  # install-cni too, with the same tokens and --daemonset
-    )
-    state.mesh.start()
+def installed(sandbox: SandboxCluster) -> Iterator[None]:
+    """The README's install, on the sandbox: image, chart, ztunnel, Ready."""
+    images.build(REPO)
+    # Earlier modules applied crds/ with kubectl; the chart installs the CRD as its own.
+    sandbox.kubectl("delete", "crd", names.CRD_NAME, "--ignore-not-found", "--wait=true")
     try:
-        yield state
+        for command in (README_INSTALL, README_ZTUNNEL, README_TEST):
+            done = run_readme(sandbox, command)
+            assert done.returncode == 0, f"{command}:\n{done.stdout}{done.stderr}"
+        yield
     finally:
-        state.mesh.stop()
-        components.remove_agent_pods(sandbox, NAMESPACE, AGENT_SA)
         run_readme(sandbox, README_UNINSTALL)
+        # A failed test hook's pod is the one thing an uninstall leaves.
+        sandbox.kubectl("delete", "pods", "-n", NAMESPACE, "-l", CHART_PODS, "--wait=false")
+        wait_for("the chart's pods gone", lambda: not sandbox_pods(sandbox), timeout=90)
+        for node in sandbox.node_names:
+            sandbox.delete_pod(NAMESPACE, f"ztunnel-{node}", grace=0)
+        remove_from_nodes(sandbox)
+
+
+def sandbox_pods(sandbox: SandboxCluster) -> list[str]:
+    """The chart's pods (the test hook's included), by name."""
+    return [p["metadata"]["name"] for p in raw_pods(sandbox, CHART_PODS)]
 
 
 def test_helm_lint(sandbox: SandboxCluster) -> None:
@@ -274,61 +305,120 @@ def test_only_with_taint_enabled_may_the_controller_patch_nodes_and_it_tolerates
     ]
 
 
-def test_install_is_accepted_by_the_api_server(
-    sandbox: SandboxCluster, installed: Installed
-) -> None:
-    for kind, name in [
-        ("daemonset", AGENT_SA),
-        ("deployment", CONTROLLER_SA),
-        ("serviceaccount", AGENT_SA),
-        ("serviceaccount", CONTROLLER_SA),
-        ("role", AGENT_SA),
-        ("role", CONTROLLER_SA),
-    ]:
-        assert sandbox.kubectl("get", kind, name, "-n", NAMESPACE, check=False).returncode == 0, (
-            kind,
-            name,
-        )
-    for kind, name in [
-        ("clusterrole", AGENT_SA),
-        ("clusterrole", CONTROLLER_SA),
-        ("crd", names.CRD_NAME),
-    ]:
-        assert sandbox.kubectl("get", kind, name, check=False).returncode == 0, (kind, name)
+def main_process(sandbox: SandboxCluster, pod_uid: str, container: str) -> dict[str, str]:
+    """/proc/<pid>/status of a container's first process, as the kernel sees it."""
+    for cid in container_runtime.containers_of(sandbox=sandbox.name, pod_uid=pod_uid):
+        shown = images.run_tool(
+            "podman",
+            "inspect",
+            "--format",
+            '{{.State.Pid}} {{index .Config.Labels "io.kubernetes.container.name"}}',
+            cid,
+        ).stdout
+        pid, name = shown.split()
+        if name == container:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+    raise AssertionError(f"no container {container} of pod {pod_uid}")
 
 
-def test_the_charts_service_accounts_do_the_whole_job(
-    sandbox: SandboxCluster, installed: Installed, namespace: str
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_NET_RAW = 12, 21, 13
+
+
+def test_the_charts_pods_run_from_the_image_as_the_chart_says(
+    sandbox: SandboxCluster, installed: None
 ) -> None:
-    mesh = installed.mesh
-    assert mesh is not None
+    agents = raw_pods(sandbox, AGENT_PODS)
+    assert sorted(p["spec"]["nodeName"] for p in agents) == sorted(sandbox.node_names)
+    (controller,) = raw_pods(sandbox, CONTROLLER_PODS)
+    for pod in [*agents, controller]:
+        assert is_ready(pod), pod["status"]
+        for status in pod["status"]["containerStatuses"]:
+            assert status["image"] == images.IMAGE
+    # The kernel's view of the containers' processes: the chart's users and capabilities.
+    agent = main_process(sandbox, agents[0]["metadata"]["uid"], "agent")
+    caps = int(agent["CapEff"], 16)
+    assert agent["Uid"].split()[0] == "0"
+    assert all(caps >> bit & 1 for bit in (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_NET_RAW)), hex(caps)
+    installer = main_process(sandbox, agents[0]["metadata"]["uid"], "install-cni")
+    assert int(installer["CapEff"], 16) == 0  # root, no capability
+    ctrl = main_process(sandbox, controller["metadata"]["uid"], "controller")
+    assert ctrl["Uid"].split()[0] == "65532"
+    assert int(ctrl["CapEff"], 16) == 0
+    assert ctrl["NoNewPrivs"].strip() == "1"  # allowPrivilegeEscalation: false
+    # Their output, as `kubectl logs` shows it.
+    logs = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ambient-cni"),
+            "sandbox",
+            "logs",
+            f"--name={sandbox.name}",
+            "-n",
+            NAMESPACE,
+            agents[0]["metadata"]["name"],
+            "-c",
+            "agent",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert f"agent for node {agents[0]['spec']['nodeName']}" in logs.stdout, logs.stderr
+    # install-cni in each agent pod chained istio-cni into that node's own CNI config.
+    for node in sandbox.node_names:
+        node_cni = paths_for(sandbox.name).node_cni(node)
+        conflist = json.loads((node_cni.conf_dir / PRIMARY_CONFIG).read_text())
+        assert [p["type"] for p in conflist["plugins"]] == ["bridge", "istio-cni"]
+        assert (node_cni.bin_dir / PLUGIN_BINARY).is_file()
+        assert (agent_run_dir(node_cni) / "pluginevent.sock").exists()
+
+
+def enabled(sandbox: SandboxCluster, namespace: str, name: str) -> bool:
+    pod = sandbox.pod(namespace, name) or {}
+    annotations = pod.get("metadata", {}).get("annotations") or {}
+    return annotations.get(names.REDIRECTION_ANNOTATION) == "enabled"
+
+
+def relayed(sandbox: SandboxCluster, node: str) -> int:
+    path = components.ztunnel_log(sandbox, node)
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_the_headline_scenario_with_the_charts_pods(
+    sandbox: SandboxCluster, installed: None, namespace: str
+) -> None:
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "client", node="node-1")
     sandbox.create_pod(namespace, "server", node="node-2")
-    client, server = (
-        sandbox.wait_running(namespace, "client"),
-        sandbox.wait_running(namespace, "server"),
+    outside = {names.DATAPLANE_MODE_LABEL: "none"}
+    sandbox.create_pod(namespace, "plain-1", node="node-1", labels=outside)
+    sandbox.create_pod(namespace, "plain-2", node="node-2", labels=outside)
+    client, server, plain_1, plain_2 = (
+        sandbox.wait_running(namespace, name, timeout=60)
+        for name in ("client", "server", "plain-1", "plain-2")
     )
-    sandbox.core.patch_namespace(
-        namespace,
-        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
-        _content_type=MERGE_PATCH,
+    # Through the plugin in each node's chain: the rules were there before the app started.
+    assert istio_rules(sandbox.pod_netns(client))
+    assert istio_rules(sandbox.pod_netns(server))
+    assert not istio_rules(sandbox.pod_netns(plain_1))
+    wait_for(
+        "both annotated", lambda: all(enabled(sandbox, namespace, n) for n in ("client", "server"))
     )
 
-    def enabled(name: str) -> bool:
-        pod = sandbox.pod(namespace, name) or {}
-        return (pod["metadata"].get("annotations") or {}).get(
-            names.REDIRECTION_ANNOTATION
-        ) == "enabled"
-
-    wait_for("both enabled", lambda: enabled("client") and enabled("server"))
-    seen = len(mesh.connections("node-1"))
+    seen = {node: relayed(sandbox, node) for node in sandbox.node_names}
     assert sandbox.http_get(client, pod_ip(server), 8080).json()["pod"] == "server"
-    wait_for("node-1's ztunnel relayed it", lambda: len(mesh.connections("node-1")) > seen)
+    wait_for(
+        "both nodes' ztunnels relayed it",
+        lambda: all(relayed(sandbox, node) > seen[node] for node in sandbox.node_names),
+    )
+    seen = {node: relayed(sandbox, node) for node in sandbox.node_names}
+    assert sandbox.http_get(plain_1, pod_ip(plain_2), 8080).json()["pod"] == "plain-2"
+    assert {node: relayed(sandbox, node) for node in sandbox.node_names} == seen
 
     waited = run_readme(sandbox, README_WAIT)
     assert waited.returncode == 0, waited.stderr
     table = run_readme(sandbox, README_STATUS).stdout.splitlines()
-    assert table[0].split()[:7] == [
+    assert table[0].split()[:8] == [
         "NAME",
         "MODE",
         "ZTUNNEL",
@@ -336,27 +426,43 @@ def test_the_charts_service_accounts_do_the_whole_job(
         "SIDECARS",
         "PENDING",
         "FAILED",
+        "READY",
     ]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["node-1"][1:8] == ["inpod", "true", "1", "0", "0", "0", "True"]
-    assert rows["node-2"][1:8] == ["inpod", "true", "1", "0", "0", "0", "True"]
+    for node in sandbox.node_names:
+        assert rows[node][1:8] == ["inpod", "true", "1", "0", "0", "0", "True"], rows[node]
 
-    # The helm test hook's command, with the hook pod's ServiceAccount.
-    ready = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ambient_cni.cli",
-            "check-ready",
-            "--timeout=60",
-            f"--kubeconfig={sandbox.service_account_kubeconfig(NAMESPACE, CONTROLLER_SA)}",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
+    # The controller's side too: each node's spec lists its pod (the plugin alone would not).
+    def in_spec(node: str) -> list[str]:
+        anc = json.loads(sandbox.kubectl("get", "anc", node, "-o", "json").stdout)
+        return [w["name"] for w in anc["spec"].get("workloads") or []]
+
+    wait_for(
+        "the specs list the pods",
+        lambda: (in_spec("node-1"), in_spec("node-2")) == (["client"], ["server"]),
     )
-    assert ready.returncode == 0, ready.stdout + ready.stderr
-    assert "Ready" in ready.stdout
+
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, None)
+    wait_for(
+        "the rules out of both pods",
+        lambda: (
+            not istio_rules(sandbox.pod_netns(client))
+            and not istio_rules(sandbox.pod_netns(server))
+        ),
+    )
+    wait_for(
+        "the annotations gone",
+        lambda: not any(enabled(sandbox, namespace, n) for n in ("client", "server")),
+    )
+    seen = {node: relayed(sandbox, node) for node in sandbox.node_names}
+    assert sandbox.http_get(client, pod_ip(server), 8080).json()["pod"] == "server"
+    assert {node: relayed(sandbox, node) for node in sandbox.node_names} == seen
+
+
+def test_helm_test_passes(sandbox: SandboxCluster, installed: None) -> None:
+    tested = run_readme(sandbox, README_TEST)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert re.search(r"Phase:\s+Succeeded", tested.stdout), tested.stdout
 
 
 @pytest.mark.parametrize(
@@ -382,7 +488,7 @@ def test_the_charts_service_accounts_do_the_whole_job(
 )
 def test_the_charts_roles_allow_no_more(
     sandbox: SandboxCluster,
-    installed: Installed,
+    installed: None,
     account: str,
     verb: str,
     resource: str,
@@ -412,11 +518,12 @@ def refusal(call: Callable[[], Any]) -> str:
 
 
 def test_each_agent_writes_only_its_own_node_and_only_the_redirection_annotation(
-    sandbox: SandboxCluster, installed: Installed, namespace: str
+    sandbox: SandboxCluster, installed: None, namespace: str
 ) -> None:
-    tokens = components.agent_pods(sandbox, NAMESPACE, AGENT_SA)
-    pods_1 = CoreV1Api(new_api_client(tokens["node-1"]))
-    ancs_1 = CustomObjectsApi(new_api_client(tokens["node-1"]))
+    # A token bound to the DaemonSet's own pod on node-1, as its kubelet hands it.
+    node_1 = sandbox.pod_bound_kubeconfig(NAMESPACE, AGENT_SA, agent_pods(sandbox)["node-1"])
+    pods_1 = CoreV1Api(new_api_client(node_1))
+    ancs_1 = CustomObjectsApi(new_api_client(node_1))
     sandbox.create_pod(namespace, "mine", node="node-1")
     sandbox.create_pod(namespace, "theirs", node="node-2")
     sandbox.wait_running(namespace, "mine")
@@ -470,107 +577,137 @@ def test_each_agent_writes_only_its_own_node_and_only_the_redirection_annotation
     assert "only to mark it orphaned" in refusal(lambda: anc_status(controller, "node-1"))
 
 
-def test_upgrade_restarts_agents_without_interrupting_traffic(
-    sandbox: SandboxCluster, installed: Installed, namespace: str
-) -> None:
-    mesh = installed.mesh
-    assert mesh is not None
-    sandbox.core.patch_namespace(
-        namespace,
-        as_body({"metadata": {"labels": {"istio.io/dataplane-mode": "ambient"}}}),
-        _content_type=MERGE_PATCH,
+def next_image_tree(tmp_path: Path) -> Path:
+    """This repository's build context with the package version moved on: what a release
+    of a changed tree brings, so the upgraded pods can be told apart by what they report."""
+    tree = tmp_path / "next"
+    tree.mkdir()
+    for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, tree / name)
+    for name in ("operator", "cni-plugin"):
+        shutil.copytree(REPO / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pyproject = tree / "pyproject.toml"
+    text, count = re.subn(
+        r'^version = "[^"]+"$', f'version = "{NEXT_VERSION}"', pyproject.read_text(), flags=re.M
     )
+    assert count == 1
+    pyproject.write_text(text)
+    return tree
+
+
+def rollout_snapshot(sandbox: SandboxCluster) -> dict[str, str | None]:
+    """Per node: the image of its Ready agent pod, None while it has none."""
+    ready: dict[str, str | None] = dict.fromkeys(sandbox.node_names)
+    for pod in raw_pods(sandbox, AGENT_PODS):
+        if pod["metadata"].get("deletionTimestamp") is None and is_ready(pod):
+            ready[pod["spec"]["nodeName"]] = pod["spec"]["containers"][0]["image"]
+    return ready
+
+
+def test_upgrade_to_a_rebuilt_image_rolls_the_agents_one_node_at_a_time(
+    sandbox: SandboxCluster, installed: None, namespace: str, tmp_path: Path
+) -> None:
+    # README_NEXT_IMAGE, on a tree whose version moved on (same function, same Dockerfile).
+    next_image = README_NEXT_IMAGE.split("--tag ")[1]
+    images.build(next_image_tree(tmp_path), tag=next_image)
+    sandbox.label_namespace(namespace, names.DATAPLANE_MODE_LABEL, "ambient")
     sandbox.create_pod(namespace, "client", node="node-1")
     sandbox.create_pod(namespace, "server", node="node-2")
-    client, server = (
-        sandbox.wait_running(namespace, "client"),
-        sandbox.wait_running(namespace, "server"),
-    )
+    client = sandbox.wait_running(namespace, "client", timeout=60)
+    server = sandbox.wait_running(namespace, "server", timeout=60)
     wait_for(
-        "both enabled",
-        lambda: all(
-            ((sandbox.pod(namespace, n) or {})["metadata"].get("annotations") or {}).get(
-                names.REDIRECTION_ANNOTATION
-            )
-            == "enabled"
-            for n in ("client", "server")
-        ),
+        "both annotated", lambda: all(enabled(sandbox, namespace, n) for n in ("client", "server"))
     )
+
     failures: list[str] = []
     calls = [0]
+    snapshots: list[dict[str, str | None]] = []
     stop = threading.Event()
 
     def keep_calling() -> None:
         while not stop.is_set():
             try:
-                if (
-                    sandbox.http_get(client, pod_ip(server), 8080, timeout=2).json()["pod"]
-                    != "server"
-                ):
-                    failures.append("wrong answer")
+                answer = sandbox.http_get(client, pod_ip(server), 8080, timeout=2).json()
+                if answer["pod"] != "server":
+                    failures.append(f"wrong answer {answer}")
             except Exception as exc:
                 failures.append(repr(exc))
             calls[0] += 1
 
-    caller = threading.Thread(target=keep_calling, daemon=True)
-    caller.start()
+    def watch_rollout() -> None:
+        while not stop.is_set():
+            snapshots.append(rollout_snapshot(sandbox))
+            stop.wait(0.1)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (keep_calling, watch_rollout)]
+    for thread in threads:
+        thread.start()
     try:
         upgraded = run_readme(sandbox, README_UPGRADE)
         assert upgraded.returncode == 0, upgraded.stderr
-        for agent in mesh.agents.values():  # the DaemonSet's rolling update, one node at a time
-            agent.restart()
+        wait_for(
+            "every node's agent from the new image",
+            lambda: set(rollout_snapshot(sandbox).values()) == {next_image},
+            timeout=180,
+        )
         start = calls[0]
-        wait_for("more calls after the restarts", lambda: calls[0] > start + 20)
+        wait_for("calls after the rollout", lambda: calls[0] > start + 10)
     finally:
         stop.set()
-        caller.join(timeout=10)
-    assert failures == []
-    revision = run_helm(
-        sandbox, "status", RELEASE, "-n", NAMESPACE, "--kubeconfig", str(sandbox.kubeconfig)
-    )
-    assert "REVISION: 2" in revision.stdout
+        for thread in threads:
+            thread.join(timeout=10)
+    assert failures == [], failures[:5]
+    # One node at a time: never a moment with no Ready agent on two nodes.
+    assert all(sum(v is None for v in s.values()) <= 1 for s in snapshots), snapshots
+    assert any(None in s.values() for s in snapshots)  # the watch saw the rollout itself
+
+    # What runs is the new image's code: the agents and the controller say its version.
+    def agent_versions() -> set[str]:
+        listed = json.loads(sandbox.kubectl("get", "anc", "-o", "json").stdout)["items"]
+        return {str(anc.get("status", {}).get("agentVersion")) for anc in listed}
+
+    def controller_version() -> str | None:
+        lease = sandbox.kubectl(
+            "get", "lease", names.CONTROLLER_LEASE, "-n", NAMESPACE, "-o", "json"
+        )
+        annotations = json.loads(lease.stdout)["metadata"].get("annotations") or {}
+        return annotations.get(names.CONTROLLER_VERSION_ANNOTATION)
+
+    wait_for("the agents report the new version", lambda: agent_versions() == {NEXT_VERSION})
+    wait_for("the controller's Lease says it", lambda: controller_version() == NEXT_VERSION)
+    waited = run_readme(sandbox, README_WAIT)
+    assert waited.returncode == 0, waited.stderr
+    # The pods' rules were left in place throughout: still enrolled, no restart needed.
+    assert istio_rules(sandbox.pod_netns(client))
 
 
-def test_uninstall_removes_host_rules_and_ipsets_and_keeps_the_crd(
-    sandbox: SandboxCluster, installed: Installed
+def test_uninstall_leaves_nothing_on_the_nodes_and_keeps_the_crd(
+    sandbox: SandboxCluster, installed: None
 ) -> None:
-    mesh = installed.mesh
-    assert mesh is not None
+    chart_pods = [p["metadata"]["uid"] for p in raw_pods(sandbox, CHART_PODS)]
+    assert chart_pods
     result = run_readme(sandbox, README_UNINSTALL)
     assert result.returncode == 0, result.stderr
-    wait_for(
-        "the DaemonSet gone",
-        lambda: (
-            sandbox.kubectl("get", "ds", AGENT_SA, "-n", NAMESPACE, check=False).returncode != 0
-        ),
-    )
-    for node, agent in mesh.agents.items():
-        # What the DaemonSet's deletion does to its pods' containers. By SIGTERM their Role
-        # is gone too: they must have watched the deletion.
-        agent.stop()
-        assert "its deletion was watched" in agent.log_path.read_text()
-        installer = mesh.installers[node]
-        installer.stop()
-        assert "its deletion was watched" in installer.log_path.read_text()
-        # Nothing of istio-cni is left on the node: no binary, no entry in its chain.
-        node_cni = mesh.node_cni[node]
+    assert "kept due to the resource policy" in result.stdout
+    wait_for("the chart's pods gone", lambda: not sandbox_pods(sandbox), timeout=90)
+    for uid in chart_pods:
+        assert container_runtime.containers_of(sandbox=sandbox.name, pod_uid=uid) == []
+    for node in sandbox.node_names:
+        node_cni = paths_for(sandbox.name).node_cni(node)
+        # Nothing of istio-cni: no binary, no entry in the chain, nothing in its run dir.
         assert not (node_cni.bin_dir / PLUGIN_BINARY).exists()
         conflist = json.loads((node_cni.conf_dir / PRIMARY_CONFIG).read_text())
         assert [p["type"] for p in conflist["plugins"]] == ["bridge"]
-    for node in sandbox.node_names:
+        assert list(agent_run_dir(node_cni).iterdir()) == []
+        # Nor of the agent's node side: its rules, nft tables and probe sets.
         netns = sandbox.state.topology.node(node).netns
-        saved = subprocess.run(
-            ["ip", "netns", "exec", netns, "iptables-save"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        assert "ISTIO_POSTRT" not in saved
+        assert istio_rules(netns) == []
+        assert probe_members(sandbox, node) == []
         sets = subprocess.run(
             ["ip", "netns", "exec", netns, "ipset", "list", "-n"],
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-        assert "istio-inpod-probes" not in sets
+        assert "istio" not in sets
     assert sandbox.kubectl("get", "crd", names.CRD_NAME, check=False).returncode == 0  # kept

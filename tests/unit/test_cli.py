@@ -6,6 +6,7 @@ from ambient_cni.cli import build_parser, main
 from ambient_cni.dataplane import factory
 from ambient_cni.dataplane.constants import BACKEND_CHOICES
 from ambient_cni.dataplane.iptables_pod import IptablesPodDataplane
+from ambient_cni.kube import in_cluster_server
 
 
 def test_sandbox_defaults() -> None:
@@ -72,3 +73,24 @@ def test_the_agents_redirect_modes_default_to_both_and_refuse_unknown_ones(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["agent", "--node", "n", "--redirect-modes", "inpod,sidecar"])
     assert "redirect modes are inpod and node, not sidecar" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "server"),
+    [
+        (
+            {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"},
+            "https://10.96.0.1:443",
+        ),
+        (
+            {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"},
+            "https://[fd00::1]:6443",
+        ),
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1"}, None),
+        ({}, None),
+    ],
+)
+def test_in_a_pod_the_api_server_is_where_the_kubelets_env_says(
+    env: dict[str, str], server: str | None
+) -> None:
+    assert in_cluster_server(env) == server

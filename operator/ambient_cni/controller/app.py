@@ -9,6 +9,7 @@ standby); only the holder of the Lease writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
-from ambient_cni.kube import new_api_client, raw
+from ambient_cni.kube import in_cluster_server, new_api_client, raw
 from ambient_cni.selection import PodView, knobs, pod_view
 from ambient_cni.sidecar import decide_sidecar
 
@@ -208,7 +209,13 @@ def build_registry() -> kopf.OperatorRegistry:
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # kopf's own readers: they look at $KUBECONFIG when called, not when imported.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        in_pod = kopf.login_with_service_account(**kwargs)
+        server = in_cluster_server(os.environ)
+        if in_pod is not None and server is not None:
+            # kopf dials kubernetes.default.svc, which needs cluster DNS (not there while a
+            # cluster bootstraps, nor in the sandbox); client-go and the agent use the env.
+            return dataclasses.replace(in_pod, server=server)
+        return in_pod or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
