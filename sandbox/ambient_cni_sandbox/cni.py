@@ -244,7 +244,7 @@ class CniRuntime:
     def _run(self, command: str, pod: SandboxPod, conf_dir: Path) -> str:
         for mount_point in self.node_view:
             # A node has these; the machine may not (removed again at `sandbox down`).
-            os.makedirs(mount_point, exist_ok=True)
+            Path(mount_point).mkdir(parents=True, exist_ok=True)
         argv = [
             str(self.cni_run),
             f"--conf-dir={conf_dir}",

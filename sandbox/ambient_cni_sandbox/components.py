@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,32 +196,6 @@ def uninstall_cni(cluster: SandboxCluster, node: str) -> None:
     )
 
 
-def agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> dict[str, Path]:
-    """Per node, a kubeconfig whose token is bound to a stand-in pod of the agent's DaemonSet
-    on that node, as a kubelet hands its pods their tokens: the API server then names the
-    node in the token's user, which the chart's admission policy holds the agent to."""
-    kubeconfigs = {}
-    for node in cluster.node_names:
-        name = f"{account}-{node}"
-        if cluster.pod(namespace, name) is None:
-            cluster.create_pod(
-                namespace,
-                name,
-                node=node,
-                service_account=account,
-                # Not the DaemonSet's own label: its controller would adopt and delete it.
-                labels={"app": "ambient-cni-agent-stand-in"},
-                command=[sys.executable, "-c", "import signal; signal.pause()"],
-            )
-        kubeconfigs[node] = cluster.pod_bound_kubeconfig(namespace, account, name)
-    return kubeconfigs
-
-
-def remove_agent_pods(cluster: SandboxCluster, namespace: str, account: str) -> None:
-    for node in cluster.node_names:
-        cluster.delete_pod(namespace, f"{account}-{node}", grace=0)
-
-
 def start_ztunnel(cluster: SandboxCluster, node: str, namespace: str = "istio-system") -> str:
     """The ztunnel stand-in as a pod labelled app=ztunnel on `node` (kept if it is there);
     returns the pod name once it runs."""
@@ -261,35 +235,27 @@ class Mesh:
         cluster: SandboxCluster,
         *agent_args: str,
         controller_kubeconfig: Path | None = None,
-        agent_kubeconfig: Path | Mapping[str, Path] | None = None,
         install_crds: bool = True,
         controller_args: Sequence[str] = (),
         cni: bool = False,
     ):
-        """`agent_kubeconfig`: one for every agent, or one per node (see `agent_pods`).
-        `cni`: install-cni on every node chaining istio-cni, each agent serving it."""
+        """`cni`: install-cni on every node chaining istio-cni, each agent serving it."""
         self.cluster = cluster
         self.install_crds = install_crds
         self.cni = cni
         paths = paths_for(cluster.name)
         self.node_cni = {n: paths.node_cni(n) for n in cluster.node_names}
         self.controller = controller(cluster, *controller_args, kubeconfig=controller_kubeconfig)
-
-        def credentials(node: str) -> Path | None:
-            if isinstance(agent_kubeconfig, Mapping):
-                return agent_kubeconfig[node]
-            return agent_kubeconfig
-
-        # install-cni runs in the agent's DaemonSet: its credentials, and its --daemonset.
-        daemonset = [a for a in agent_args if a.startswith("--daemonset=")]
-
-        def installer(node: str) -> Component:
-            kubeconfig = credentials(node) or cluster.user_kubeconfig(
-                AGENT_USER, groups="system:masters"
-            )
-            return install_cni(cluster, node, f"--kubeconfig={kubeconfig}", *daemonset)
-
-        self.installers = {n: installer(n) for n in cluster.node_names} if cni else {}
+        # install-cni runs in the agent's DaemonSet: the agent's credentials.
+        agent_credentials = cluster.user_kubeconfig(AGENT_USER, groups="system:masters")
+        self.installers = (
+            {
+                n: install_cni(cluster, n, f"--kubeconfig={agent_credentials}")
+                for n in cluster.node_names
+            }
+            if cni
+            else {}
+        )
 
         def cni_args(node: str) -> list[str]:
             if not cni:
@@ -297,7 +263,7 @@ class Mesh:
             return [f"--cni-run-dir={cni_chain.agent_run_dir(self.node_cni[node])}"]
 
         self.agents = {
-            n: agent(cluster, n, *agent_args, *cni_args(n), kubeconfig=credentials(n))
+            n: agent(cluster, n, *agent_args, *cni_args(n), kubeconfig=agent_credentials)
             for n in cluster.node_names
         }
 
