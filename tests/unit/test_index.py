@@ -197,7 +197,7 @@ def test_incremental_index_equals_a_recount(events: list[tuple[Any, ...]]) -> No
                 index.delete_node(event[1])
         elif kind == "retain_pods":
             gone = [uid for uid in pods if uid not in event[1]]
-            want = {pods[uid].node_name for uid in gone if pods[uid].node_name}
+            want = {str(pods[uid].node_name) for uid in gone if pods[uid].node_name}
             for uid in gone:
                 del pods[uid]
             assert index.retain_pods(event[1]) == want
