@@ -50,6 +50,12 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
     ctl.add_argument(
+        "--max-concurrent-writes",
+        type=int,
+        default=8,
+        help="AmbientNodeConfig writes in flight at once (never two for one node)",
+    )
+    ctl.add_argument(
         "--orphan-grace",
         type=float,
         default=60.0,
@@ -283,6 +289,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         leader_election=args.leader_election,
         lease_namespace=args.lease_namespace,
         min_write_interval=args.min_write_interval,
+        max_concurrent_writes=args.max_concurrent_writes,
         orphan_grace=args.orphan_grace,
         untaint_nodes=args.untaint_nodes,
         taint_key=args.taint_key,

@@ -1,10 +1,17 @@
-"""The controller process: kopf watches feed the index; the writer writes specs.
+"""The controller process: watches feed the index; the writer writes specs.
 
-kopf is used only with event handlers, which write nothing to the objects
-they watch: no finalizers, no progress annotations. The one thing the
-controller says about a pod is a warning Event when one of its annotations
-is ignored, once per change. Every replica watches and indexes (a warm
-standby); only the holder of the Lease writes.
+kopf is the framework (login, startup, liveness, the Node and
+AmbientNodeConfig watches) and is used only with event handlers, which write
+nothing to the objects they watch: no finalizers, no progress annotations.
+The two hot, read-only watches, Pods and Namespaces, are streamed straight
+into the index by the project's own list-and-watch (`ListWatch`): listed page
+by page, each event handed over as it arrives, with none of kopf's per-object
+machinery (a worker, a batching window and a handler invocation per event),
+which took about half of the controller's CPU samples over its first sync and
+a 1,000-node burst (BENCHMARKS.md, controller scale, has the profile). The one
+thing the controller says about a pod is a warning Event when one of its
+annotations is ignored, once per change. Every replica watches and indexes (a
+warm standby); only the holder of the Lease writes.
 """
 
 from __future__ import annotations
@@ -27,13 +34,14 @@ from ambient_cni.api import names
 from ambient_cni.api.version import operator_version
 from ambient_cni.controller import metrics
 from ambient_cni.controller.events import PodEvents
-from ambient_cni.controller.index import ClusterIndex
+from ambient_cni.controller.index import NAMESPACES, NODES, PODS, ClusterIndex
 from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
 from ambient_cni.kube import new_api_client, raw
-from ambient_cni.selection import PodView, knobs, pod_view
+from ambient_cni.reflector import ListWatch, name_of
+from ambient_cni.selection import PodView, knobs, slim_pod_view
 from ambient_cni.sidecar import decide_sidecar
 
 log = logging.getLogger("ambient_cni.controller")
@@ -51,6 +59,8 @@ class ControllerOptions:
     lease_name: str = names.CONTROLLER_LEASE
     debounce: float = 0.1
     min_write_interval: float = 1.0
+    max_concurrent_writes: int = 8  # spec writes in flight at once (one per node at most)
+    list_page_size: int = 500  # Pods and Namespaces are listed this many at a time
     orphan_grace: float = 60.0  # seconds an AmbientNodeConfig without a Node is kept
     untaint_nodes: bool = False  # take `taint_key` off nodes whose AmbientNodeConfig is Ready
     taint_key: str = names.NOT_READY_TAINT_KEY
@@ -78,17 +88,40 @@ class CrdMissingError(RuntimeError):
 class Controller:
     """The state shared by kopf's handlers (passed to them as `memo`)."""
 
-    def __init__(self, options: ControllerOptions, api: ApiClient):
+    def __init__(
+        self, options: ControllerOptions, api: ApiClient, watch_api: ApiClient | None = None
+    ):
         self.options = options
         self.api = api
-        self.index = ClusterIndex()
+        gauges = {kind: metrics.INDEX_OBJECTS.labels(kind) for kind in (NODES, NAMESPACES, PODS)}
+        self.index = ClusterIndex(on_resize=lambda kind, delta: gauges[kind].inc(delta))
         self.writer = SpecWriter(
             api,
             self.index,
             options.planner,
             debounce=options.debounce,
             min_interval=options.min_write_interval,
+            max_in_flight=options.max_concurrent_writes,
             orphan_grace=options.orphan_grace,
+        )
+        self.stop = threading.Event()  # ends the Pod and Namespace watches
+        # A client of their own: each holds a connection for as long as it watches, which
+        # would otherwise be taken from the writers' pool.
+        core = CoreV1Api(watch_api or api)
+        self.namespaces = ListWatch(
+            "namespaces",
+            core.list_namespace,
+            lambda kind, ns: self.on_namespace(ns, deleted=kind == "DELETED"),
+            self.on_namespaces_listed,
+            key=name_of,
+            page_size=options.list_page_size,
+        )
+        self.pods = ListWatch(
+            "pods",
+            core.list_pod_for_all_namespaces,
+            lambda kind, pod: self.on_pod(pod, deleted=kind == "DELETED"),
+            self.on_pods_listed,
+            page_size=options.list_page_size,
         )
         self.primed = threading.Event()
         self.leading = threading.Event()
@@ -120,10 +153,12 @@ class Controller:
             self.index.set_node(node["metadata"]["name"], node["metadata"]["uid"])
             if self.untainter is not None:
                 self.untainter.on_node(node)
-        for ns in raw(core.list_namespace(_preload_content=False))["items"]:
-            self.index.set_namespace(ns["metadata"]["name"], ns["metadata"].get("labels") or {})
-        for pod in raw(core.list_pod_for_all_namespaces(_preload_content=False))["items"]:
-            self.on_pod(pod)
+        self.namespaces.start(self.stop)
+        self.pods.start(self.stop)
+        for watch in (self.namespaces, self.pods):
+            while not watch.synced.wait(1.0):
+                if self.stop.is_set():
+                    return
         for anc in ancs["items"]:
             self.writer.observe(anc)
             if self.untainter is not None:
@@ -155,9 +190,20 @@ class Controller:
             self._warned.pop(uid, None)
             self.writer.mark(self.index.delete_pod(uid))
             return
-        view = pod_view(pod)
-        self._warn_once(view)
+        view = slim_pod_view(pod)
+        old = self.index.pod(view.uid)
+        if old is None or old.annotations != view.annotations or old.proxy != view.proxy:
+            self._warn_once(view)  # warnings follow the annotations and the proxy only
         self.writer.mark(self.index.set_pod(view))
+
+    def on_pods_listed(self, uids: set[str]) -> None:
+        """After a (re)list: forget the pods deleted while no watch ran."""
+        for uid in [uid for uid in self._warned if uid not in uids]:
+            self._warned.pop(uid, None)
+        self.writer.mark(self.index.retain_pods(uids))
+
+    def on_namespaces_listed(self, names_: set[str]) -> None:
+        self.writer.mark(self.index.retain_namespaces(names_))
 
     def _warn_once(self, view: PodView) -> None:
         """A log line and an Event per ignored annotation value, once per change of it (a
@@ -223,8 +269,7 @@ def build_registry() -> kopf.OperatorRegistry:
 
         return on_event
 
-    kopf.on.event("v1", "pods", registry=registry)(handler("pod"))
-    kopf.on.event("v1", "namespaces", registry=registry)(handler("namespace"))
+    # Pods and Namespaces: Controller.pods and .namespaces (ListWatch), started by prime().
     kopf.on.event("v1", "nodes", registry=registry)(handler("node"))
     kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(handler("anc"))
     return registry
@@ -238,7 +283,7 @@ def run(options: ControllerOptions) -> int:
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     logging.getLogger("ambient_cni").setLevel(options.log_level.upper())
     api = new_api_client(options.kubeconfig)
-    controller = Controller(options, api)
+    controller = Controller(options, api, new_api_client(options.kubeconfig))
     stop = threading.Event()  # ends our own threads
     lost = threading.Event()
     start_http_server(options.metrics_port, options.listen_address)
@@ -282,6 +327,7 @@ def run(options: ControllerOptions) -> int:
         memo=kopf.Memo(controller=controller),
     )
     stop.set()
+    controller.stop.set()
     controller.writer.stop()
     controller.events.stop()
     if controller.untainter is not None:
