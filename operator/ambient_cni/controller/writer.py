@@ -100,12 +100,18 @@ class SpecWriter:
     def mark(self, nodes: Iterable[str]) -> None:
         """These nodes' specs may have changed: re-plan them soon."""
         now = time.monotonic()
-        for node in nodes:
-            with self._lock:
+        fresh = []
+        coalesced = 0
+        with self._lock:  # once per call: a namespace change marks every node it has pods on
+            for node in nodes:
                 if node in self._stale_since:
-                    metrics.COALESCED_EVENTS.inc()
+                    coalesced += 1
                     continue
                 self._stale_since[node] = now
+                fresh.append(node)
+        if coalesced:
+            metrics.COALESCED_EVENTS.inc(coalesced)
+        for node in fresh:
             self.queue.add_after(node, self.debounce)
 
     def observe(self, obj: Obj, *, deleted: bool = False) -> None:
