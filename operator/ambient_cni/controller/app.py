@@ -1,21 +1,25 @@
 """The controller process: watches feed the index; the writer writes specs.
 
-kopf is the framework (login, startup, liveness, the Node and
-AmbientNodeConfig watches) and is used only with event handlers, which write
-nothing to the objects they watch: no finalizers, no progress annotations.
-The two hot, read-only watches, Pods and Namespaces, are streamed straight
-into the index by the project's own list-and-watch (`ListWatch`): listed page
-by page, each event handed over as it arrives, with none of kopf's per-object
-machinery (a worker, a batching window and a handler invocation per event),
-which took about half of the controller's CPU samples over its first sync and
-a 1,000-node burst (BENCHMARKS.md, controller scale, has the profile). The one
-thing the controller says about a pod is a warning Event when one of its
-annotations is ignored, once per change. Every replica watches and indexes (a
-warm standby); only the holder of the Lease writes.
+kopf is the framework: it runs the process (login, startup, liveness, the
+stop signals). The watches are the project's own list-and-watch
+(`ListWatch`): each resource listed page by page, then each watch event
+handed straight to the index or the writer. kopf's per-object machinery (a
+worker, a batching window, progress storage, a handler invocation per event)
+took about half of the controller's CPU samples over its first sync and a
+1,000-node burst (about 1 ms of CPU per event; BENCHMARKS.md has the profile);
+the events the controller watches are read-only to it and need none of it:
+every Pod and Namespace at start, every node's AmbientNodeConfig once per
+write of ours and once per status write of its agent, every Node and
+AmbientNodeConfig again at each restart. The handlers write nothing to the
+objects they watch: no finalizers, no progress annotations. The one thing the
+controller says about a pod is a warning Event when one of its annotations is
+ignored, once per change. Every replica watches and indexes (a warm standby);
+only the holder of the Lease writes.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -39,7 +43,7 @@ from ambient_cni.controller.leader import LeaseElector
 from ambient_cni.controller.planner import PlannerConfig
 from ambient_cni.controller.untaint import NodeUntainter
 from ambient_cni.controller.writer import SpecWriter
-from ambient_cni.kube import new_api_client, raw
+from ambient_cni.kube import discard, new_api_client
 from ambient_cni.reflector import ListWatch, name_of
 from ambient_cni.selection import PodView, knobs, slim_pod_view
 from ambient_cni.sidecar import decide_sidecar
@@ -123,6 +127,26 @@ class Controller:
             self.on_pods_listed,
             page_size=options.list_page_size,
         )
+        self.nodes = ListWatch(
+            "nodes",
+            core.list_node,
+            lambda kind, node: self.on_node(node, deleted=kind == "DELETED"),
+            self.on_nodes_listed,
+            key=name_of,
+            page_size=options.list_page_size,
+        )
+        custom = CustomObjectsApi(watch_api or api)
+        self.ancs = ListWatch(
+            "ambientnodeconfigs",
+            functools.partial(
+                custom.list_cluster_custom_object, names.GROUP, names.VERSION, names.PLURAL
+            ),
+            lambda kind, anc: self.on_anc(anc, deleted=kind == "DELETED"),
+            self.on_ancs_listed,
+            key=name_of,
+            page_size=options.list_page_size,
+        )
+        self.watches = (self.ancs, self.nodes, self.namespaces, self.pods)
         self.primed = threading.Event()
         self.leading = threading.Event()
         self.events = PodEvents(api, self.leading)
@@ -134,13 +158,12 @@ class Controller:
         self._start_lock = threading.Lock()
 
     def prime(self) -> None:
-        """List everything once, so the first plans see the whole cluster, not a partial one."""
-        core = CoreV1Api(self.api)
-        custom = CustomObjectsApi(self.api)
+        """List everything once, so the first plans see the whole cluster, not a partial one:
+        the watches' own first lists, page by page."""
         try:
-            ancs = raw(
-                custom.list_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.PLURAL, _preload_content=False
+            discard(
+                CustomObjectsApi(self.api).list_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, limit=1, _preload_content=False
                 )
             )
         except ApiException as exc:
@@ -149,20 +172,12 @@ class Controller:
                     f"the {names.CRD_NAME} CRD is not installed: kubectl apply -f crds/"
                 ) from None
             raise
-        for node in raw(core.list_node(_preload_content=False))["items"]:
-            self.index.set_node(node["metadata"]["name"], node["metadata"]["uid"])
-            if self.untainter is not None:
-                self.untainter.on_node(node)
-        self.namespaces.start(self.stop)
-        self.pods.start(self.stop)
-        for watch in (self.namespaces, self.pods):
+        for watch in self.watches:
+            watch.start(self.stop)
+        for watch in self.watches:
             while not watch.synced.wait(1.0):
                 if self.stop.is_set():
                     return
-        for anc in ancs["items"]:
-            self.writer.observe(anc)
-            if self.untainter is not None:
-                self.untainter.on_anc(anc)
         self.writer.mark(self.index.nodes())
         log.info("index primed: %s", self.index.sizes())
         self.primed.set()
@@ -204,6 +219,14 @@ class Controller:
 
     def on_namespaces_listed(self, names_: set[str]) -> None:
         self.writer.mark(self.index.retain_namespaces(names_))
+
+    def on_nodes_listed(self, names_: set[str]) -> None:
+        for name in [name for name in self.index.nodes() if name not in names_]:
+            self.on_node({"metadata": {"name": name}}, deleted=True)
+
+    def on_ancs_listed(self, names_: set[str]) -> None:
+        for name in [name for name in self.writer.known() if name not in names_]:
+            self.on_anc({"metadata": {"name": name}}, deleted=True)
 
     def _warn_once(self, view: PodView) -> None:
         """A log line and an Event per ignored annotation value, once per change of it (a
@@ -262,16 +285,8 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         memo.controller.prime()
 
-    def handler(kind: str) -> Any:
-        def on_event(event: kopf.RawEvent, memo: Any, **_: Any) -> None:
-            obj = dict(event["object"])
-            getattr(memo.controller, f"on_{kind}")(obj, deleted=event["type"] == "DELETED")
-
-        return on_event
-
-    # Pods and Namespaces: Controller.pods and .namespaces (ListWatch), started by prime().
-    kopf.on.event("v1", "nodes", registry=registry)(handler("node"))
-    kopf.on.event(names.GROUP, names.VERSION, names.PLURAL, registry=registry)(handler("anc"))
+    # Every watch is a ListWatch of Controller.watches, started by prime() (see the module's
+    # docstring for why not kopf's).
     return registry
 
 

@@ -137,6 +137,11 @@ class SpecWriter:
             self._observed[node] = NOTHING if deleted else Observed(obj.get("spec"), rv, version)
         self.mark([node])
 
+    def known(self) -> list[str]:
+        """The nodes whose AmbientNodeConfig the API server holds, as far as we know."""
+        with self._lock:
+            return [node for node, seen in self._observed.items() if seen.spec is not None]
+
     def in_flight(self) -> int:
         return self._in_flight
 
