@@ -21,6 +21,13 @@ COMMAND_PLUGINS = "ambient_cni.commands"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl = sub.add_parser(
         "controller", help="run the cluster controller (writes AmbientNodeConfig specs)"
@@ -51,7 +58,7 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
     ctl.add_argument(
         "--max-concurrent-writes",
-        type=int,
+        type=_at_least_one,
         default=8,
         help="AmbientNodeConfig writes in flight at once (never two for one node)",
     )

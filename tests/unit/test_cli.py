@@ -72,3 +72,14 @@ def test_the_agents_redirect_modes_default_to_both_and_refuse_unknown_ones(
     with pytest.raises(SystemExit):
         build_parser().parse_args(["agent", "--node", "n", "--redirect-modes", "inpod,sidecar"])
     assert "redirect modes are inpod and node, not sidecar" in capsys.readouterr().err
+
+
+def test_controller_writes_in_flight_default_and_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["controller"]).max_concurrent_writes == 8
+    assert (
+        build_parser().parse_args(["controller", "--max-concurrent-writes=2"]).max_concurrent_writes
+        == 2
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["controller", "--max-concurrent-writes=0"])  # no writer at all
+    assert "at least 1" in capsys.readouterr().err
