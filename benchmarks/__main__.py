@@ -34,6 +34,13 @@ def _on_sandbox(nodes: int, body: Callable[[SandboxCluster], dict[str, Any]]) ->
         lifecycle.down(SANDBOX)
 
 
+def _sizes(text: str) -> list[int]:
+    sizes = [int(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("node counts, e.g. 1000,2000,5000")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--pods", type=int, default=250, help="enrolment: pods on one node")
@@ -41,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=1000, help="controller scale: nodes")
     parser.add_argument("--scale-pods", type=int, default=20000, help="controller scale: pods")
     parser.add_argument("--relabel", type=int, default=100, help="namespaces labelled at once")
+    parser.add_argument(
+        "--scale-sizes",
+        type=_sizes,
+        metavar="NODES[,NODES...]",
+        help="controller scale at each of these node counts, side by side (pods per node as "
+        "--scale-pods/--nodes; e.g. 1000,2000,5000: `make bench-large`)",
+    )
     parser.add_argument("--cni-pods", type=int, default=50, help="CNI ADD: pods per case")
     parser.add_argument(
         "--only", choices=["enroll", "event", "scale", "cni"], action="append", help="repeatable"
@@ -68,9 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     if "cni" in chosen:
         results["cni"] = _on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
     if "scale" in chosen:
-        results["scale"] = _on_sandbox(
-            1, lambda c: controller_scale.run(c, args.nodes, args.scale_pods, args.relabel)
-        )
+        per_node = max(args.scale_pods // max(args.nodes, 1), 1)
+        sizes = args.scale_sizes or [args.nodes]
+        runs = []
+        for nodes in sizes:  # a fresh sandbox each: no size inherits another's etcd
+            pods = args.scale_pods if nodes == args.nodes else nodes * per_node
+            measure = functools.partial(
+                controller_scale.run, nodes=nodes, pods=pods, relabel=args.relabel
+            )
+            runs.append(_on_sandbox(1, measure))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a long run's progress
+        results["scale"] = {"sizes": runs}
     print(json.dumps(results, indent=2))
     if args.write:
         document = args.write.read_text()
@@ -89,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             document = report.replace_section(document, name, tables[name](result))
         if "scale" in results:
             document = report.replace_section(
-                document, "watch", report.watch_table(results["scale"])
+                document, "watch", report.watch_table(results["scale"]["sizes"][0])
             )
         args.write.write_text(document)
         print(f"wrote {args.write}", file=sys.stderr)

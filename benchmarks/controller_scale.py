@@ -28,8 +28,8 @@ from .objects import (
     BENCH_LABEL,
     NETNS_PREFIX,
     BulkClient,
+    create_many_running_pods,
     create_nodes,
-    create_running_pods,
     delete_bench_objects,
     ensure_crd,
     wait_default_service_accounts,
@@ -102,8 +102,11 @@ def run(
         wait_default_service_accounts(bulk, namespaces)
         rng = random.Random(7)  # noqa: S311 - a reproducible spread, not a secret
         ns_of = [rng.randrange(len(namespaces)) for _ in range(pods)]
-        placed = [(f"pod-{i:05d}", node_names[i % nodes], pod_ip(i)) for i in range(pods)]
-        create_running_pods(bulk, lambda i: namespaces[ns_of[i]], placed)
+        placed = [(f"pod-{i:06d}", node_names[i % nodes], pod_ip(i)) for i in range(pods)]
+        create_many_running_pods(
+            bulk,
+            [(name, namespaces[ns_of[i]], node, ip) for i, (name, node, ip) in enumerate(placed)],
+        )
         populate_s = time.monotonic() - started
 
         watch = SpecWatch(cluster)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from pyroute2 import IPRoute
 
 from ambient_cni.api import names
-from ambient_cni.kube import MERGE_PATCH, as_body, new_api_client, raw
+from ambient_cni.kube import MERGE_PATCH, as_body, discard, new_api_client, raw
 from ambient_cni.netns import run_in_netns
 from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.components import repo_crds
@@ -27,14 +28,22 @@ BENCH_LABEL = "ambient-cni.dev/benchmark"
 # acni-test-* namespaces are removed by `ambient-cni sandbox down --all` after a crash.
 NETNS_PREFIX = "acni-test-bench-"
 WRITERS = 16
+PROCESSES = 4  # worker processes for the many pods of the controller scale benchmark
 
 
 class BulkClient:
     """One API client per worker thread: the generated client's pool is small."""
 
     def __init__(self, cluster: SandboxCluster):
-        self.kubeconfig = cluster.kubeconfig
+        self.kubeconfig: Path = cluster.kubeconfig
         self._local = threading.local()
+
+    @classmethod
+    def for_kubeconfig(cls, kubeconfig: Path) -> BulkClient:
+        bulk = cls.__new__(cls)
+        bulk.kubeconfig = kubeconfig
+        bulk._local = threading.local()
+        return bulk
 
     def api(self) -> ApiClient:
         client: ApiClient | None = getattr(self._local, "client", None)
@@ -108,6 +117,48 @@ def create_running_pods(
         return created
 
     return bulk.each(make, list(enumerate(placed)))
+
+
+def _create_pods_chunk(kubeconfig: Path, rows: list[tuple[str, str, str, str]]) -> int:
+    """One worker process's share of `create_many_running_pods`: WRITERS threads of its own."""
+    bulk = BulkClient.for_kubeconfig(kubeconfig)
+
+    def make(row: tuple[str, str, str, str]) -> None:
+        name, namespace, node, ip = row
+        core = bulk.core()
+        discard(
+            core.create_namespaced_pod(
+                namespace, as_body(pod_body(name, node)), _preload_content=False
+            )
+        )
+        status = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "10.0.0.1"}
+        discard(
+            core.patch_namespaced_pod_status(
+                name,
+                namespace,
+                as_body({"status": status}),
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+            )
+        )
+
+    bulk.each(make, rows)
+    return len(rows)
+
+
+def create_many_running_pods(
+    bulk: BulkClient, rows: list[tuple[str, str, str, str]], processes: int = PROCESSES
+) -> None:
+    """Pods as objects only, `(name, namespace, node, ip)` each, with status.podIP set, from
+    `processes` processes of WRITERS threads each: one Python process's client work (TLS,
+    JSON, the generated client) would otherwise set the pace at large sizes, not the API
+    server."""
+    chunks = [rows[i::processes] for i in range(processes)]
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        done = sum(pool.map(_create_pods_chunk, [bulk.kubeconfig] * processes, chunks))
+    if done != len(rows):
+        raise RuntimeError(f"created {done} of {len(rows)} pods")
 
 
 def delete_bench_objects(bulk: BulkClient, namespaces: list[str]) -> None:

@@ -21,6 +21,13 @@ COMMAND_PLUGINS = "ambient_cni.commands"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ctl = sub.add_parser(
         "controller", help="run the cluster controller (writes AmbientNodeConfig specs)"
@@ -49,6 +56,12 @@ def _controller_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         help="namespace of the leader-election Lease (default: $POD_NAMESPACE or istio-system)",
     )
     ctl.add_argument("--min-write-interval", type=float, default=1.0, help="seconds per node")
+    ctl.add_argument(
+        "--max-concurrent-writes",
+        type=_at_least_one,
+        default=8,
+        help="AmbientNodeConfig writes in flight at once (never two for one node)",
+    )
     ctl.add_argument(
         "--orphan-grace",
         type=float,
@@ -283,6 +296,7 @@ def _run_controller(args: argparse.Namespace) -> int:
         leader_election=args.leader_election,
         lease_namespace=args.lease_namespace,
         min_write_interval=args.min_write_interval,
+        max_concurrent_writes=args.max_concurrent_writes,
         orphan_grace=args.orphan_grace,
         untaint_nodes=args.untaint_nodes,
         taint_key=args.taint_key,

@@ -1,8 +1,8 @@
-"""A list-and-watch reflector: a local copy of one list, kept by a watch.
+"""List-and-watch: a local copy of one list kept by a watch (`Reflector`), or a stream of
+the list's objects into a consumer's own index (`ListWatch`).
 
-The reflector lists, then watches from the list's
-resourceVersion, and relists after a 410 or any error, so its store always
-converges on the server's state.
+Both list, then watch from the list's resourceVersion, and relist after a 410
+or any error, so what they feed always converges on the server's state.
 """
 
 from __future__ import annotations
@@ -100,38 +100,131 @@ class Reflector:
         return str(listing["metadata"]["resourceVersion"])
 
     def _watch(self, version: str, stop: threading.Event) -> None:
+        watch_from(self._list_fn, version, stop, self._event, self._on_received, **self._kwargs)
+
+    def _event(self, kind: str, obj: Obj) -> None:
+        key = self._key(obj)
+        with self._lock:
+            if kind == "DELETED":
+                self._store.pop(key, None)
+            else:
+                self._store[key] = obj
+        self._on_change(key)
+
+
+def watch_from(
+    list_fn: Callable[..., Any],
+    version: str,
+    stop: threading.Event,
+    on_event: Callable[[str, Obj], None],
+    on_received: Callable[[int, int], None],
+    **list_kwargs: Any,
+) -> None:
+    """Watch from `version`, calling `on_event(type, object)` for each ADDED, MODIFIED and
+    DELETED, until `stop` or a 410 (return: relist) or an error (raise: relist)."""
+    while not stop.is_set():
+        response = list_fn(
+            watch=True,
+            resource_version=version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=60,
+            _preload_content=False,
+            _request_timeout=(5, 90),
+            **list_kwargs,
+        )
+        try:
+            for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
+                if not line:
+                    continue
+                event = json.loads(line)
+                on_received(1, len(line))
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        return  # history compacted: relist
+                    raise RuntimeError(f"watch error: {obj.get('message')}")
+                version = obj["metadata"]["resourceVersion"]
+                if kind == "BOOKMARK":
+                    continue
+                on_event(kind, obj)
+                if stop.is_set():
+                    return
+        finally:
+            response.release_conn()
+
+
+class ListWatch:
+    """One resource listed page by page, then watched; each object is handed to `on_event`
+    ("ADDED", "MODIFIED" or "DELETED", and "ADDED" for every object of a list) and none is
+    kept here: for a consumer that keeps its own reduced index, so memory holds one page of
+    full objects at a time, not the whole list. After each list, `on_listed` gets the keys
+    the list held, so the consumer forgets what was deleted while no watch ran."""
+
+    def __init__(
+        self,
+        name: str,
+        list_fn: Callable[..., Any],
+        on_event: Callable[[str, Obj], None],
+        on_listed: Callable[[set[str]], None],
+        *,
+        key: Callable[[Mapping[str, Any]], str] = uid_of,
+        page_size: int = 500,
+        on_received: Callable[[int, int], None] | None = None,
+        **list_kwargs: Any,
+    ):
+        self.name = name
+        self._list_fn = list_fn
+        self._on_event = on_event
+        self._on_listed = on_listed
+        self._key = key
+        self._page_size = page_size
+        self._on_received = on_received or _ignore
+        self._kwargs = list_kwargs
+        self.synced = threading.Event()  # set once the first list is handed over
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.2
         while not stop.is_set():
-            response = self._list_fn(
-                watch=True,
-                resource_version=version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=60,
-                _preload_content=False,
-                _request_timeout=(5, 90),
-                **self._kwargs,
-            )
             try:
-                for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
-                    if not line:
-                        continue
-                    event = json.loads(line)
-                    self._on_received(1, len(line))
-                    kind, obj = event["type"], event["object"]
-                    if kind == "ERROR":
-                        if obj.get("code") == 410:
-                            return  # history compacted: relist
-                        raise RuntimeError(f"watch error: {obj.get('message')}")
-                    version = obj["metadata"]["resourceVersion"]
-                    if kind == "BOOKMARK":
-                        continue
-                    key = self._key(obj)
-                    with self._lock:
-                        if kind == "DELETED":
-                            self._store.pop(key, None)
-                        else:
-                            self._store[key] = obj
-                    self._on_change(key)
-                    if stop.is_set():
-                        return
-            finally:
-                response.release_conn()
+                version = self._list()
+                self.synced.set()
+                watch_from(
+                    self._list_fn,
+                    version,
+                    stop,
+                    self._on_event,
+                    self._on_received,
+                    **self._kwargs,
+                )
+                backoff = 0.2
+            except Exception as exc:
+                log.warning(
+                    "%s: list/watch failed, relisting in %.1fs: %s", self.name, backoff, exc
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name=self.name, daemon=True)
+        thread.start()
+        return thread
+
+    def _list(self) -> str:
+        keys: set[str] = set()
+        token: str | None = None
+        while True:
+            extra = {"_continue": token} if token else {}
+            body = self._list_fn(
+                _preload_content=False, limit=self._page_size, **extra, **self._kwargs
+            ).data
+            page = json.loads(body)
+            items = page.get("items") or []
+            self._on_received(len(items), len(body))
+            for obj in items:
+                keys.add(self._key(obj))
+                self._on_event("ADDED", obj)
+            meta = page.get("metadata") or {}
+            token = meta.get("continue") or None
+            if token is None:
+                self._on_listed(keys)
+                return str(meta["resourceVersion"])

@@ -10,6 +10,7 @@ with an injected sidecar, section 1 of the sidecar sheet (sidecar.py).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,6 +92,61 @@ def pod_view(pod: Obj) -> PodView:
         phase=status.get("phase"),
         ips=ips,
         service_account=spec.get("serviceAccountName") or "default",
+        ready=ready,
+        deleting=bool(meta.get("deletionTimestamp")),
+        created=str(meta.get("creationTimestamp") or ""),
+        proxy=proxy_facts(pod),
+    )
+
+
+# The only labels selection reads.
+SELECTION_LABELS = (
+    names.DATAPLANE_MODE_LABEL,
+    names.ZTUNNEL_APP_LABEL,
+    names.NODE_AGENT_LABEL,
+)
+_NONE: dict[str, str] = {}  # shared by every slim view without such labels or annotations
+_SLIM_FIELDS = set(PodView.model_fields)
+# One dict per distinct set of selection labels (an app's pods share theirs); never mutated.
+_SHARED_LABELS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+
+
+def slim_pod_view(pod: Obj) -> PodView:
+    """`pod_view` for a long-lived index: the same answers from selection and planning, with
+    only the labels selection reads, the namespace and node names interned (a node's pods
+    share one string) and no per-view validation or copies of empty maps: memory follows
+    pods times a small constant. Every field is built here from the pod's JSON with its
+    type, as `pod_view` builds it."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    ips = tuple(str(entry.get("ip")) for entry in status.get("podIPs") or [] if entry.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (str(status["podIP"]),)
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+    node = spec.get("nodeName") or None
+    kept = tuple((k, str(labels[k])) for k in SELECTION_LABELS if k in labels)
+    kept_labels = _SHARED_LABELS.setdefault(kept, dict(kept)) if kept else _NONE
+    kept_annotations = {
+        k: str(annotations[k]) for k in _RELEVANT_ANNOTATIONS if k in annotations
+    } or _NONE
+    return PodView.model_construct(
+        _SLIM_FIELDS,
+        uid=str(meta.get("uid", "")),
+        name=str(meta.get("name", "")),
+        namespace=sys.intern(str(meta.get("namespace", ""))),
+        node_name=sys.intern(str(node)) if node else None,
+        labels=kept_labels,
+        annotations=kept_annotations,
+        host_network=bool(spec.get("hostNetwork")),
+        phase=sys.intern(str(status["phase"])) if status.get("phase") else None,
+        ips=ips,
+        service_account=sys.intern(str(spec.get("serviceAccountName") or "default")),
         ready=ready,
         deleting=bool(meta.get("deletionTimestamp")),
         created=str(meta.get("creationTimestamp") or ""),

@@ -94,3 +94,14 @@ def test_in_a_pod_the_api_server_is_where_the_kubelets_env_says(
     env: dict[str, str], server: str | None
 ) -> None:
     assert in_cluster_server(env) == server
+
+
+def test_controller_writes_in_flight_default_and_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["controller"]).max_concurrent_writes == 8
+    assert (
+        build_parser().parse_args(["controller", "--max-concurrent-writes=2"]).max_concurrent_writes
+        == 2
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["controller", "--max-concurrent-writes=0"])  # no writer at all
+    assert "at least 1" in capsys.readouterr().err

@@ -6,7 +6,17 @@ from typing import Any
 
 import pytest
 
-from ambient_cni.selection import PodView, SelectionConfig, decide, knobs, pod_view, workload
+from ambient_cni.selection import (
+    SELECTION_LABELS,
+    PodView,
+    SelectionConfig,
+    decide,
+    desired_workload,
+    knobs,
+    pod_view,
+    slim_pod_view,
+    workload,
+)
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 CONFIG = SelectionConfig()
@@ -248,3 +258,73 @@ def test_workload_entry() -> None:
         "ips": ["10.244.0.5"],
         "dnsCapture": False,
     }
+
+
+SLIM_CASES = [
+    {"metadata": {}},
+    {
+        "metadata": {
+            "uid": "r",
+            "name": "w",
+            "namespace": "shop",
+            "annotations": {"ambient.istio.io/redirection": "disabled"},
+        },
+        "spec": {"nodeName": "n"},
+        "status": {"podIP": "10.0.0.4"},
+    },
+    {"metadata": {"uid": "u1", "name": "w", "namespace": "shop"}, "spec": {"nodeName": "n"}},
+    {
+        "metadata": {
+            "uid": "u2",
+            "name": "w",
+            "namespace": "shop",
+            "labels": {"istio.io/dataplane-mode": "ambient", "team": "x", "pod-template-hash": "1"},
+            "annotations": {"ambient.istio.io/dns-capture": "false", "unrelated": "x"},
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+        },
+        "spec": {"nodeName": "n", "serviceAccountName": "sa"},
+        "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]},
+    },
+    {
+        "metadata": {
+            "uid": "z",
+            "name": "ztunnel-1",
+            "namespace": "istio-system",
+            "labels": {"app": "ztunnel"},
+        },
+        "spec": {"nodeName": "n"},
+        "status": {"podIP": "10.0.0.2", "conditions": [{"type": "Ready", "status": "True"}]},
+    },
+    {
+        "metadata": {
+            "uid": "s",
+            "name": "sc",
+            "namespace": "shop",
+            "annotations": {"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'},
+            "deletionTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {
+            "nodeName": "n",
+            "hostNetwork": True,
+            "containers": [{"name": "app"}, {"name": "istio-proxy", "args": ["proxy"]}],
+        },
+        "status": {"phase": "Succeeded", "podIP": "10.0.0.3"},
+    },
+]
+
+
+@pytest.mark.parametrize("obj", SLIM_CASES)
+@pytest.mark.parametrize("ns_labels", [None, {}, {"istio.io/dataplane-mode": "ambient"}])
+def test_slim_view_answers_as_the_full_view(
+    obj: dict[str, Any], ns_labels: dict[str, str] | None
+) -> None:
+    """The controller's index holds slim views: selection and planning must not tell them apart."""
+    full, slim = pod_view(obj), slim_pod_view(obj)
+    config = SelectionConfig()
+    assert decide(slim, ns_labels, config) == decide(full, ns_labels, config)
+    assert desired_workload(slim, ns_labels, config) == desired_workload(full, ns_labels, config)
+    assert knobs(slim) == knobs(full)
+    assert set(slim.labels) <= set(SELECTION_LABELS)
+    assert {k: v for k, v in full.labels.items() if k in SELECTION_LABELS} == slim.labels
+    assert slim.model_dump(exclude={"labels"}) == full.model_dump(exclude={"labels"})
+    assert slim == slim_pod_view(obj)  # unchanged pod, equal view: no re-plan

@@ -41,3 +41,18 @@ NODE_UNTAINTS = Counter(
     "ambient_cni_controller_node_untaints_total",
     "Nodes the not-ready taint was taken off once their AmbientNodeConfig was Ready",
 )
+API_SECONDS = Histogram(
+    "ambient_cni_controller_api_seconds",
+    "How long the API server took to answer the controller's AmbientNodeConfig writes",
+    ["operation"],  # create | patch
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+WRITES_IN_FLIGHT = Gauge(
+    "ambient_cni_controller_spec_writes_in_flight",
+    "AmbientNodeConfig writes sent and not yet answered (at most --max-concurrent-writes)",
+)
+ECHOES = Counter(
+    "ambient_cni_controller_spec_echoes_total",
+    "AmbientNodeConfig watch events whose spec was already known (the echo of the "
+    "controller's own write, or a status change): no re-plan",
+)

@@ -4,18 +4,23 @@ Events mark nodes stale; a node is re-planned after a short debounce, so a
 burst of events becomes one reconcile. A keyed work queue keeps at most one
 write in flight per node, and writes to one node are spaced by at least
 `min_interval`, so a long burst costs a handful of patches, not one per pod.
+`max_in_flight` workers write concurrently, so the API server, not one
+connection, sets the pace of a burst.
 What the API server holds is tracked from our own writes and from the
-AmbientNodeConfig watch, so a restart or a no-op event costs no write.
+AmbientNodeConfig watch, so a restart or a no-op event costs no write; a watch
+event carrying a spec generation already known (the echo of our own write, or
+the agent's status) costs a dictionary lookup, not a plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
@@ -39,6 +44,28 @@ def _rv(obj: Obj) -> int:
         return 0
 
 
+def _version(obj: Obj) -> tuple[str, int]:
+    """Which spec an object holds: its uid and generation (a status write bumps neither)."""
+    meta = obj.get("metadata") or {}
+    try:
+        generation = int(meta.get("generation") or 0)
+    except (TypeError, ValueError):
+        generation = 0
+    return str(meta.get("uid") or ""), generation
+
+
+class Observed(NamedTuple):
+    """An AmbientNodeConfig as the API server last told us: its spec, resourceVersion and
+    which spec that is (uid, generation)."""
+
+    spec: dict[str, Any] | None
+    rv: int
+    version: tuple[str, int] = ("", 0)
+
+
+NOTHING = Observed(None, 0)
+
+
 class SpecWriter:
     def __init__(
         self,
@@ -48,7 +75,7 @@ class SpecWriter:
         *,
         debounce: float = 0.1,
         min_interval: float = 1.0,
-        workers: int = 2,
+        max_in_flight: int = 8,
         orphan_grace: float = 60.0,
     ):
         self.custom = CustomObjectsApi(api)
@@ -56,48 +83,76 @@ class SpecWriter:
         self.config = config
         self.debounce = debounce
         self.min_interval = min_interval
-        self.workers = workers
+        self.max_in_flight = max_in_flight  # one worker per write in flight
         self.orphan_grace = orphan_grace
         self._orphans: dict[str, float] = {}  # node -> when its object was found without a Node
         self._marked: set[str] = set()  # orphans whose label and condition are written
         self.queue: WorkQueue[str] = WorkQueue()
         self._lock = threading.Lock()
-        self._observed: dict[str, tuple[dict[str, Any] | None, int]] = {}  # node -> (spec, rv)
+        self._observed: dict[str, Observed] = {}  # node -> what the server holds
         self._stale_since: dict[str, float] = {}
         self._last_write: dict[str, float] = {}
         self._failures: dict[str, int] = {}
+        self._in_flight = 0
 
     # -- inputs ----------------------------------------------------------------------
 
     def mark(self, nodes: Iterable[str]) -> None:
         """These nodes' specs may have changed: re-plan them soon."""
         now = time.monotonic()
-        for node in nodes:
-            with self._lock:
+        fresh = []
+        coalesced = 0
+        with self._lock:  # once per call: a namespace change marks every node it has pods on
+            for node in nodes:
                 if node in self._stale_since:
-                    metrics.COALESCED_EVENTS.inc()
+                    coalesced += 1
                     continue
                 self._stale_since[node] = now
+                fresh.append(node)
+        if coalesced:
+            metrics.COALESCED_EVENTS.inc(coalesced)
+        for node in fresh:
             self.queue.add_after(node, self.debounce)
-        for kind, size in self.index.sizes().items():
-            metrics.INDEX_OBJECTS.labels(kind).set(size)
 
     def observe(self, obj: Obj, *, deleted: bool = False) -> None:
         """An AmbientNodeConfig as the API server has it (from a list or a watch event)."""
         node = str(obj["metadata"]["name"])
         rv = _rv(obj)
+        version = _version(obj)
         with self._lock:
             known = self._observed.get(node)
-            if known is not None and rv and rv < known[1]:
+            if known is not None and rv and rv < known.rv:
                 return  # older than what our own write returned
-            self._observed[node] = (None if deleted else obj.get("spec"), rv)
+            if (
+                not deleted
+                and known is not None
+                and known.spec is not None
+                and version[1]
+                and known.version == version
+            ):
+                # The spec we know (our own write coming back, or a status change).
+                self._observed[node] = known._replace(rv=rv)
+                metrics.ECHOES.inc()
+                return
+            self._observed[node] = NOTHING if deleted else Observed(obj.get("spec"), rv, version)
         self.mark([node])
+
+    def known(self) -> list[str]:
+        """The nodes whose AmbientNodeConfig the API server holds, as far as we know."""
+        with self._lock:
+            return [node for node, seen in self._observed.items() if seen.spec is not None]
+
+    def in_flight(self) -> int:
+        return self._in_flight
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         self.queue.start(
-            self.reconcile, workers=self.workers, name="spec-writer", on_error=self._unexpected
+            self.reconcile,
+            workers=self.max_in_flight,
+            name="spec-writer",
+            on_error=self._unexpected,
         )
 
     def stop(self) -> None:
@@ -112,7 +167,7 @@ class SpecWriter:
     def reconcile(self, node: str) -> None:
         with self._lock:
             since = self._stale_since.pop(node, None)
-            observed, _ = self._observed.get(node, (None, 0))
+            observed = self._observed.get(node, NOTHING).spec
             wait = self._last_write.get(node, float("-inf")) + self.min_interval - time.monotonic()
         node_uid = self.index.node_uid(node)
         if node_uid is None:
@@ -131,18 +186,31 @@ class SpecWriter:
             self._requeue(node, since, wait)
             return
         try:
-            if observed is None:
-                result = self._create(node, node_uid, desired)
-            else:
-                result = self._patch(node, merge_patch(observed, desired))
+            with self._writing():
+                if observed is None:
+                    result = self._create(node, node_uid, desired)
+                else:
+                    result = self._patch(node, merge_patch(observed, desired))
         except ApiException as exc:
             self._handle_error(node, since, exc)
             return
         with self._lock:
-            self._observed[node] = (result.get("spec"), _rv(result))
+            self._observed[node] = Observed(result.get("spec"), _rv(result), _version(result))
             self._last_write[node] = time.monotonic()
             self._failures.pop(node, None)
         _observe_latency(since)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        with self._lock:
+            self._in_flight += 1
+        metrics.WRITES_IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            metrics.WRITES_IN_FLIGHT.dec()
+            with self._lock:
+                self._in_flight -= 1
 
     # -- objects without a Node ---------------------------------------------------------
 
@@ -210,7 +278,7 @@ class SpecWriter:
         with self._lock:
             self._orphans.pop(node, None)
             self._marked.discard(node)
-            self._observed[node] = (None, 0)
+            self._observed[node] = NOTHING
         metrics.ORPHANS.labels("deleted").inc()
         log.warning("deleted %s %s: its Node does not exist", names.KIND, node)
 
@@ -244,27 +312,29 @@ class SpecWriter:
             },
             "spec": spec,
         }
-        result = raw(
-            self.custom.create_cluster_custom_object(
-                names.GROUP, names.VERSION, names.PLURAL, as_body(body), _preload_content=False
+        with metrics.API_SECONDS.labels("create").time():
+            result = raw(
+                self.custom.create_cluster_custom_object(
+                    names.GROUP, names.VERSION, names.PLURAL, as_body(body), _preload_content=False
+                )
             )
-        )
         metrics.SPEC_WRITES.labels("create").inc()
         log.info("created %s %s with %d workloads", names.KIND, node, len(spec["workloads"]))
         return result
 
     def _patch(self, node: str, spec_patch: dict[str, Any]) -> Obj:
-        result = raw(
-            self.custom.patch_cluster_custom_object(
-                names.GROUP,
-                names.VERSION,
-                names.PLURAL,
-                node,
-                as_body({"spec": spec_patch}),
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
+        with metrics.API_SECONDS.labels("patch").time():
+            result = raw(
+                self.custom.patch_cluster_custom_object(
+                    names.GROUP,
+                    names.VERSION,
+                    names.PLURAL,
+                    node,
+                    as_body({"spec": spec_patch}),
+                    _content_type=MERGE_PATCH,
+                    _preload_content=False,
+                )
             )
-        )
         metrics.SPEC_WRITES.labels("patch").inc()
         log.info(
             "patched %s %s: %s (%d workloads)",
@@ -282,7 +352,7 @@ class SpecWriter:
             return
         if exc.status == 404:  # deleted behind our back: create it again
             with self._lock:
-                self._observed[node] = (None, 0)
+                self._observed[node] = NOTHING
             self._requeue(node, since, 0)
             return
         reason = f"HTTP{exc.status}" if exc.status else "Unreachable"
@@ -300,10 +370,10 @@ class SpecWriter:
             if exc.status != 404:
                 raise
             with self._lock:
-                self._observed[node] = (None, 0)
+                self._observed[node] = NOTHING
             return
         with self._lock:
-            self._observed[node] = (obj.get("spec"), _rv(obj))
+            self._observed[node] = Observed(obj.get("spec"), _rv(obj), _version(obj))
 
     def _retry(self, node: str, reason: str, since: float | None = None) -> None:
         metrics.WRITE_ERRORS.labels(reason).inc()

@@ -1,0 +1,123 @@
+"""ListWatch: lists page by page, hands each object over and keeps none, tells what a list
+held, then watches; a 410 relists."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ambient_cni.reflector import ListWatch, name_of
+
+
+@dataclass
+class Response:
+    data: bytes = b""
+    lines: list[bytes] = field(default_factory=list)
+
+    def stream(self, *_: Any, **__: Any) -> Any:
+        yield from (line + b"\n" for line in self.lines)
+
+    def release_conn(self) -> None:
+        pass
+
+
+def obj(name: str, rv: str = "1") -> dict[str, Any]:
+    return {"metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": rv}}
+
+
+class FakeList:
+    """Answers lists from `pages` (with continue tokens) and watches from `watches`; when the
+    watches run out, it stops the ListWatch."""
+
+    def __init__(self, pages: list[list[dict[str, Any]]], watches: list[list[dict[str, Any]]]):
+        self.pages = pages
+        self.watches = watches
+        self.calls: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+
+    def __call__(self, **kwargs: Any) -> Response:
+        self.calls.append(kwargs)
+        if kwargs.get("watch"):
+            if not self.watches:
+                self.stop.set()
+                return Response()
+            events = self.watches.pop(0)
+            return Response(lines=[json.dumps(e).encode() for e in events])
+        token = kwargs.get("_continue")
+        index = int(token) if token else 0
+        meta: dict[str, Any] = {"resourceVersion": "10"}
+        if index + 1 < len(self.pages):
+            meta["continue"] = str(index + 1)
+        return Response(data=json.dumps({"metadata": meta, "items": self.pages[index]}).encode())
+
+
+def run(fake: FakeList) -> tuple[list[tuple[str, str]], list[set[str]]]:
+    events: list[tuple[str, str]] = []
+    listed: list[set[str]] = []
+    watch = ListWatch(
+        "test",
+        fake,
+        lambda kind, o: events.append((kind, name_of(o))),
+        listed.append,
+        key=name_of,
+        page_size=2,
+    )
+    watch.run(fake.stop)
+    assert watch.synced.is_set()
+    return events, listed
+
+
+def test_lists_in_pages_then_watches_from_the_lists_version() -> None:
+    fake = FakeList(
+        pages=[[obj("a"), obj("b")], [obj("c")]],
+        watches=[
+            [
+                {"type": "MODIFIED", "object": obj("a", "11")},
+                {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}},
+                {"type": "DELETED", "object": obj("b", "13")},
+            ]
+        ],
+    )
+    events, listed = run(fake)
+    assert events == [
+        ("ADDED", "a"),
+        ("ADDED", "b"),
+        ("ADDED", "c"),
+        ("MODIFIED", "a"),
+        ("DELETED", "b"),
+    ]
+    assert listed == [{"a", "b", "c"}]
+    lists = [c for c in fake.calls if not c.get("watch")]
+    assert [c.get("limit") for c in lists] == [2, 2]
+    assert [c.get("_continue") for c in lists] == [None, "1"]
+    watches = [c for c in fake.calls if c.get("watch")]
+    assert watches[0]["resource_version"] == "10"
+    assert watches[1]["resource_version"] == "13"  # resumes after the last event seen
+
+
+def test_a_gone_watch_relists_and_says_what_the_new_list_held() -> None:
+    fake = FakeList(
+        pages=[[obj("a"), obj("b")]],
+        watches=[[{"type": "ERROR", "object": {"code": 410, "message": "too old"}}]],
+    )
+    first = fake.pages[0]
+
+    def shrink(**kwargs: Any) -> Response:
+        if fake.calls and not kwargs.get("watch"):
+            fake.pages = [[first[0]]]  # b was deleted while no watch ran
+        return FakeList.__call__(fake, **kwargs)
+
+    events: list[tuple[str, str]] = []
+    listed: list[set[str]] = []
+    watch = ListWatch(
+        "test",
+        shrink,
+        lambda kind, o: events.append((kind, name_of(o))),
+        listed.append,
+        key=name_of,
+    )
+    watch.run(fake.stop)
+    assert listed == [{"a", "b"}, {"a"}]
+    assert events == [("ADDED", "a"), ("ADDED", "b"), ("ADDED", "a")]
