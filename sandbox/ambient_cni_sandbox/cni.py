@@ -242,9 +242,11 @@ class CniRuntime:
         return failures
 
     def _run(self, command: str, pod: SandboxPod, conf_dir: Path) -> str:
-        for mount_point in self.node_view:
-            # A node has these; the machine may not (removed again at `sandbox down`).
+        for mount_point, source in self.node_view.items():
+            # A node has these; the machine may not (removed again at `sandbox down`), nor
+            # the node before anything is installed on it.
             Path(mount_point).mkdir(parents=True, exist_ok=True)
+            source.mkdir(parents=True, exist_ok=True)
         argv = [
             str(self.cni_run),
             f"--conf-dir={conf_dir}",
