@@ -12,23 +12,31 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient
+from kubernetes.client import ApiClient, Configuration
 
 MERGE_PATCH = "application/merge-patch+json"
 
 Obj = dict[str, Any]
 
 
-def new_api_client(kubeconfig: Path | None = None) -> ApiClient:
-    """A client from `kubeconfig`, or in-cluster, or from $KUBECONFIG / ~/.kube/config."""
+def new_api_client(kubeconfig: Path | None = None, *, pool_size: int | None = None) -> ApiClient:
+    """A client from `kubeconfig`, or in-cluster, or from $KUBECONFIG / ~/.kube/config.
+    `pool_size`: connections kept for reuse (default: the client's, 5 per CPU), at least as
+    many as threads calling at once, or each call beyond it pays a new TLS handshake."""
     if kubeconfig is None:
         try:
             kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
-            return ApiClient()
+            configuration = Configuration.get_default_copy()
+            if pool_size is not None:
+                configuration.connection_pool_maxsize = pool_size
+            return ApiClient(configuration)
         except kube_config.ConfigException:
             pass
+    configuration = Configuration()
+    if pool_size is not None:
+        configuration.connection_pool_maxsize = pool_size
     client: ApiClient = kube_config.new_client_from_config(  # type: ignore[no-untyped-call]
-        config_file=str(kubeconfig) if kubeconfig else None
+        config_file=str(kubeconfig) if kubeconfig else None, client_configuration=configuration
     )
     return client
 

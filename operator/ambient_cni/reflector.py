@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,19 +154,29 @@ def watch_from(
             response.release_conn()
 
 
+# (connect, read) seconds for one page of a list: a connection gone half-open must end in
+# a relist, not hang the resource's thread for good.
+LIST_TIMEOUT = (5, 60)
+
+
 class ListWatch:
     """One resource listed page by page, then watched; each object is handed to `on_event`
     ("ADDED", "MODIFIED" or "DELETED", and "ADDED" for every object of a list) and none is
     kept here: for a consumer that keeps its own reduced index, so memory holds one page of
     full objects at a time, not the whole list. After each list, `on_listed` gets the keys
-    the list held, so the consumer forgets what was deleted while no watch ran."""
+    the list held and its resourceVersion, so the consumer forgets what was deleted while no
+    watch ran (and only that: what it learned later than the list is not in it).
+
+    A consumer that fails on one object is logged and counted (`failures`), and the stream
+    goes on: one bad object must not stop a whole resource. `last_contact` is when the API
+    server last answered (a page, a watch event, a watch that ended on time), for liveness."""
 
     def __init__(
         self,
         name: str,
         list_fn: Callable[..., Any],
         on_event: Callable[[str, Obj], None],
-        on_listed: Callable[[set[str]], None],
+        on_listed: Callable[[set[str], str], None],
         *,
         key: Callable[[Mapping[str, Any]], str] = uid_of,
         page_size: int = 500,
@@ -181,6 +192,8 @@ class ListWatch:
         self._on_received = on_received or _ignore
         self._kwargs = list_kwargs
         self.synced = threading.Event()  # set once the first list is handed over
+        self.failures = 0  # objects the consumer failed on
+        self.last_contact = time.monotonic()
 
     def run(self, stop: threading.Event) -> None:
         backoff = 0.2
@@ -192,10 +205,11 @@ class ListWatch:
                     self._list_fn,
                     version,
                     stop,
-                    self._on_event,
-                    self._on_received,
+                    self._deliver,
+                    self._received,
                     **self._kwargs,
                 )
+                self.last_contact = time.monotonic()  # the watch ended as asked: a relist
                 backoff = 0.2
             except Exception as exc:
                 log.warning(
@@ -209,22 +223,45 @@ class ListWatch:
         thread.start()
         return thread
 
+    def _received(self, objects: int, size: int) -> None:
+        self.last_contact = time.monotonic()
+        self._on_received(objects, size)
+
+    def _deliver(self, kind: str, obj: Obj) -> None:
+        try:
+            self._on_event(kind, obj)
+        except Exception:
+            self.failures += 1
+            meta = obj.get("metadata") or {}
+            log.exception(
+                "%s: handling %s %s/%s failed; going on with the others",
+                self.name,
+                kind,
+                meta.get("namespace", ""),
+                meta.get("name", ""),
+            )
+
     def _list(self) -> str:
         keys: set[str] = set()
         token: str | None = None
         while True:
             extra = {"_continue": token} if token else {}
             body = self._list_fn(
-                _preload_content=False, limit=self._page_size, **extra, **self._kwargs
+                _preload_content=False,
+                _request_timeout=LIST_TIMEOUT,
+                limit=self._page_size,
+                **extra,
+                **self._kwargs,
             ).data
             page = json.loads(body)
             items = page.get("items") or []
-            self._on_received(len(items), len(body))
+            self._received(len(items), len(body))
             for obj in items:
                 keys.add(self._key(obj))
-                self._on_event("ADDED", obj)
+                self._deliver("ADDED", obj)
             meta = page.get("metadata") or {}
             token = meta.get("continue") or None
             if token is None:
-                self._on_listed(keys)
-                return str(meta["resourceVersion"])
+                version = str(meta["resourceVersion"])
+                self._on_listed(keys, version)
+                return version

@@ -6,7 +6,7 @@ command), `env` with values and the downward API's fieldRefs, the pod's and the
 container's `securityContext` (user, group, non-root check, privileged, capabilities, a
 read-only root filesystem, no new privileges), `volumeMounts` (read-only, subPath,
 HostToContainer and Bidirectional propagation) of volumes the kubelet has made into host
-directories, and readiness and liveness probes (httpGet, tcpSocket, exec).
+directories, and readiness, liveness and startup probes (httpGet, tcpSocket, exec).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ VOLUME_KINDS = ("hostPath", "emptyDir", "configMap", "secret", "projected", "dow
 
 
 class Probe(BaseModel):
-    """A readiness or liveness probe, with Kubernetes' defaults filled in."""
+    """A readiness, liveness or startup probe, with Kubernetes' defaults filled in."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -51,6 +51,7 @@ class ContainerPlan(BaseModel):
     run_args: tuple[str, ...]  # `podman run` arguments after `run`, image and command included
     readiness: Probe | None = None
     liveness: Probe | None = None
+    startup: Probe | None = None  # until it succeeds, no other probe runs
 
 
 def containers(pod: Pod) -> list[Mapping[str, Any]]:
@@ -208,6 +209,7 @@ def plan(
         run_args=tuple(args),
         readiness=probe(container, "readinessProbe"),
         liveness=probe(container, "livenessProbe"),
+        startup=probe(container, "startupProbe"),
     )
 
 

@@ -238,7 +238,8 @@ class ImagePods:
         state.started_at, state.started_mono = self.now(), time.monotonic()
         state.exit_code = state.finished_at = None
         state.ready = plan_.readiness is None
-        state.readiness_streak = state.liveness_failures = 0
+        state.readiness_streak = state.liveness_failures = state.startup_failures = 0
+        state.started = plan_.startup is None
         state.next_probe = 0.0
         state.restart_at = None
 
@@ -271,9 +272,13 @@ class ImagePods:
             spec = plans.get(state.name)
             if spec is None or state.state != "running":
                 continue
-            checks = [
-                (k, p) for k, p in (("readiness", spec.readiness), ("liveness", spec.liveness)) if p
-            ]
+            # Until its startup probe succeeds, a container gets no other probe.
+            probes = (
+                (("readiness", spec.readiness), ("liveness", spec.liveness))
+                if state.started
+                else (("startup", spec.startup),)
+            )
+            checks = [(k, p) for k, p in probes if p]
             if not checks:
                 continue
             first = state.started_mono + min(p.initial_delay for _, p in checks)
@@ -303,6 +308,12 @@ class ImagePods:
             changed = now_ready != state.ready
             state.ready = now_ready
             return changed
+        if kind == "startup":
+            state.startup_failures = 0 if ok else state.startup_failures + 1
+            state.started = ok
+            if state.startup_failures >= check.failure_threshold:
+                restart.append(state.name)
+            return False
         state.liveness_failures = 0 if ok else state.liveness_failures + 1
         if state.liveness_failures >= check.failure_threshold:
             restart.append(state.name)

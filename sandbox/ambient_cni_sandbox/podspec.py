@@ -241,6 +241,8 @@ class ContainerState(BaseModel):
     next_probe: float = 0.0
     readiness_streak: int = 0
     liveness_failures: int = 0
+    started: bool = True  # its startup probe succeeded (True when it has none)
+    startup_failures: int = 0
     restart_at: float | None = None
 
 

@@ -7,8 +7,16 @@ from typing import Any
 import pytest
 
 from ambient_cni_sandbox.cluster import cri_log_lines
-from ambient_cni_sandbox.containerspec import Probe, host_path, plan, probe, volume_kind
-from ambient_cni_sandbox.podspec import PodSpecError
+from ambient_cni_sandbox.containerspec import (
+    ContainerPlan,
+    Probe,
+    host_path,
+    plan,
+    probe,
+    volume_kind,
+)
+from ambient_cni_sandbox.image_pods import ImagePods
+from ambient_cni_sandbox.podspec import ContainerState, PodSpecError
 
 AGENT = {
     "name": "agent",
@@ -39,20 +47,22 @@ def pod(container: dict[str, Any], **spec: Any) -> dict[str, Any]:
     }
 
 
-def run_args(container: dict[str, Any], image_user: str = "65532", **spec: Any) -> list[str]:
-    return list(
-        plan(
-            pod(container, **spec),
-            container,
-            name="k8s_agent",
-            netns_path="/run/netns/node-1",
-            pod_ips=("10.0.0.1",),
-            host_ips=("172.18.0.11",),
-            volume_dirs={"host-proc": "/proc", "netns": "/var/run/netns"},
-            image_user=image_user,
-            log_path="/logs/agent.log",
-        ).run_args
+def plan_of(container: dict[str, Any], image_user: str = "65532", **spec: Any) -> ContainerPlan:
+    return plan(
+        pod(container, **spec),
+        container,
+        name="k8s_agent",
+        netns_path="/run/netns/node-1",
+        pod_ips=("10.0.0.1",),
+        host_ips=("172.18.0.11",),
+        volume_dirs={"host-proc": "/proc", "netns": "/var/run/netns"},
+        image_user=image_user,
+        log_path="/logs/agent.log",
     )
+
+
+def run_args(container: dict[str, Any], image_user: str = "65532", **spec: Any) -> list[str]:
+    return list(plan_of(container, image_user, **spec).run_args)
 
 
 def test_the_agents_container_as_the_chart_asks() -> None:
@@ -158,3 +168,27 @@ def test_a_cri_log_reads_as_its_lines_partial_entries_joined() -> None:
         "WHOAMI system:serviceaccount:ns:default node-2",
         "",
     ]
+
+
+def test_until_its_startup_probe_succeeds_a_container_gets_no_liveness_verdict() -> None:
+    startup = Probe(kind="http", port=8081, failure_threshold=2)
+    liveness = Probe(kind="http", port=8081, failure_threshold=1)
+    state = ContainerState(name="c", image="i", started=False)
+    restart: list[str] = []
+    # The scheduler asks only the startup probe while not started: a failure of it counts
+    # against its own threshold, not liveness's.
+    ImagePods._note(state, "startup", startup, False, restart)
+    assert (state.started, restart) == (False, [])
+    ImagePods._note(state, "startup", startup, True, restart)
+    assert state.started
+    ImagePods._note(state, "liveness", liveness, False, restart)
+    assert restart == ["c"]
+    never = ContainerState(name="d", image="i", started=False)
+    for _ in range(2):
+        ImagePods._note(never, "startup", startup, False, restart)
+    assert restart == ["c", "d"]  # never started within its threshold: restarted
+
+
+def test_the_plan_carries_the_startup_probe() -> None:
+    container = {**AGENT, "startupProbe": {"httpGet": {"path": "/healthz", "port": "health"}}}
+    assert plan_of(container).startup == Probe(kind="http", port=8000, path="/healthz")

@@ -60,7 +60,7 @@ def run(fake: FakeList) -> tuple[list[tuple[str, str]], list[set[str]]]:
         "test",
         fake,
         lambda kind, o: events.append((kind, name_of(o))),
-        listed.append,
+        lambda keys, version: listed.append(keys),
         key=name_of,
         page_size=2,
     )
@@ -115,9 +115,45 @@ def test_a_gone_watch_relists_and_says_what_the_new_list_held() -> None:
         "test",
         shrink,
         lambda kind, o: events.append((kind, name_of(o))),
-        listed.append,
+        lambda keys, version: listed.append(keys),
         key=name_of,
     )
     watch.run(fake.stop)
     assert listed == [{"a", "b"}, {"a"}]
     assert events == [("ADDED", "a"), ("ADDED", "b"), ("ADDED", "a")]
+
+
+def test_each_list_page_has_a_deadline_and_the_list_says_its_version() -> None:
+    fake = FakeList(pages=[[obj("a")]], watches=[])
+    versions: list[str] = []
+    watch = ListWatch("test", fake, lambda kind, o: None, lambda keys, v: versions.append(v))
+    watch.run(fake.stop)
+    assert versions == ["10"]
+    lists = [c for c in fake.calls if not c.get("watch")]
+    assert all(c["_request_timeout"] for c in lists)  # a half-open connection cannot hang it
+
+
+def test_an_object_the_consumer_fails_on_is_skipped_not_the_stream() -> None:
+    fake = FakeList(
+        pages=[[obj("a"), obj("bad")]],
+        watches=[
+            [
+                {"type": "MODIFIED", "object": obj("bad", "11")},
+                {"type": "MODIFIED", "object": obj("a", "12")},
+            ]
+        ],
+    )
+    seen: list[tuple[str, str]] = []
+
+    def consume(kind: str, o: dict[str, Any]) -> None:
+        if name_of(o) == "bad":
+            raise ValueError("cannot read it")
+        seen.append((kind, name_of(o)))
+
+    listed: list[set[str]] = []
+    watch = ListWatch("test", fake, consume, lambda keys, v: listed.append(keys), key=name_of)
+    watch.run(fake.stop)
+    assert listed == [{"a", "bad"}]  # the list still ends, and says what it held
+    assert seen == [("ADDED", "a"), ("MODIFIED", "a")]
+    assert watch.failures == 2
+    assert len([c for c in fake.calls if not c.get("watch")]) == 1  # no relist for it

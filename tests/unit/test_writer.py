@@ -183,3 +183,24 @@ def test_an_older_event_than_our_write_is_ignored(api: FakeApi) -> None:
     )
     writer.observe(stale)
     assert len(writer.queue) == 0
+
+
+def test_an_edit_told_while_its_own_write_was_answered_is_not_overwritten(api: FakeApi) -> None:
+    index = cluster(1)
+    writer = new_writer(api, index, max_in_flight=2)
+    api.gate.clear()
+    writer.start()
+    try:
+        writer.mark(["n0"])
+        assert api.wait_for(lambda: api.in_flight == 1)  # the create, not yet answered
+        # Meanwhile the watch tells of a later change by hand (newer resourceVersion).
+        edited = {
+            "metadata": {"name": "n0", "uid": "uid-n0", "generation": 7, "resourceVersion": "500"},
+            "spec": {"nodeName": "n0", "dnsCapture": False, "workloads": []},
+        }
+        writer.observe(edited)
+        api.gate.set()
+        # The answer (older) must not hide the edit: the writer puts its own spec back.
+        assert api.wait_for(lambda: api.calls == [("create", "n0"), ("patch", "n0")])
+    finally:
+        writer.stop()

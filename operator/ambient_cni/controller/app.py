@@ -26,6 +26,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ from ambient_cni.selection import PodView, knobs, slim_pod_view
 from ambient_cni.sidecar import decide_sidecar
 
 log = logging.getLogger("ambient_cni.controller")
+# Seconds a watch may hear nothing before liveness fails: each reconnects within a minute
+# (60 s server timeout), and a read waits 90 s at most before it relists.
+WATCH_SILENCE_LIMIT = 180.0
 
 
 @dataclass
@@ -184,6 +188,12 @@ class Controller:
         self.primed.set()
         self._maybe_start()
 
+    def watch_silence(self) -> dict[str, float]:
+        """Seconds since the API server last answered each watch. A watch reconnects at
+        least every minute, so a long silence is one stuck on a dead connection."""
+        now = time.monotonic()
+        return {watch.name: round(now - watch.last_contact, 1) for watch in self.watches}
+
     def became_leader(self) -> None:
         self.leading.set()
         if self.untainter is not None:
@@ -212,21 +222,22 @@ class Controller:
             self._warn_once(view)  # warnings follow the annotations and the proxy only
         self.writer.mark(self.index.set_pod(view))
 
-    def on_pods_listed(self, uids: set[str]) -> None:
+    def on_pods_listed(self, uids: set[str], _version: str) -> None:
         """After a (re)list: forget the pods deleted while no watch ran."""
         for uid in [uid for uid in self._warned if uid not in uids]:
             self._warned.pop(uid, None)
         self.writer.mark(self.index.retain_pods(uids))
 
-    def on_namespaces_listed(self, names_: set[str]) -> None:
+    def on_namespaces_listed(self, names_: set[str], _version: str) -> None:
         self.writer.mark(self.index.retain_namespaces(names_))
 
-    def on_nodes_listed(self, names_: set[str]) -> None:
+    def on_nodes_listed(self, names_: set[str], _version: str) -> None:
         for name in [name for name in self.index.nodes() if name not in names_]:
             self.on_node({"metadata": {"name": name}}, deleted=True)
 
-    def on_ancs_listed(self, names_: set[str]) -> None:
-        for name in [name for name in self.writer.known() if name not in names_]:
+    def on_ancs_listed(self, names_: set[str], version: str) -> None:
+        # Not those the writer learned of after the list (its own creates come back later).
+        for name in self.writer.unlisted(names_, version):
             self.on_anc({"metadata": {"name": name}}, deleted=True)
 
     def _warn_once(self, view: PodView) -> None:
@@ -272,6 +283,17 @@ class Controller:
             self.untainter.on_anc(anc, deleted=deleted)
 
 
+def check_watches(controller: Controller) -> dict[str, float]:
+    """The liveness probe: fails (the endpoint answers 500) while a watch hears nothing, so
+    the controller is restarted and lists everything again instead of planning from a
+    stale index; otherwise each watch's seconds of silence."""
+    silence = controller.watch_silence()
+    stuck = {name: age for name, age in silence.items() if age > WATCH_SILENCE_LIMIT}
+    if stuck:
+        raise kopf.PermanentError(f"no answer from the API server for the watches {stuck}")
+    return silence
+
+
 def build_registry() -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
@@ -292,6 +314,10 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.watching.server_timeout = 300
         memo.controller.prime()
 
+    @kopf.on.probe(registry=registry, id="watches", errors=kopf.ErrorsMode.PERMANENT)
+    def watches(memo: Any, **_: Any) -> dict[str, float]:
+        return check_watches(memo.controller)
+
     # Every watch is a ListWatch of Controller.watches, started by prime() (see the module's
     # docstring for why not kopf's).
     return registry
@@ -304,7 +330,8 @@ def run(options: ControllerOptions) -> int:
     # kopf logs every handled event per object at INFO; keep its warnings and errors only.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     logging.getLogger("ambient_cni").setLevel(options.log_level.upper())
-    api = new_api_client(options.kubeconfig)
+    # The writers, Events, the untainter and the Lease share one pool: one connection each.
+    api = new_api_client(options.kubeconfig, pool_size=options.max_concurrent_writes + 4)
     controller = Controller(options, api, new_api_client(options.kubeconfig))
     stop = threading.Event()  # ends our own threads
     lost = threading.Event()
@@ -316,6 +343,9 @@ def run(options: ControllerOptions) -> int:
     def lose() -> None:
         lost.set()
         stop.set()
+        # Another replica may lead already: no write from here on, not even those queued.
+        controller.leading.clear()
+        controller.writer.queue.close()
         # kopf's stop_flag is waited for on an executor thread that a signal stop leaves
         # blocked at exit; stopping kopf by its own signal path has no such trap.
         os.kill(os.getpid(), signal.SIGTERM)

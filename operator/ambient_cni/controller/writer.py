@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from ambient_cni.api import names
 from ambient_cni.controller import metrics
@@ -64,6 +65,8 @@ class Observed(NamedTuple):
 
 
 NOTHING = Observed(None, 0)
+# (connect, read) seconds for one request: a write that hangs fails and is retried.
+REQUEST_TIMEOUT = (5, 30)
 
 
 class SpecWriter:
@@ -137,10 +140,17 @@ class SpecWriter:
             self._observed[node] = NOTHING if deleted else Observed(obj.get("spec"), rv, version)
         self.mark([node])
 
-    def known(self) -> list[str]:
-        """The nodes whose AmbientNodeConfig the API server holds, as far as we know."""
+    def unlisted(self, listed: set[str], list_version: str) -> list[str]:
+        """The nodes whose object we know of, learned no later than a list taken at
+        `list_version`, that the list did not hold: deleted while no watch ran. (One created
+        by our own write after the list's snapshot is newer than it, and not in it.)"""
+        version = _rv({"metadata": {"resourceVersion": list_version}})
         with self._lock:
-            return [node for node, seen in self._observed.items() if seen.spec is not None]
+            return [
+                node
+                for node, seen in self._observed.items()
+                if seen.spec is not None and node not in listed and seen.rv <= version
+            ]
 
     def in_flight(self) -> int:
         return self._in_flight
@@ -194,11 +204,23 @@ class SpecWriter:
         except ApiException as exc:
             self._handle_error(node, since, exc)
             return
+        except (HTTPError, OSError) as exc:  # no answer in time, or no connection
+            log.warning("writing %s %s failed (Unreachable): %s", names.KIND, node, exc)
+            self._retry(node, "Unreachable", since)
+            return
         with self._lock:
-            self._observed[node] = Observed(result.get("spec"), _rv(result), _version(result))
+            self._remember(node, result)
             self._last_write[node] = time.monotonic()
             self._failures.pop(node, None)
         _observe_latency(since)
+
+    def _remember(self, node: str, answer: Obj) -> None:
+        """What our own write or read returned, unless the watch already told of a later
+        change (an edit by hand between our write and its answer): that one stands, and was
+        marked for a plan when it came. Called with the lock held."""
+        known = self._observed.get(node)
+        if known is None or _rv(answer) >= known.rv:
+            self._observed[node] = Observed(answer.get("spec"), _rv(answer), _version(answer))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -251,6 +273,7 @@ class SpecWriter:
             as_body({"metadata": {"labels": {names.ORPHANED_LABEL: "true"}}}),
             _content_type=MERGE_PATCH,
             _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         discard(answer)
         answer = self.custom.patch_cluster_custom_object_status(
@@ -261,6 +284,7 @@ class SpecWriter:
             as_body({"status": {"conditions": [condition]}}),
             _content_type=MERGE_PATCH,
             _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         discard(answer)
         metrics.ORPHANS.labels("marked").inc()
@@ -269,7 +293,12 @@ class SpecWriter:
     def _delete_orphan(self, node: str) -> None:
         try:
             answer = self.custom.delete_cluster_custom_object(
-                names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+                names.GROUP,
+                names.VERSION,
+                names.PLURAL,
+                node,
+                _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT,
             )
             discard(answer)
         except ApiException as exc:
@@ -292,6 +321,7 @@ class SpecWriter:
             as_body({"metadata": {"labels": {names.ORPHANED_LABEL: None}}}),
             _content_type=MERGE_PATCH,
             _preload_content=False,
+            _request_timeout=REQUEST_TIMEOUT,
         )
         discard(answer)
         with self._lock:
@@ -315,7 +345,12 @@ class SpecWriter:
         with metrics.API_SECONDS.labels("create").time():
             result = raw(
                 self.custom.create_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.PLURAL, as_body(body), _preload_content=False
+                    names.GROUP,
+                    names.VERSION,
+                    names.PLURAL,
+                    as_body(body),
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 )
             )
         metrics.SPEC_WRITES.labels("create").inc()
@@ -333,6 +368,7 @@ class SpecWriter:
                     as_body({"spec": spec_patch}),
                     _content_type=MERGE_PATCH,
                     _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 )
             )
         metrics.SPEC_WRITES.labels("patch").inc()
@@ -363,7 +399,12 @@ class SpecWriter:
         try:
             obj = raw(
                 self.custom.get_cluster_custom_object(
-                    names.GROUP, names.VERSION, names.PLURAL, node, _preload_content=False
+                    names.GROUP,
+                    names.VERSION,
+                    names.PLURAL,
+                    node,
+                    _preload_content=False,
+                    _request_timeout=REQUEST_TIMEOUT,
                 )
             )
         except ApiException as exc:
@@ -373,7 +414,7 @@ class SpecWriter:
                 self._observed[node] = NOTHING
             return
         with self._lock:
-            self._observed[node] = Observed(obj.get("spec"), _rv(obj), _version(obj))
+            self._remember(node, obj)
 
     def _retry(self, node: str, reason: str, since: float | None = None) -> None:
         metrics.WRITE_ERRORS.labels(reason).inc()
