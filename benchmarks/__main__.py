@@ -23,15 +23,17 @@ from .measure import machine
 SANDBOX = "bench"
 
 
-def _on_sandbox(nodes: int, body: Callable[[SandboxCluster], dict[str, Any]]) -> dict[str, Any]:
+def _on_sandbox(
+    nodes: int, body: Callable[[SandboxCluster], dict[str, Any]], name: str = SANDBOX
+) -> dict[str, Any]:
     """A fresh sandbox per benchmark: none inherits another's objects or load. IPv4 only, as
     every figure in BENCHMARKS.md was measured (a dual-stack pod costs a second address and
     ruleset: compare like with like)."""
-    lifecycle.up(SANDBOX, nodes=nodes, ip_family="ipv4")
+    lifecycle.up(name, nodes=nodes, ip_family="ipv4")
     try:
-        return body(SandboxCluster.open(SANDBOX))
+        return body(SandboxCluster.open(name))
     finally:
-        lifecycle.down(SANDBOX)
+        lifecycle.down(name)
 
 
 def _sizes(text: str) -> list[int]:
@@ -61,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
     parser.add_argument(
+        "--sandbox",
+        default=SANDBOX,
+        help=f"the sandboxes' name (default {SANDBOX}): two runs at once need two names",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         metavar="DIR",
@@ -71,16 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
         return 2
     chosen = args.only or ["enroll", "event", "scale", "cni"]
+    on_sandbox = functools.partial(_on_sandbox, name=args.sandbox)
     results: dict[str, dict[str, Any]] = {}
     if "enroll" in chosen:
-        results["enroll"] = _on_sandbox(1, lambda c: enroll.run(c, args.pods, profile=args.profile))
+        results["enroll"] = on_sandbox(1, lambda c: enroll.run(c, args.pods, profile=args.profile))
     if "event" in chosen:
         results["event"] = {"backends": {}}
         for backend in enroll.BACKENDS:
             measure = functools.partial(event_to_kernel.run, pods=args.event_pods, backend=backend)
-            results["event"]["backends"][backend] = _on_sandbox(2, measure)
+            results["event"]["backends"][backend] = on_sandbox(2, measure)
     if "cni" in chosen:
-        results["cni"] = _on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
+        results["cni"] = on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
     if "scale" in chosen:
         per_node = max(args.scale_pods // max(args.nodes, 1), 1)
         sizes = args.scale_sizes or [args.nodes]
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             measure = functools.partial(
                 controller_scale.run, nodes=nodes, pods=pods, relabel=args.relabel
             )
-            runs.append(_on_sandbox(1, measure))
+            runs.append(on_sandbox(1, measure))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a long run's progress
         results["scale"] = {"sizes": runs}
     print(json.dumps(results, indent=2))
