@@ -1,10 +1,12 @@
 """Reading the kernel's nftables announcements, from captured datagrams, and telling the
-agent's own commits from others'. No root: the captures were made with `nft add table` and
-`iptables-nft -A` in a namespace watched by nft_changes._subscribed_socket (Linux 6.18)."""
+agent's own commits from others'; and the policy routing changes that count. No root: the
+captures were made with `nft add table` and `iptables-nft -A` in a namespace watched by
+nft_changes._subscribed_sockets (Linux 6.18)."""
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from pathlib import Path
@@ -14,10 +16,15 @@ import pytest
 from ambient_cni.dataplane.nft_changes import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
     OwnWriter,
     committer,
     foreign_commit,
     messages,
+    routing_changed,
 )
 from ambient_cni.dataplane.runner import Children
 from ambient_cni.netns import NetnsWorkers
@@ -115,3 +122,20 @@ def test_a_call_from_a_pool_thread_into_the_same_pool_does_not_wait_on_itself() 
         assert result[0][0] != result[0][1]  # the inner call had a thread of its own
     finally:
         pool.close()
+
+
+def _rtnl(kind: int, table: int = 0) -> bytes:
+    """One rtnetlink message: a header, then an rtmsg (or fib_rule_hdr) whose fifth byte
+    is the table."""
+    body = bytes([2, 0, 0, 0, table, 0, 0, 0]) + b"\x00" * 4
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+
+def test_a_rule_or_a_route_in_the_redirections_table_is_a_routing_change() -> None:
+    assert routing_changed(_rtnl(RTM_NEWRULE, 100))
+    assert routing_changed(_rtnl(RTM_DELRULE, 100))
+    assert routing_changed(_rtnl(RTM_DELROUTE, 100))
+    assert routing_changed(_rtnl(RTM_NEWROUTE, 254) + _rtnl(RTM_NEWROUTE, 100))
+    assert not routing_changed(_rtnl(RTM_NEWROUTE, 254))  # the main table: not ours
+    assert not routing_changed(_rtnl(RTM_DELROUTE, 255))  # local: an address came or went
+    assert not routing_changed(b"")

@@ -1,4 +1,4 @@
-"""Changes to nftables, as the kernel announces them, namespace by namespace.
+"""Changes to nftables and policy routing, as the kernel announces them, per namespace.
 
 nftables, and iptables-nft (nftables underneath), announce every committed
 transaction over netlink to the NFNLGRP_NFTABLES group of NETLINK_NETFILTER,
@@ -16,10 +16,17 @@ where the kernel's PIDs are not ours) the change is reported and costs one
 re-check that finds nothing to do. Lost messages (a full socket buffer) are
 reported as a change.
 
+The pod's policy routing (its `ip rule` and routes in table 100) is the rest
+of its redirection: a NETLINK_ROUTE socket per namespace hears rule changes
+and changes of routes in that table. The agent writes those only when it
+enrols or repairs a pod; its own writes there are not told apart (one
+re-check each).
+
 Raw netlink, not pyroute2: pyroute2 0.9's NFTSocket gives each socket an
 asyncio loop of its own and reads with a blocking get(), one socket at a
 time; here hundreds of sockets share one epoll thread, and all that is read
-is the message type and one attribute of NEWGEN (a few lines of struct).
+is the message type and one attribute of NEWGEN, or a route's table (a few lines
+of struct).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 
 from ambient_cni.netns import NetnsWorkers
 
+from .constants import ROUTE_TABLE
 from .runner import CHILDREN
 
 log = logging.getLogger("ambient_cni.dataplane.nft_changes")
@@ -53,6 +61,10 @@ NLA_HEADER = struct.Struct("=HH")  # length, type
 NLA_TYPE_MASK = 0x3FFF
 RECEIVE_BUFFER = 256 * 1024
 HOST = "host"
+# rtnetlink: the multicast groups of IPv4 and IPv6 rules and routes, and their messages.
+RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE = 7, 8, 11, 19
+RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
+RTMSG_TABLE_OFFSET = 4  # struct rtmsg: family, dst_len, src_len, tos, table, ...
 # Told the key of a watched namespace whose rules changed (the agent's KernelChanges seam).
 OnChange = Callable[[str], None]
 
@@ -97,6 +109,18 @@ def foreign_commit(data: bytes, ours: Callable[[int], bool]) -> bool:
     return foreign
 
 
+def routing_changed(data: bytes, table: int = ROUTE_TABLE) -> bool:
+    """True if `data` (a datagram from a route socket) tells of a rule added or deleted, or
+    of a route in `table`."""
+    for kind, payload in messages(data):
+        if kind in (RTM_NEWRULE, RTM_DELRULE):
+            return True
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(payload) > RTMSG_TABLE_OFFSET:
+            if payload[RTMSG_TABLE_OFFSET] == table:
+                return True
+    return False
+
+
 class OwnWriter:
     """Whether a PID the kernel names is this process's: one of its threads, or a child the
     runner started (e.g. iptables-restore; its record, or /proc while it is not reaped)."""
@@ -119,28 +143,41 @@ class OwnWriter:
         return len(fields) > 1 and fields[1] == str(self.pid)
 
 
-def _subscribed_socket() -> socket.socket:
-    """A netfilter netlink socket in this thread's namespace, told of every nftables commit."""
+def _subscribed(protocol: int, groups: tuple[int, ...]) -> socket.socket:
+    """A netlink socket in this thread's namespace, in these multicast groups."""
     sock = socket.socket(
-        socket.AF_NETLINK,
-        socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-        NETLINK_NETFILTER,
+        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, protocol
     )
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.bind((0, 0))
-        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, NFNLGRP_NFTABLES)
+        for group in groups:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
     except BaseException:
         sock.close()
         raise
     return sock
 
 
+def _subscribed_sockets() -> tuple[socket.socket, socket.socket]:
+    """This thread's namespace's nftables commits, and its rules and routes."""
+    rules = _subscribed(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+    try:
+        routing = _subscribed(
+            socket.NETLINK_ROUTE,
+            (RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE, RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV6_ROUTE),
+        )
+    except BaseException:
+        rules.close()
+        raise
+    return rules, routing
+
+
 class _Watch:
-    def __init__(self, key: str, netns: Path | None, sock: socket.socket):
+    def __init__(self, key: str, netns: Path | None, sockets: tuple[socket.socket, ...]):
         self.key = key
         self.netns = netns
-        self.sock = sock
+        self.sockets = sockets
 
 
 class NftablesChanges:
@@ -176,26 +213,28 @@ class NftablesChanges:
         if known is not None and known.netns == netns:
             return True
         try:
-            sock = (
-                _subscribed_socket()
+            sockets = (
+                _subscribed_sockets()
                 if netns is None
-                else self.workers.run(netns, _subscribed_socket)
+                else self.workers.run(netns, _subscribed_sockets)
             )
         except OSError as exc:
             log.warning("cannot watch %s for nftables changes (%s): it is polled", key, exc)
             self.unwatch(key)
             return False
-        watch = _Watch(key, netns, sock)
+        watch = _Watch(key, netns, sockets)
         with self._lock:
             old = self._by_key.get(key)
             if old is not None:
                 self._forget(old)
             if self._closed:
-                sock.close()
+                for sock in sockets:
+                    sock.close()
                 return False
             self._by_key[key] = watch
-            self._by_fd[sock.fileno()] = watch
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
+            for sock in sockets:
+                self._by_fd[sock.fileno()] = watch
+                self._epoll.register(sock.fileno(), select.EPOLLIN)
         return True
 
     def unwatch(self, key: str) -> None:
@@ -211,10 +250,10 @@ class NftablesChanges:
     def _forget(self, watch: _Watch) -> None:
         """Caller holds the lock."""
         self._by_key.pop(watch.key, None)
-        fd = watch.sock.fileno()
-        self._by_fd.pop(fd, None)
-        self._epoll.unregister(fd)
-        watch.sock.close()
+        for sock in watch.sockets:
+            self._by_fd.pop(sock.fileno(), None)
+            self._epoll.unregister(sock.fileno())
+            sock.close()
 
     def close(self) -> None:
         with self._lock:
@@ -238,7 +277,7 @@ class NftablesChanges:
                     return
                 for fd, _ in ready:
                     watch = self._by_fd.get(fd)
-                    if watch is not None and self._read(watch):
+                    if watch is not None and self._read(watch, fd):
                         changed.append(watch.key)
             for key in changed:
                 try:
@@ -247,13 +286,15 @@ class NftablesChanges:
                 except Exception:
                     log.exception("handling a change to %s failed", key)
 
-    def _read(self, watch: _Watch) -> bool:
+    def _read(self, watch: _Watch, fd: int) -> bool:
         """Everything the socket holds (caller holds the lock): True if a transaction not
-        ours is among it, or messages were lost."""
+        ours, or a routing change, is among it, or messages were lost."""
+        sock = next(s for s in watch.sockets if s.fileno() == fd)
+        news = foreign_commit if sock.proto == NETLINK_NETFILTER else _routing_news
         changed = False
         while True:
             try:
-                data = watch.sock.recv(1 << 16)
+                data = sock.recv(1 << 16)
             except BlockingIOError:
                 return changed
             except OSError as exc:
@@ -262,5 +303,9 @@ class NftablesChanges:
                     continue
                 log.warning("reading nftables changes of %s: %s", watch.key, exc)
                 return True
-            if foreign_commit(data, self.own):
+            if news(data, self.own):
                 changed = True
+
+
+def _routing_news(data: bytes, _ours: Callable[[int], bool]) -> bool:
+    return routing_changed(data)
