@@ -168,6 +168,7 @@ def run(
         dataplane.backend,
         sidecar=sidecar,
         events=KubeNodeEvents(recorder, options.node),
+        changes=dataplane.changes,
     )
     zds.on_change = agent.ztunnel_changed
     custom = CustomObjectsApi(api)
