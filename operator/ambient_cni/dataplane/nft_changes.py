@@ -115,9 +115,9 @@ def routing_changed(data: bytes, table: int = ROUTE_TABLE) -> bool:
     for kind, payload in messages(data):
         if kind in (RTM_NEWRULE, RTM_DELRULE):
             return True
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(payload) > RTMSG_TABLE_OFFSET:
-            if payload[RTMSG_TABLE_OFFSET] == table:
-                return True
+        routed = kind in (RTM_NEWROUTE, RTM_DELROUTE) and len(payload) > RTMSG_TABLE_OFFSET
+        if routed and payload[RTMSG_TABLE_OFFSET] == table:
+            return True
     return False
 
 
