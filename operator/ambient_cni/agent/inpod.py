@@ -123,8 +123,10 @@ class InpodMode:
         # (3) the host probe sets, (4) the annotation
         try:
             with self._probes_lock:
-                self.host.addresses.add(list(workload.ips), workload.uid)
-                self._probes[workload.uid] = tuple(workload.ips)
+                # Once in, an entry is kept by the host pass (which puts back one taken out).
+                if self._probes.get(workload.uid) != tuple(workload.ips):
+                    self.host.addresses.add(list(workload.ips), workload.uid)
+                    self._probes[workload.uid] = tuple(workload.ips)
         except Exception as exc:
             return failed(pod, "IpsetFailed", str(exc))
         pod = self._annotate(pod, names.REDIRECTION_ENABLED)

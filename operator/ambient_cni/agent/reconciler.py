@@ -523,7 +523,13 @@ class NodeAgent:
             generation = self._desired.generation
             defaults = self._defaults()
             from_before = record is None and uid in (self._from_before or set())
-            held = _ips_held(self._records, but=uid) if record else set()
+            # Addresses other pods hold: only a pod on its way out needs them (O(pods)).
+            leaving = record is not None and (
+                desired is None
+                or record.leaving is not None
+                or _kind(desired) != _kind(record.workload)
+            )
+            held = _ips_held(self._records, but=uid) if leaving else set()
         workload = desired or (record.workload if record else None)
         if workload is None or (mode is None and workload.sidecar is None):
             return  # no such pod; or no spec yet, or a mode this agent lacks: kept as it is
@@ -558,7 +564,12 @@ class NodeAgent:
         else:
             return
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
-        self._status_soon()
+        with self._lock:
+            after = self._records.get(uid)
+        if _reported(after) != _reported(record):
+            # Status only when what it says of the pod changed: a pass that found the pod
+            # right (most of a resync) renders nothing.
+            self._status_soon()
 
     def _enrol(
         self,
@@ -852,6 +863,13 @@ def _held_by(record: PodState, handler: str | None) -> bool:
         and record.kernel_done != "in"
         and record.outcome.state == "Enrolled"
     )
+
+
+def _reported(record: PodState | None) -> tuple[Any, ...] | None:
+    """What status says of a pod (its outcome, and whether it is in sync)."""
+    if record is None:
+        return None
+    return (record.outcome, record.generation, record.leaving, record.handler)
 
 
 def _kind(workload: Workload) -> str:
