@@ -15,6 +15,8 @@ TARGET_EVENT_P99_S = 0.3
 TARGET_CONVERGE_S = 30.0
 TARGET_RSS_MIB = 1024.0
 TARGET_WRITES_PER_NODE = 2
+TARGET_IDLE_CPU_SHARE = 0.02  # of one core, with 250 enrolled pods
+TARGET_REPAIR_S = 2.0
 
 
 def _met(ok: bool) -> str:
@@ -211,6 +213,39 @@ def cni_table(r: dict[str, Any]) -> str:
             f"{r['plugin_binary_bytes'] / 2**20:.1f} MiB (static, stripped).",
         ]
     )
+
+
+def idle_table(r: dict[str, Any]) -> str:
+    """The agent at rest: CPU and the processes it starts, per backend and number of pods."""
+    lines = [
+        f"Each window {r['window_s']:g} s (one full re-check: `--resync-interval="
+        f"{r['resync_interval_s']:g}`, `--drift-interval={r['drift_interval_s']:g}`), "
+        "nothing changing; processes and threads counted from the kernel's fork events.",
+        "",
+        "| backend | pods | agent CPU (share of one core) | processes started / s "
+        "| threads started / s | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend, run in r["backends"].items():
+        for row in run["rows"]:
+            target = ""
+            if row["pods"] == max(r["sizes"]):
+                ok = row["cpu_share"] <= TARGET_IDLE_CPU_SHARE
+                target = f"at most {TARGET_IDLE_CPU_SHARE:.0%} {_met(ok)}"
+            lines.append(
+                f"| {backend} | {row['pods']} | {row['cpu_share']:.2%} "
+                f"| {row['processes_per_s']:.2f} | {row['threads_per_s']:.2f} | {target} |"
+            )
+    lines.append("")
+    for backend, run in r["backends"].items():
+        repaired = run.get("flushed_rule_repaired_s")
+        if repaired is not None:
+            ok = repaired <= TARGET_REPAIR_S
+            lines.append(
+                f"- {backend}: a pod's outbound chain flushed behind the agent's back is back "
+                f"after {_s(repaired)} (at most {TARGET_REPAIR_S:g} s {_met(ok)})."
+            )
+    return "\n".join(lines)
 
 
 def scale_table(r: dict[str, Any]) -> str:
