@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ambient_cni.dataplane import factory
 from ambient_cni.dataplane.nft_changes import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
@@ -139,3 +140,12 @@ def test_a_rule_or_a_route_in_the_redirections_table_is_a_routing_change() -> No
     assert not routing_changed(_rtnl(RTM_NEWROUTE, 254))  # the main table: not ours
     assert not routing_changed(_rtnl(RTM_DELROUTE, 255))  # local: an address came or went
     assert not routing_changed(b"")
+
+
+def test_each_backend_says_whether_the_kernel_announces_its_changes() -> None:
+    assert factory.build("iptables-legacy").changes is None  # polled
+    for backend in ("iptables-nft", "nftables"):
+        changes = factory.build(backend).changes
+        assert changes is not None
+        assert changes.announces
+        changes.close()
