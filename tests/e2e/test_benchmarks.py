@@ -81,7 +81,7 @@ def test_agent_at_rest_benchmark_measures_each_size_and_a_repair(sandbox: Sandbo
     result = idle.run(sandbox, sizes=(0, 3), drift_interval=1, resync_interval=3, window=3)
     for run in result["backends"].values():
         assert [row["pods"] for row in run["rows"]] == [0, 3]
-        assert all(row["cpu_share"] > 0 for row in run["rows"])
+        assert all(0 <= row["cpu_share"] < 1 for row in run["rows"])  # 10 ms ticks: may be 0
         assert run["announced"] == 1
         assert 0 < run["flushed_rule_repaired_s"] <= report.TARGET_REPAIR_S
     # In-process: no process at rest, not even for the full re-check.
