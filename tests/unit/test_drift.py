@@ -328,3 +328,38 @@ def test_a_probe_set_entry_taken_out_behind_the_agents_back_is_put_back_by_a_hos
         "said in the HostRulesReady story",
         lambda: "probe set entries put back: 10.244.0.3" in announcing.journal_host(),
     )
+
+
+def test_a_re_check_that_finds_the_pod_right_asks_for_no_status(tmp_path: Path) -> None:
+    node = make_agent(tmp_path, FakeChanges())
+    agent = node.agent
+    passes: queue.SimpleQueue[str] = queue.SimpleQueue()
+    statuses: list[str] = []
+    reconcile, status_soon = agent._reconcile_pod, agent._status_soon
+
+    def reconciled(uid: str) -> None:
+        reconcile(uid)
+        passes.put(uid)
+
+    def asked() -> None:
+        statuses.append("asked")
+        status_soon()
+
+    agent._reconcile_pod = reconciled  # type: ignore[method-assign]
+    agent._status_soon = asked  # type: ignore[method-assign]
+    agent.start()
+    try:
+        agent.on_object(node_object(1, [0]))
+        # Its two steps (the kernel's, then ztunnel, the set and the annotation), both over.
+        assert [passes.get(timeout=10), passes.get(timeout=10)] == ["uid-0", "uid-0"]
+        assert agent.state("uid-0") == "Enrolled"
+        asked_before = len(statuses)
+        node.changes.announce("uid-0")  # a change that left the pod right (or our own echo)
+        assert [passes.get(timeout=10), passes.get(timeout=10)] == ["uid-0", "uid-0"]
+        assert len(statuses) == asked_before
+        node.pods.drifted.add("uid-0")  # a change that did not: status tells the repair
+        node.changes.announce("uid-0")
+        assert [passes.get(timeout=10), passes.get(timeout=10)] == ["uid-0", "uid-0"]
+        assert len(statuses) > asked_before
+    finally:
+        agent.stop()
