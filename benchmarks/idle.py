@@ -71,7 +71,9 @@ PROC_EVENT_FORK = 1
 NLMSG = struct.Struct("=IHHII")
 CN_MSG = struct.Struct("=IIIIHH")
 EVENT_HEAD = struct.Struct("=IIQ")  # what, cpu, timestamp
-FORK = struct.Struct("=IIII")  # parent pid, parent tgid, child pid, child tgid
+# Parent pid and tgid, child pid and tgid. The parent is the task's real parent: for a new
+# process the thread that forked it; for a new thread the whole process's parent (not us).
+FORK = struct.Struct("=IIII")
 
 
 class Forks:
@@ -107,13 +109,11 @@ class Forks:
             if what != PROC_EVENT_FORK:
                 continue
             _, parent_tgid, child_pid, child_tgid = FORK.unpack_from(data, offset + EVENT_HEAD.size)
-            if parent_tgid != self.pid:
-                continue
             with self._lock:
-                if child_tgid == self.pid:
-                    self.threads += 1  # a new thread of the same process
-                elif child_pid == child_tgid:
-                    self.processes += 1
+                if child_tgid == self.pid and child_pid != child_tgid:
+                    self.threads += 1  # a new thread of the process
+                elif parent_tgid == self.pid and child_pid == child_tgid:
+                    self.processes += 1  # a child process
 
     def counts(self) -> tuple[int, int]:
         with self._lock:

@@ -232,9 +232,11 @@ def idle_table(r: dict[str, Any]) -> str:
             if row["pods"] == max(r["sizes"]):
                 ok = row["cpu_share"] <= TARGET_IDLE_CPU_SHARE
                 target = f"at most {TARGET_IDLE_CPU_SHARE:.0%} {_met(ok)}"
+            threads = row.get("threads_per_s")
             lines.append(
                 f"| {backend} | {row['pods']} | {row['cpu_share']:.2%} "
-                f"| {row['processes_per_s']:.2f} | {row['threads_per_s']:.2f} | {target} |"
+                f"| {row['processes_per_s']:.2f} "
+                f"| {'n/a' if threads is None else f'{threads:.2f}'} | {target} |"
             )
     lines.append("")
     for backend, run in r["backends"].items():
