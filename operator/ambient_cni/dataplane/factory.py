@@ -24,7 +24,7 @@ from .iptables_pod import IptablesPodDataplane
 from .iptables_sidecar import IptablesSidecarDataplane
 from .kubelet_uid import kubelet_uid
 from .libnftables import Nft
-from .nft_changes import NftablesChanges
+from .nft_changes import NftablesChanges, generation
 from .nft_host import NftablesHostDataplane, NftAddressSets
 from .nft_pod import NftablesPodDataplane
 from .nft_sidecar import NftablesSidecarDataplane
@@ -65,7 +65,9 @@ def _iptables(name: FlavourName) -> BackendBuilder:
         flavour, runner, host_netns = Flavour(name), options.runner, options.host_netns
         return Dataplane(
             backend=flavour.backend,
-            pods=IptablesPodDataplane(flavour, runner, PolicyRouting()),
+            pods=IptablesPodDataplane(
+                flavour, runner, PolicyRouting(), generation=generation if name == "nft" else None
+            ),
             host=IptablesHostDataplane(
                 flavour, runner, IpsetAddressSets(PROBE_IPSET, host_netns), host_netns
             ),

@@ -54,7 +54,12 @@ NETLINK_ADD_MEMBERSHIP = 1
 NFNLGRP_NFTABLES = 7
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
+NFT_MSG_GETGEN = 16
+NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
+NLM_F_REQUEST = 1
+NFNETLINK_V0 = 0
+SO_NETNS_COOKIE = 71  # Linux 5.14+: a namespace's identity, never reused while the system runs
 NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, seq, portid
 NFGENMSG_SIZE = 4  # family, version, resource id
 NLA_HEADER = struct.Struct("=HH")  # length, type
@@ -84,16 +89,48 @@ def messages(data: bytes) -> Iterator[tuple[int, bytes]]:
         offset += _align(length)
 
 
-def committer(payload: bytes) -> int | None:
-    """The PID (the kernel's thread ID) a NEWGEN message names as the committer."""
+def _gen_attr(payload: bytes, attr: int) -> int | None:
+    """A 32-bit attribute of a NEWGEN message."""
     offset = NFGENMSG_SIZE
     while offset + NLA_HEADER.size <= len(payload):
         length, kind = NLA_HEADER.unpack_from(payload, offset)
         if length < NLA_HEADER.size:
             return None
-        if kind & NLA_TYPE_MASK == NFTA_GEN_PROC_PID and length >= NLA_HEADER.size + 4:
+        if kind & NLA_TYPE_MASK == attr and length >= NLA_HEADER.size + 4:
             return int(struct.unpack_from("!I", payload, offset + NLA_HEADER.size)[0])
         offset += _align(length)
+    return None
+
+
+def committer(payload: bytes) -> int | None:
+    """The PID (the kernel's thread ID) a NEWGEN message names as the committer."""
+    return _gen_attr(payload, NFTA_GEN_PROC_PID)
+
+
+def generation() -> tuple[int, int] | None:
+    """This thread's namespace and its nftables generation, which every commit moves on (of
+    nftables or iptables-nft, any table, any family): (the namespace's cookie, the
+    generation ID); None where the kernel cannot say. Equal answers mean nothing in the
+    namespace's nftables changed in between: a read of its rules would find what it found."""
+    try:
+        with socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        ) as sock:
+            sock.settimeout(1.0)
+            cookie = int.from_bytes(
+                sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little"
+            )
+            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
+            body = struct.pack("=BBH", socket.AF_UNSPEC, NFNETLINK_V0, 0)
+            sock.send(
+                NLMSG_HEADER.pack(NLMSG_HEADER.size + len(body), kind, NLM_F_REQUEST, 1, 0) + body
+            )
+            for reply, payload in messages(sock.recv(1 << 16)):
+                if reply == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN:
+                    genid = _gen_attr(payload, NFTA_GEN_ID)
+                    return None if genid is None else (cookie, genid)
+    except OSError:
+        return None
     return None
 
 
