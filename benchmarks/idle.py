@@ -134,8 +134,10 @@ def run(
     resync_interval: float = RESYNC_INTERVAL,
     window: float | None = None,
     profile: Path | None = None,
+    settle: float = SETTLE,
 ) -> dict[str, Any]:
-    """`window` (default: the resync interval, so it holds one full pass) per size; with
+    """`window` (default: the resync interval, so it holds one full pass) per size, opened
+    `settle` seconds after the pods are Enrolled; with
     `profile` (a directory), the agent is also sampled by py-spy during the largest size's
     window (the sampling costs CPU of its own: a profiled run's figures are not the
     benchmark's)."""
@@ -195,6 +197,7 @@ def run(
                 resync_interval=resync_interval,
                 window=window,
                 profile=profile,
+                settle=settle,
             )
             _patch_spec(custom, [], "inpod")
             cleanup = factory.build(backend).pods
@@ -231,6 +234,7 @@ def _agent_at_rest(
     resync_interval: float,
     window: float,
     profile: Path | None,
+    settle: float,
 ) -> dict[str, Any]:
     agent: Component | None = None
     ztunnel: AckingZtunnel | None = None
@@ -280,7 +284,7 @@ def _agent_at_rest(
                 timeout=60 + size,
                 interval=0.2,
             )
-            time.sleep(SETTLE)  # the benchmark's own pacing, not a test's synchronisation
+            time.sleep(settle)  # the benchmark's own pacing, not a test's synchronisation
             profiler = None
             if profile is not None and size == sizes[-1]:
                 profile.mkdir(parents=True, exist_ok=True)
