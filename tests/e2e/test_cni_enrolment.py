@@ -70,11 +70,13 @@ def start_client(
     )
 
 
-def finished(sandbox: SandboxCluster, namespace: str, name: str) -> dict[str, Any]:
+def finished(
+    sandbox: SandboxCluster, namespace: str, name: str, *, phases: tuple[str, ...] = ("Succeeded",)
+) -> dict[str, Any]:
     return sandbox.wait_pod(
         namespace,
         name,
-        lambda p: p["status"].get("phase") == "Succeeded",
+        lambda p: p["status"].get("phase") in phases,
         "to make its call and exit",
         timeout=60,
     )
@@ -105,7 +107,10 @@ def test_a_new_pods_first_connection_goes_through_ztunnel_and_without_the_plugin
     uninstall_cni(sandbox, "node-1")
     try:
         start_client(sandbox, ambient, "unguarded", server)
-        finished(sandbox, ambient, "unguarded")
+        # Its call goes direct, or fails when the spec's redirection lands in the middle of
+        # it, before ztunnel has taken the pod (the in-pod mode's own moment): either way,
+        # not ztunnel's to see.
+        finished(sandbox, ambient, "unguarded", phases=("Succeeded", "Failed"))
         assert relayed(mesh, ambient, "unguarded") == []
     finally:
         installer.start()

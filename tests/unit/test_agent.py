@@ -179,7 +179,7 @@ class FakeZtunnel:
 class FakePodApi:
     journal: Journal
     values: dict[str, str | None] = field(default_factory=dict)
-    gone: set[str] = field(default_factory=set)  # pods deleted from the API server
+    gone: set[str] = field(default_factory=set)  # pods deleted, or terminated: no sandbox
     delay: float = 0.0  # an API round trip
 
     def annotate(self, workload: Any, value: str | None) -> None:
@@ -187,7 +187,7 @@ class FakePodApi:
         self.journal.note(f"annotation={value}", workload.uid)
         self.values[workload.uid] = value
 
-    def exists(self, workload: Any) -> bool:
+    def has_sandbox(self, workload: Any) -> bool:
         return workload.uid not in self.gone
 
 

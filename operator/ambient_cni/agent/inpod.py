@@ -137,8 +137,8 @@ class InpodMode:
     ) -> Step:
         """Out only when the kernel says so: a pod whose netns cannot be found stays
         `Removing` (and redirected, and announced as such) until it is found, or until the
-        pod is gone from the API server and its netns with it. In two steps, as enrol:
-        the rules first, then the probe set, ztunnel and the annotation."""
+        pod has no sandbox any more (deleted, or terminated) and its netns went with it. In
+        two steps, as enrol: the rules first, then the probe set, ztunnel and the annotation."""
         if pod.kernel_done != "out":
             return self._unredirect(pod.with_outcome("Removing", "Removing", None))
         workload = pod.workload
@@ -157,7 +157,7 @@ class InpodMode:
     def _unredirect(self, pod: PodState) -> Step:
         workload = pod.workload
         netns = self.handles.held(workload.uid)
-        if netns is None and self.pod_api.exists(workload):
+        if netns is None and self.pod_api.has_sandbox(workload):
             try:
                 netns = self.resolver.resolve(workload.uid, workload.ips)
             except NetnsNotFoundError as exc:
@@ -167,7 +167,7 @@ class InpodMode:
             try:
                 self.pods.remove(netns, families)
             except DataplaneError as exc:
-                if exc.reason != "NetnsNotFound" or self.pod_api.exists(workload):
+                if exc.reason != "NetnsNotFound" or self.pod_api.has_sandbox(workload):
                     return still_redirected(pod, exc.message, exc.reason)
         return Step(dataclasses.replace(pod, kernel_done="out"), more=True)
 

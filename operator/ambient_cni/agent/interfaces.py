@@ -56,8 +56,10 @@ class PodApi(Protocol):
         Never overwrites a user's `disabled`; a pod that is gone or replaced is left alone."""
         ...
 
-    def exists(self, workload: Workload) -> bool:
-        """Whether this very pod (same UID) is still in the API server."""
+    def has_sandbox(self, workload: Workload) -> bool:
+        """Whether this very pod (same UID) may still have its sandbox, and so its netns:
+        it is in the API server and has not terminated (the kubelet tears a finished pod's
+        sandbox down)."""
         ...
 
 

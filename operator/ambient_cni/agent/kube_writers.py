@@ -30,6 +30,10 @@ class PodCache(Protocol):
 
 STATUS_WRITE_TIMEOUT = (3.0, 10.0)  # seconds to connect, to read the answer
 
+# A pod in these phases has no sandbox, and so no netns: the kubelet tears it down once
+# every container has ended for good.
+TERMINAL = ("Succeeded", "Failed")
+
 # Tries of an annotation write whose pod changed between its read and the write.
 CONFLICT_TRIES = 3
 
@@ -50,24 +54,22 @@ class KubePodApi:
         self.pods = pods
 
     def _read(self, workload: Workload) -> dict[str, Any] | None:
-        """The pod's metadata from the server, None if it is gone or another pod now has its
-        name."""
+        """The pod from the server, None if it is gone or another pod now has its name."""
         try:
-            pod = self.core.read_namespaced_pod(
+            answer = self.core.read_namespaced_pod(
                 workload.name, workload.namespace, _preload_content=False
             )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        meta: dict[str, Any] = raw(pod)["metadata"]
-        return meta if meta.get("uid") == workload.uid else None
+        pod: dict[str, Any] = raw(answer)
+        return pod if pod["metadata"].get("uid") == workload.uid else None
 
     def _cached(self, workload: Workload) -> dict[str, Any] | None:
         if self.pods is None or not self.pods.synced.is_set():
             return None
-        pod = self.pods.get(workload.uid)
-        return None if pod is None else dict(pod["metadata"])
+        return self.pods.get(workload.uid)
 
     def pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         """From the server: at CNI ADD the watched copy may not have the pod yet."""
@@ -88,15 +90,17 @@ class KubePodApi:
             raise
         return dict(raw(answer)["metadata"].get("labels") or {})
 
-    def exists(self, workload: Workload) -> bool:
+    def has_sandbox(self, workload: Workload) -> bool:
         # Only a pod the copy has is taken from it: one it lacks may not have arrived yet.
-        return self._cached(workload) is not None or self._read(workload) is not None
+        pod = self._cached(workload) or self._read(workload)
+        return pod is not None and (pod.get("status") or {}).get("phase") not in TERMINAL
 
     def annotate(self, workload: Workload, value: str | None) -> None:
-        meta = self._cached(workload) or self._read(workload)
+        pod = self._cached(workload) or self._read(workload)
         for attempt in range(1, CONFLICT_TRIES + 1):
-            if meta is None:
+            if pod is None:
                 return
+            meta = pod["metadata"]
             current = (meta.get("annotations") or {}).get(names.REDIRECTION_ANNOTATION)
             if current in (names.REDIRECTION_DISABLED, value):
                 return
@@ -121,7 +125,7 @@ class KubePodApi:
                     return
                 if exc.status != 409 or attempt == CONFLICT_TRIES:
                     raise
-                meta = self._read(workload)  # changed since it was read: read it again
+                pod = self._read(workload)  # changed since it was read: read it again
                 continue
             discard(answer)
             return
