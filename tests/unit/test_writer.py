@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -202,5 +203,54 @@ def test_an_edit_told_while_its_own_write_was_answered_is_not_overwritten(api: F
         api.gate.set()
         # The answer (older) must not hide the edit: the writer puts its own spec back.
         assert api.wait_for(lambda: api.calls == [("create", "n0"), ("patch", "n0")])
+    finally:
+        writer.stop()
+
+
+def test_a_node_whose_events_keep_coming_is_written_once_they_pause(api: FakeApi) -> None:
+    index = cluster(1)
+    writer = SpecWriter(
+        None,  # type: ignore[arg-type]
+        index,
+        PlannerConfig(),
+        debounce=0.1,
+        max_debounce=5.0,
+        min_interval=0.0,
+    )
+    writer.custom = api  # type: ignore[assignment]
+    writer.start()
+    try:
+        until = time.monotonic() + 0.8
+        n = 1
+        while time.monotonic() < until:  # a burst of labels, one every 30 ms, for 0.8 s
+            index.set_pod(view(f"q{n}", "n0", ip=f"10.0.1.{n}"))
+            writer.mark(["n0"])
+            n += 1
+            time.sleep(0.03)  # the burst's pace, not a synchronisation
+        assert api.wait_for(lambda: len(api.calls) == 1)
+        assert not api.wait_for(lambda: len(api.calls) > 1, timeout=QUIET)
+        assert len(api.objects["n0"]["spec"]["workloads"]) == n  # every pod of the burst
+    finally:
+        writer.stop()
+
+
+def test_a_burst_that_never_pauses_is_written_after_max_debounce(api: FakeApi) -> None:
+    index = cluster(1)
+    writer = SpecWriter(
+        None,  # type: ignore[arg-type]
+        index,
+        PlannerConfig(),
+        debounce=0.1,
+        max_debounce=0.3,
+        min_interval=0.0,
+    )
+    writer.custom = api  # type: ignore[assignment]
+    writer.start()
+    try:
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until and not api.calls:
+            writer.mark(["n0"])
+            time.sleep(0.03)
+        assert api.calls, "written within the burst, max_debounce after its first event"
     finally:
         writer.stop()

@@ -77,6 +77,7 @@ class SpecWriter:
         config: PlannerConfig,
         *,
         debounce: float = 0.1,
+        max_debounce: float = 1.0,
         min_interval: float = 1.0,
         max_in_flight: int = 8,
         orphan_grace: float = 60.0,
@@ -85,6 +86,10 @@ class SpecWriter:
         self.index = index
         self.config = config
         self.debounce = debounce
+        # A node whose events keep coming (a burst of namespace labels) waits until they
+        # pause for `debounce`, but never longer than this after the first: one write, not
+        # one per event, and a bounded delay.
+        self.max_debounce = max_debounce
         self.min_interval = min_interval
         self.max_in_flight = max_in_flight  # one worker per write in flight
         self.orphan_grace = orphan_grace
@@ -94,6 +99,7 @@ class SpecWriter:
         self._lock = threading.Lock()
         self._observed: dict[str, Observed] = {}  # node -> what the server holds
         self._stale_since: dict[str, float] = {}
+        self._last_mark: dict[str, float] = {}  # node -> when an event last marked it
         self._last_write: dict[str, float] = {}
         self._failures: dict[str, int] = {}
         self._in_flight = 0
@@ -107,6 +113,7 @@ class SpecWriter:
         coalesced = 0
         with self._lock:  # once per call: a namespace change marks every node it has pods on
             for node in nodes:
+                self._last_mark[node] = now
                 if node in self._stale_since:
                     coalesced += 1
                     continue
@@ -176,9 +183,21 @@ class SpecWriter:
 
     def reconcile(self, node: str) -> None:
         with self._lock:
-            since = self._stale_since.pop(node, None)
+            now = time.monotonic()
+            first = self._stale_since.get(node)
+            quiet = now - self._last_mark.get(node, float("-inf"))
+            hold = 0.0
+            if first is not None and quiet < self.debounce and now - first < self.max_debounce:
+                hold = min(self.debounce - quiet, first + self.max_debounce - now)
+            else:
+                self._stale_since.pop(node, None)
+                self._last_mark.pop(node, None)
+            since = first
             observed = self._observed.get(node, NOTHING).spec
-            wait = self._last_write.get(node, float("-inf")) + self.min_interval - time.monotonic()
+            wait = self._last_write.get(node, float("-inf")) + self.min_interval - now
+        if hold > 0:
+            self.queue.add_after(node, hold)  # its events still coming: let them gather
+            return
         node_uid = self.index.node_uid(node)
         if node_uid is None:
             if observed is not None:
