@@ -289,6 +289,14 @@ def scale_table(result: dict[str, Any]) -> str:
             ),
         ),
         row("burst: controller CPU", lambda r: _s(r["controller_burst_cpu_s"])),
+        row(
+            "burst: API server / etcd CPU (same window)",
+            lambda r: (
+                f"{_s(r['apiserver_burst_cpu_s'])} / {_s(r['etcd_burst_cpu_s'])}"
+                if "apiserver_burst_cpu_s" in r
+                else "not measured"
+            ),
+        ),
         row("controller CPU since start", lambda r: _s(r["controller_total_cpu_s"])),
         row("controller peak RSS", lambda r: f"{r['controller_peak_rss_mib']:.0f} MiB"),
         row(
@@ -296,6 +304,14 @@ def scale_table(result: dict[str, Any]) -> str:
             lambda r: (
                 f"{_s(r['restart_relist_s'])} ({r['restart_writes']:.0f} writes, "
                 f"peak RSS {r['restart_peak_rss_mib']:.0f} MiB)"
+            ),
+        ),
+        row(
+            "restart: controller / API server CPU",
+            lambda r: (
+                f"{_s(r['restart_cpu_s'])} / {_s(r['apiserver_restart_cpu_s'])}"
+                if "restart_cpu_s" in r
+                else "not measured"
             ),
         ),
         "",
