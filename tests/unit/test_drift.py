@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,32 +363,3 @@ def test_a_re_check_that_finds_the_pod_right_asks_for_no_status(tmp_path: Path) 
         assert len(statuses) > asked_before
     finally:
         agent.stop()
-
-
-def test_a_flood_of_changes_on_the_node_costs_one_pass_not_one_each(announcing: Agent) -> None:
-    ensured: list[float] = []
-    ensure = announcing.host.ensure
-
-    def counting() -> Changes:
-        ensured.append(time.monotonic())
-        return ensure()
-
-    announcing.host.ensure = counting  # type: ignore[method-assign]
-    deadline = time.monotonic() + 0.6
-    while time.monotonic() < deadline:  # kube-proxy rewriting its tables for 0.6 s, say
-        announcing.changes.announce(HOST)
-        time.sleep(0.02)  # the pace of the flood, not a synchronisation
-    wait_for("a pass", lambda: len(ensured) >= 1)
-    assert not wait_for_nothing(lambda: len(ensured) > 1, 1.5)
-    announcing.changes.announce(HOST)  # a change after that pass began is heard anew
-    wait_for("a second pass", lambda: len(ensured) == 2)
-
-
-def wait_for_nothing(condition: Callable[[], bool], seconds: float) -> bool:
-    """Whether `condition` came true within `seconds` (watched, not slept through)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()

@@ -70,8 +70,6 @@ HOST_RETRY = 5.0
 # least this long, and until a spec newer than the one at its ADD leaves it out (it left
 # the mesh meanwhile): a controller that is slow or away un-enrols nobody.
 CNI_GRACE = 30.0
-# Seconds a change the kernel announced on the node waits for its pass, gathering others.
-HOST_CHANGE_DELAY = 1.0
 STATUS_RETRY = 2.0
 # Events tell changes from the status the server held at start; what happens while the
 # agent comes up (pods re-applied, ztunnel reconnecting) is told only as it stands once
@@ -155,7 +153,6 @@ class NodeAgent:
         self._records: dict[str, PodState] = {}
         # uid -> (the workload its CNI ADD asked for, held at least until, spec generation then)
         self._cni_added: dict[str, tuple[Workload, float, int]] = {}
-        self._host_change_pending = False  # a pass for a change the kernel told is queued
         # For callers waiting on a pass: each pass is numbered when it starts; per pod, the
         # number of the pass that last stored it, and of the last that did its kernel step.
         self._pass_count = 0
@@ -430,12 +427,7 @@ class NodeAgent:
         only it."""
         if key == HOST:
             metrics.KERNEL_CHANGES.labels("host").inc()
-            # The node's tables change often for others' reasons (kube-proxy, the CNI):
-            # one pass per HOST_CHANGE_DELAY at most, however many commits come.
-            with self._lock:
-                pending, self._host_change_pending = self._host_change_pending, True
-            if not pending:
-                self.host.add_after("host", HOST_CHANGE_DELAY)
+            self.host.add("host")
             return
         with self._lock:
             known = key in self._records
@@ -455,7 +447,6 @@ class NodeAgent:
 
     def _reconcile_host(self, _key: str) -> None:
         with self._lock:
-            self._host_change_pending = False  # what comes from here on is heard anew
             mode = self._mode()
             first = not self._host.pruned
             wanted = {

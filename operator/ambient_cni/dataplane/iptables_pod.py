@@ -61,10 +61,8 @@ class IptablesPodDataplane:
         # (netns inode, family) this process has applied to: not worth a fast-path try again.
         self._touched: set[tuple[int, Family]] = set()
         self.generation = generation
-        # namespace cookie -> (its nftables generation, a digest of the rulesets) when last
-        # found right: a digest, not the rulesets, since cookies are never reused and
-        # entries stay until the limit clears them
-        self._right: dict[int, tuple[int, int]] = {}
+        # namespace cookie -> (its nftables generation, the rulesets) when last found right
+        self._right: dict[int, tuple[int, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -88,7 +86,7 @@ class IptablesPodDataplane:
             # next check reads again.
             seen = self.generation() if self.generation is not None else None
             with self._lock:
-                known = seen is not None and self._right.get(seen[0]) == (seen[1], hash(wanted))
+                known = seen is not None and self._right.get(seen[0]) == (seen[1], wanted)
             changes = NO_CHANGES
             if not known or fresh:
                 for family, ruleset in rulesets:
@@ -99,7 +97,7 @@ class IptablesPodDataplane:
                         self._right.clear()
                     # Right as of `seen`; a replacement just made moved the generation on
                     # (so the next check reads once more, to be sure).
-                    self._right[seen[0]] = (seen[1], hash(wanted))
+                    self._right[seen[0]] = (seen[1], wanted)
             changes += self.routing.ensure(None, [f for f, _ in rulesets])
             if fresh:  # first time here: what the nftables backend left (a node switched)
                 changes += self.leftovers()

@@ -31,7 +31,6 @@ of struct).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -97,11 +96,8 @@ def _gen_attr(payload: bytes, attr: int) -> int | None:
         length, kind = NLA_HEADER.unpack_from(payload, offset)
         if length < NLA_HEADER.size:
             return None
-        value_at = offset + NLA_HEADER.size
         if kind & NLA_TYPE_MASK == attr and length >= NLA_HEADER.size + 4:
-            if value_at + 4 > len(payload):
-                return None  # truncated: say nothing rather than misread
-            return int(struct.unpack_from("!I", payload, value_at)[0])
+            return int(struct.unpack_from("!I", payload, offset + NLA_HEADER.size)[0])
         offset += _align(length)
     return None
 
@@ -273,14 +269,9 @@ class NftablesChanges:
                     sock.close()
                 return False
             self._by_key[key] = watch
-            try:
-                for sock in sockets:
-                    self._by_fd[sock.fileno()] = watch
-                    self._epoll.register(sock.fileno(), select.EPOLLIN)
-            except OSError as exc:
-                self._forget(watch)
-                log.warning("cannot watch %s for changes: %s", key, exc)
-                return False
+            for sock in sockets:
+                self._by_fd[sock.fileno()] = watch
+                self._epoll.register(sock.fileno(), select.EPOLLIN)
         return True
 
     def unwatch(self, key: str) -> None:
@@ -297,9 +288,8 @@ class NftablesChanges:
         """Caller holds the lock."""
         self._by_key.pop(watch.key, None)
         for sock in watch.sockets:
-            if self._by_fd.pop(sock.fileno(), None) is not None:
-                with contextlib.suppress(OSError):  # never registered, or gone already
-                    self._epoll.unregister(sock.fileno())
+            self._by_fd.pop(sock.fileno(), None)
+            self._epoll.unregister(sock.fileno())
             sock.close()
 
     def close(self) -> None:
@@ -311,11 +301,6 @@ class NftablesChanges:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.workers.close()
-        if self._thread is None or not self._thread.is_alive():
-            self._epoll.close()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
 
     def _run(self) -> None:
         while True:
@@ -329,13 +314,8 @@ class NftablesChanges:
                     return
                 for fd, _ in ready:
                     watch = self._by_fd.get(fd)
-                    try:
-                        if watch is not None and self._read(watch, fd):
-                            changed.append(watch.key)
-                    except Exception:  # this thread must not die: a pod would go unheard
-                        log.exception("reading the changes of %s failed", watch and watch.key)
-                        if watch is not None:
-                            changed.append(watch.key)  # unsure: re-check it
+                    if watch is not None and self._read(watch, fd):
+                        changed.append(watch.key)
             for key in changed:
                 try:
                     assert self._on_change is not None
