@@ -96,12 +96,20 @@ def api() -> Iterator[FakeApi]:
     fake.gate.set()  # never leave a worker blocked
 
 
-def new_writer(api: FakeApi, index: ClusterIndex, max_in_flight: int) -> SpecWriter:
+def new_writer(
+    api: FakeApi,
+    index: ClusterIndex,
+    max_in_flight: int = 8,
+    *,
+    debounce: float = 0.0,
+    max_debounce: float = 1.0,
+) -> SpecWriter:
     writer = SpecWriter(
         None,  # type: ignore[arg-type]  # replaced by the fake below
         index,
         PlannerConfig(),
-        debounce=0.0,
+        debounce=debounce,
+        max_debounce=max_debounce,
         min_interval=0.0,
         max_in_flight=max_in_flight,
     )
@@ -209,15 +217,7 @@ def test_an_edit_told_while_its_own_write_was_answered_is_not_overwritten(api: F
 
 def test_a_node_whose_events_keep_coming_is_written_once_they_pause(api: FakeApi) -> None:
     index = cluster(1)
-    writer = SpecWriter(
-        None,  # type: ignore[arg-type]
-        index,
-        PlannerConfig(),
-        debounce=0.1,
-        max_debounce=5.0,
-        min_interval=0.0,
-    )
-    writer.custom = api  # type: ignore[assignment]
+    writer = new_writer(api, index, debounce=0.1, max_debounce=5.0)
     writer.start()
     try:
         until = time.monotonic() + 0.8
@@ -236,15 +236,7 @@ def test_a_node_whose_events_keep_coming_is_written_once_they_pause(api: FakeApi
 
 def test_a_burst_that_never_pauses_is_written_after_max_debounce(api: FakeApi) -> None:
     index = cluster(1)
-    writer = SpecWriter(
-        None,  # type: ignore[arg-type]
-        index,
-        PlannerConfig(),
-        debounce=0.1,
-        max_debounce=0.3,
-        min_interval=0.0,
-    )
-    writer.custom = api  # type: ignore[assignment]
+    writer = new_writer(api, index, debounce=0.1, max_debounce=0.3)
     writer.start()
     try:
         until = time.monotonic() + 1.0
