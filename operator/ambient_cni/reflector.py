@@ -32,7 +32,35 @@ def name_of(obj: Mapping[str, Any]) -> str:
     return str(obj["metadata"]["name"])
 
 
-class Reflector:
+class _Relisting:
+    """Runs `_cycle` (list, then watch until the watch ends) on a thread of its own, again
+    and again until `stop`; a failure relists after a backoff (0.2 s doubling to 5 s)."""
+
+    name: str
+
+    def _cycle(self, stop: threading.Event) -> None:
+        raise NotImplementedError
+
+    def run(self, stop: threading.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            try:
+                self._cycle(stop)
+                backoff = 0.2
+            except Exception as exc:
+                log.warning(
+                    "%s: list/watch failed, relisting in %.1fs: %s", self.name, backoff, exc
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def start(self, stop: threading.Event) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(stop,), name=self.name, daemon=True)
+        thread.start()
+        return thread
+
+
+class Reflector(_Relisting):
     """A local, eventually consistent copy of one list, with a callback per changed key."""
 
     def __init__(
@@ -68,25 +96,10 @@ class Reflector:
         with self._lock:
             return list(self._store)
 
-    def run(self, stop: threading.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                version = self._relist()
-                self.synced.set()
-                self._watch(version, stop)
-                backoff = 0.2
-            except Exception as exc:
-                log.warning(
-                    "%s: list/watch failed, relisting in %.1fs: %s", self.name, backoff, exc
-                )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stop,), name=self.name, daemon=True)
-        thread.start()
-        return thread
+    def _cycle(self, stop: threading.Event) -> None:
+        version = self._relist()
+        self.synced.set()
+        self._watch(version, stop)
 
     def _relist(self) -> str:
         body = self._list_fn(_preload_content=False, **self._kwargs).data
@@ -159,7 +172,7 @@ def watch_from(
 LIST_TIMEOUT = (5, 60)
 
 
-class ListWatch:
+class ListWatch(_Relisting):
     """One resource listed page by page, then watched; each object is handed to `on_event`
     ("ADDED", "MODIFIED" or "DELETED", and "ADDED" for every object of a list) and none is
     kept here: for a consumer that keeps its own reduced index, so memory holds one page of
@@ -195,33 +208,11 @@ class ListWatch:
         self.failures = 0  # objects the consumer failed on
         self.last_contact = time.monotonic()
 
-    def run(self, stop: threading.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            try:
-                version = self._list()
-                self.synced.set()
-                watch_from(
-                    self._list_fn,
-                    version,
-                    stop,
-                    self._deliver,
-                    self._received,
-                    **self._kwargs,
-                )
-                self.last_contact = time.monotonic()  # the watch ended as asked: a relist
-                backoff = 0.2
-            except Exception as exc:
-                log.warning(
-                    "%s: list/watch failed, relisting in %.1fs: %s", self.name, backoff, exc
-                )
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    def start(self, stop: threading.Event) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(stop,), name=self.name, daemon=True)
-        thread.start()
-        return thread
+    def _cycle(self, stop: threading.Event) -> None:
+        version = self._list()
+        self.synced.set()
+        watch_from(self._list_fn, version, stop, self._deliver, self._received, **self._kwargs)
+        self.last_contact = time.monotonic()  # the watch ended as asked: a relist
 
     def _received(self, objects: int, size: int) -> None:
         self.last_contact = time.monotonic()
