@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from kubernetes.watch.watch import iter_resp_lines
@@ -234,25 +236,108 @@ class ListWatch(_Relisting):
 
     def _list(self) -> str:
         keys: set[str] = set()
-        token: str | None = None
+        pages = _Pages(self._page)
+        try:
+            for body in pages:
+                page = json.loads(body)
+                items = page.get("items") or []
+                self._received(len(items), len(body))
+                for obj in items:
+                    keys.add(self._key(obj))
+                    self._deliver("ADDED", obj)
+                meta = page.get("metadata") or {}
+                if not meta.get("continue"):
+                    version = str(meta["resourceVersion"])
+                    self._on_listed(keys, version)
+                    return version
+        finally:
+            pages.close()
+        raise RuntimeError(f"{self.name}: the list ended without a last page")
+
+    def _page(self, token: str | None) -> bytes:
+        extra = {"_continue": token} if token else {}
+        body: bytes = self._list_fn(
+            _preload_content=False,
+            _request_timeout=LIST_TIMEOUT,
+            limit=self._page_size,
+            **extra,
+            **self._kwargs,
+        ).data
+        return body
+
+
+class _Pages:
+    """A list's pages in order, the next one asked for while the consumer reads this one: the
+    API server encodes page n+1 while this process decodes page n, instead of one waiting
+    on the other (a large list is most of a restart). One page ahead at most, so memory holds
+    two pages of full objects. The next page's continue token is read from the page's
+    `metadata`, which the API server writes before its `items`; where it cannot be found
+    there, the next page is asked for once this one is decoded (no overlap, same result)."""
+
+    def __init__(self, fetch: Callable[[str | None], bytes]):
+        self._fetch = fetch
+        self._ahead: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        body = self._fetch(None)
         while True:
-            extra = {"_continue": token} if token else {}
-            body = self._list_fn(
-                _preload_content=False,
-                _request_timeout=LIST_TIMEOUT,
-                limit=self._page_size,
-                **extra,
-                **self._kwargs,
-            ).data
-            page = json.loads(body)
-            items = page.get("items") or []
-            self._received(len(items), len(body))
-            for obj in items:
-                keys.add(self._key(obj))
-                self._deliver("ADDED", obj)
-            meta = page.get("metadata") or {}
-            token = meta.get("continue") or None
+            token = continue_token(body)
             if token is None:
-                version = str(meta["resourceVersion"])
-                self._on_listed(keys, version)
-                return version
+                yield body  # the last page (or one whose token is past the prefix)
+                token = _continue_of(json.loads(body))
+                if token is None:
+                    return
+                body = self._fetch(token)
+                continue
+            self._start(token)
+            yield body
+            ahead = self._ahead.get()
+            if isinstance(ahead, BaseException):
+                raise ahead
+            body = ahead
+
+    def _start(self, token: str) -> None:
+        def fetch() -> None:
+            try:
+                result: bytes | BaseException = self._fetch(token)
+            except BaseException as exc:  # handed to the consumer, who raises it
+                result = exc
+            while not self._closed.is_set():
+                try:
+                    self._ahead.put(result, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
+
+        threading.Thread(target=fetch, name="list-page", daemon=True).start()
+
+    def close(self) -> None:
+        """The consumer stops early (a failure): a page fetched ahead is dropped."""
+        self._closed.set()
+
+
+# The page's metadata is in its first bytes: `{"kind":..,"apiVersion":..,"metadata":{..},
+# "items":[..]}`; a continue token is a few hundred bytes.
+_PREFIX = 8192
+_METADATA = re.compile(rb'"metadata"\s*:\s*')
+
+
+def continue_token(body: bytes) -> str | None:
+    """The continue token in a list page's metadata, read from the page's first bytes
+    without decoding the page; None when there is none or it is not found there."""
+    head = body[:_PREFIX]
+    found = _METADATA.search(head)
+    if found is None:
+        return None
+    try:
+        meta, _ = json.JSONDecoder().raw_decode(head[found.end() :].decode())
+    except ValueError:  # cut short by the prefix, or not JSON
+        return None
+    return _continue_of({"metadata": meta}) if isinstance(meta, dict) else None
+
+
+def _continue_of(page: Mapping[str, Any]) -> str | None:
+    meta = page.get("metadata")
+    token = meta.get("continue") if isinstance(meta, Mapping) else None
+    return str(token) if token else None
