@@ -24,12 +24,15 @@ SANDBOX = "bench"
 
 
 def _on_sandbox(
-    nodes: int, body: Callable[[SandboxCluster], dict[str, Any]], name: str = SANDBOX
+    nodes: int,
+    body: Callable[[SandboxCluster], dict[str, Any]],
+    name: str = SANDBOX,
+    profiling: bool = False,
 ) -> dict[str, Any]:
     """A fresh sandbox per benchmark: none inherits another's objects or load. IPv4 only, as
     every figure in BENCHMARKS.md was measured (a dual-stack pod costs a second address and
     ruleset: compare like with like)."""
-    lifecycle.up(name, nodes=nodes, ip_family="ipv4")
+    lifecycle.up(name, nodes=nodes, ip_family="ipv4", apiserver_profiling=profiling)
     try:
         return body(SandboxCluster.open(name))
     finally:
@@ -58,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         "--scale-pods/--nodes; e.g. 1000,2000,5000: `make bench-large`)",
     )
     parser.add_argument("--cni-pods", type=int, default=50, help="CNI ADD: pods per case")
+    parser.add_argument(
+        "--apiserver-profiles",
+        type=Path,
+        help="controller scale: save the API server's CPU profile of each burst and restart here",
+    )
     parser.add_argument(
         "--only", choices=["enroll", "event", "scale", "cni"], action="append", help="repeatable"
     )
@@ -96,9 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         for nodes in sizes:  # a fresh sandbox each: no size inherits another's etcd
             pods = args.scale_pods if nodes == args.nodes else nodes * per_node
             measure = functools.partial(
-                controller_scale.run, nodes=nodes, pods=pods, relabel=args.relabel
+                controller_scale.run,
+                nodes=nodes,
+                pods=pods,
+                relabel=args.relabel,
+                profile_dir=args.apiserver_profiles,
             )
-            runs.append(on_sandbox(1, measure))
+            runs.append(on_sandbox(1, measure, profiling=args.apiserver_profiles is not None))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a long run's progress
         results["scale"] = {"sizes": runs}
     print(json.dumps(results, indent=2))

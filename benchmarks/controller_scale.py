@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from .objects import (
 )
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+PROFILE_SECONDS = 20  # of the API server, from the burst's start and from the restart's
 
 
 def pod_ip(index: int) -> str:
@@ -83,8 +85,33 @@ class SpecWatch:
         }
 
 
+def apiserver_profile(cluster: SandboxCluster, seconds: int, path: Path) -> threading.Thread:
+    """The API server's CPU profile (Go pprof, its /debug/pprof) over the next `seconds`, to
+    `path`, on a thread: where a missed mark's time went on the server's side. Read it with
+    `go tool pprof -top PATH`."""
+
+    def fetch() -> None:
+        kubectl = Path(cluster.state.bin_dir) / "kubectl"
+        raw = f"/debug/pprof/profile?seconds={seconds}"
+        with path.open("wb") as out:
+            subprocess.run(
+                [str(kubectl), "--kubeconfig", str(cluster.kubeconfig), "get", "--raw", raw],
+                stdout=out,
+                check=False,
+                timeout=seconds + 60,
+            )
+
+    thread = threading.Thread(target=fetch, name="apiserver-profile", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(
-    cluster: SandboxCluster, nodes: int = 1000, pods: int = 20000, relabel: int = 100
+    cluster: SandboxCluster,
+    nodes: int = 1000,
+    pods: int = 20000,
+    relabel: int = 100,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     bulk = BulkClient(cluster)
     namespaces = [f"bench-scale-{i:03d}" for i in range(2 * relabel)]
@@ -92,6 +119,7 @@ def run(
     stop = threading.Event()
     ctl: Component | None = None
     agent: Component | None = None
+    profiles: list[threading.Thread] = []
     host_netns = f"{NETNS_PREFIX}scale-host"
     try:
         ensure_crd(cluster)
@@ -154,6 +182,9 @@ def run(
         seen_before = (watch.objects, watch.bytes)
         agent_before = _agent_received(agent)
 
+        if profile_dir is not None:
+            profile = profile_dir / f"apiserver-burst-{nodes}.pprof"
+            profiles.append(apiserver_profile(cluster, PROFILE_SECONDS, profile))
         burst_at = time.monotonic()
         bulk.each(
             lambda ns: bulk.core().patch_namespace(
@@ -189,6 +220,9 @@ def run(
 
         ctl.stop()
         plane_before = {name: u.cpu_seconds() for name, u in plane.items()}
+        if profile_dir is not None:
+            profile = profile_dir / f"apiserver-restart-{nodes}.pprof"
+            profiles.append(apiserver_profile(cluster, PROFILE_SECONDS, profile))
         restart_at = time.monotonic()
         ctl.start(timeout=300)
         wait_until(
@@ -234,6 +268,8 @@ def run(
             "all_bytes": cluster_bytes,
         }
     finally:
+        for thread in profiles:
+            thread.join(timeout=PROFILE_SECONDS + 60)
         stop.set()
         if agent is not None:
             agent.stop()

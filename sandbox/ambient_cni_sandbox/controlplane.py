@@ -67,8 +67,17 @@ AUDIT_POLICY = {
 class ControlPlane:
     """Certificates, kubeconfigs and the three processes of one sandbox."""
 
-    def __init__(self, *, sandbox: str, state_dir: Path, etcd_data_dir: Path, bin_dir: Path):
+    def __init__(
+        self,
+        *,
+        sandbox: str,
+        state_dir: Path,
+        etcd_data_dir: Path,
+        bin_dir: Path,
+        apiserver_profiling: bool = False,
+    ):
         self.sandbox = sandbox
+        self.apiserver_profiling = apiserver_profiling
         self.state_dir = state_dir
         self.etcd_data_dir = etcd_data_dir
         self.bin_dir = bin_dir
@@ -228,7 +237,7 @@ class ControlPlane:
             f"--audit-policy-file={self.state_dir / 'audit-policy.yaml'}",
             f"--audit-log-path={self.audit_log}",
             "--audit-log-maxsize=100",
-            "--profiling=false",
+            f"--profiling={str(self.apiserver_profiling).lower()}",
             "--v=1",
         ]
 

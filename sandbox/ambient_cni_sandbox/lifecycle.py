@@ -57,10 +57,13 @@ def up(
     pod_network: PodNetwork = "bridge",
     ip_family: IpFamily = DEFAULT_IP_FAMILY,
     say: Say = _say,
+    apiserver_profiling: bool = False,
 ) -> SandboxState:
     """`pod_network`: "bridge" (pods on a node bridge) or "ptp" (a veth per pod, as kindnet);
     `ip_family`: "dual" (an IPv4 and an IPv6 address for every node and pod, IPv4 first),
-    "ipv4" or "ipv6". Both are kept in the state's topology for the kubelets."""
+    "ipv4" or "ipv6". Both are kept in the state's topology for the kubelets.
+    `apiserver_profiling`: the API server serves /debug/pprof (benchmarks read where its
+    time goes); off otherwise, as hardened clusters run it."""
     paths = paths_for(name)
     topology = plan(name, nodes, pod_network, ip_family)
     existing = load_state(name)
@@ -96,7 +99,11 @@ def up(
     started = time.monotonic()
     try:
         control_plane = ControlPlane(
-            sandbox=name, state_dir=paths.state_dir, etcd_data_dir=paths.etcd_dir, bin_dir=bin_dir
+            sandbox=name,
+            state_dir=paths.state_dir,
+            etcd_data_dir=paths.etcd_dir,
+            bin_dir=bin_dir,
+            apiserver_profiling=apiserver_profiling,
         )
         control_plane.write_credentials(ports)
         say(
