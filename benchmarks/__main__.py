@@ -17,7 +17,7 @@ from typing import Any
 from ambient_cni_sandbox import lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster
 
-from . import cni_add, controller_scale, enroll, event_to_kernel, report
+from . import cni_add, controller_scale, enroll, event_to_kernel, idle, report
 from .measure import machine
 
 SANDBOX = "bench"
@@ -59,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cni-pods", type=int, default=50, help="CNI ADD: pods per case")
     parser.add_argument(
-        "--only", choices=["enroll", "event", "scale", "cni"], action="append", help="repeatable"
+        "--idle-window",
+        type=float,
+        help="agent at rest: seconds measured per size (default: the resync interval, 90)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["enroll", "event", "scale", "cni", "idle"],
+        action="append",
+        help="repeatable",
     )
     parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
     parser.add_argument(
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
         return 2
-    chosen = args.only or ["enroll", "event", "scale", "cni"]
+    chosen = args.only or ["enroll", "event", "scale", "cni", "idle"]
     on_sandbox = functools.partial(_on_sandbox, name=args.sandbox)
     results: dict[str, dict[str, Any]] = {}
     if "enroll" in chosen:
@@ -89,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             results["event"]["backends"][backend] = on_sandbox(2, measure)
     if "cni" in chosen:
         results["cni"] = on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
+    if "idle" in chosen:
+        results["idle"] = on_sandbox(1, lambda c: idle.run(c, window=args.idle_window))
     if "scale" in chosen:
         per_node = max(args.scale_pods // max(args.nodes, 1), 1)
         sizes = args.scale_sizes or [args.nodes]
@@ -114,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "event": report.event_table,
             "scale": report.scale_table,
             "cni": report.cni_table,
+            "idle": report.idle_table,
         }
         for name, result in results.items():
             document = report.replace_section(document, name, tables[name](result))
