@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ambient_cni.agent.events import EventNote, notes
+from ambient_cni.agent.events import MAX_REPAIR_NOTES, EventNote, notes
 from ambient_cni.api.models import AmbientNodeConfigStatus
 
 T0 = "2026-01-01T00:00:00Z"
@@ -25,9 +25,9 @@ def pod(name: str, state: str, reason: str | None = None, **more: Any) -> dict[s
     }
 
 
-def repair(message: str, minute: int = 0) -> dict[str, Any]:
+def repair(message: str, minute: int = 0, count: int = 1) -> dict[str, Any]:
     when = datetime.datetime(2026, 1, 1, 0, minute, tzinfo=datetime.UTC)
-    return {"time": when.isoformat(), "reason": "DriftRepaired", "message": message}
+    return {"time": when.isoformat(), "reason": "DriftRepaired", "message": message, "count": count}
 
 
 def cond(kind: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
@@ -255,6 +255,30 @@ CASES: list[tuple[str, AmbientNodeConfigStatus, AmbientNodeConfigStatus, list[Ev
         status(workloads=[{**ENROLLED, "lastRepair": repair("IPv4 nat: 9 rules missing")}]),
         status(workloads=[{**ENROLLED, "lastRepair": repair("IPv4 nat: 9 rules missing", 5)}]),
         [warning("DriftRepaired", "pod shop/web: redirection repaired: IPv4 nat: 9 rules missing")],
+    ),
+    (
+        "repaired again within the same second: the count tells it",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=1)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=2)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x")],
+    ),
+    (
+        "three repairs between two status writes are three notes",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=2)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", 1, count=5)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x")] * 3,
+    ),
+    (
+        "a storm of repairs is a bounded number of notes",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=1)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", 1, count=1000)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x")] * MAX_REPAIR_NOTES,
+    ),
+    (
+        "counted anew after re-enrolment",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=4)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("y", 1, count=1)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: y")],
     ),
     (
         "the same repair is not told twice",

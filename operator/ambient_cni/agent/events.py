@@ -16,6 +16,7 @@ from ambient_cni.api.models import (
     AmbientNodeConfigStatus,
     Condition,
     ConditionType,
+    Repair,
     ZtunnelStatus,
 )
 
@@ -29,6 +30,9 @@ NODE_CONDITIONS: tuple[ConditionType, ...] = (
     "ZtunnelRulesReady",
     "CniPluginInstalled",
 )
+
+# Repair notes for one pod from one status change at most (see _repairs_since).
+MAX_REPAIR_NOTES = 5
 
 
 @dataclass(frozen=True)
@@ -95,11 +99,24 @@ def _workloads(
             message = f"{pod}: {now.message}" if now.message else f"{pod} failed"
             yield EventNote("Warning", now.reason or "Failed", message)
         repair = now.last_repair
-        if repair is not None and (was is None or was.last_repair != repair):
+        if repair is not None:
             said = f"{pod}: redirection repaired"
-            yield EventNote(
+            note = EventNote(
                 "Warning", repair.reason, f"{said}: {repair.message}" if repair.message else said
             )
+            for _ in range(_repairs_since(was.last_repair if was else None, repair)):
+                yield note
+
+
+def _repairs_since(before: Repair | None, now: Repair) -> int:
+    """Repairs to tell: each one the count moved by (the recorder counts them on one Event),
+    at most MAX_REPAIR_NOTES for one status change so a storm costs a bounded number of
+    API calls; the status keeps the exact count."""
+    if before is None or now.count < before.count:  # new to us, or counted anew (re-enrolled)
+        return 1
+    if now.count == before.count:
+        return 1 if now != before else 0
+    return min(now.count - before.count, MAX_REPAIR_NOTES)
 
 
 def _condition(status: AmbientNodeConfigStatus, kind: ConditionType) -> Condition | None:

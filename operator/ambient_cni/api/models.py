@@ -233,6 +233,9 @@ class Repair(Wire):
     time: Time
     reason: Name
     message: str = Field(default="", max_length=4096)
+    # Repairs of this workload since the agent enrolled it: two within one second of `time`
+    # are still two, for the Events and for a person reading status.
+    count: int = Field(default=1, ge=1)
 
 
 class WorkloadStatus(Wire):

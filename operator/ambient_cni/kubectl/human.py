@@ -179,7 +179,8 @@ def why_text(report: WhyReport, now: datetime.datetime, style: Style) -> str:
             lines.append(
                 (
                     "Last repair",
-                    f"{age(repair.time, now)} ago, {repair.reason}: {_one_line(repair.message)}",
+                    f"{age(repair.time, now)} ago, {repair.reason}: {_one_line(repair.message)}"
+                    + (f" ({repair.count} repairs since it enrolled)" if repair.count > 1 else ""),
                 )
             )
     elif report.node_facts is not None:
