@@ -94,6 +94,27 @@ def test_own_writers_are_the_agents_threads_and_the_children_it_started(tmp_path
     assert not own(7005)  # not there at all
 
 
+def test_in_a_pid_namespace_of_its_own_the_agent_knows_itself_by_the_hosts_numbers(
+    tmp_path: Path,
+) -> None:
+    host = tmp_path / "host-proc"  # the host's /proc, mounted at /host/proc
+    (host / "4242" / "task" / "4250").mkdir(parents=True)  # the agent's thread, host numbering
+    (host / "self").symlink_to("4242")
+    (host / "4300").mkdir()
+    (host / "4300" / "stat").write_text("4300 (iptables-restor) S 4242 1 1 0")  # its child
+    (host / "7004").mkdir()
+    (host / "7004" / "stat").write_text("7004 (nft) S 1 1 1 0")  # someone else's
+    children = Children()
+    children.started(7004)  # the agent's own child, by the container's numbering
+    own = OwnWriter(host, children)
+    assert own.pid == 4242
+    assert own(4242)
+    assert own(4250)
+    assert own(4300)
+    assert not own(os.getpid())
+    assert not own(7004), "a PID from the container's numbering must not match the host's"
+
+
 def test_a_child_is_remembered_a_while_after_it_exits(monkeypatch: pytest.MonkeyPatch) -> None:
     children = Children()
     children.started(11)

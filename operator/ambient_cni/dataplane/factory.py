@@ -24,7 +24,7 @@ from .iptables_pod import IptablesPodDataplane
 from .iptables_sidecar import IptablesSidecarDataplane
 from .kubelet_uid import kubelet_uid
 from .libnftables import Nft
-from .nft_changes import NftablesChanges, generation
+from .nft_changes import NftablesChanges, OwnWriter, generation
 from .nft_host import NftablesHostDataplane, NftAddressSets
 from .nft_pod import NftablesPodDataplane
 from .nft_sidecar import NftablesSidecarDataplane
@@ -74,7 +74,7 @@ def _iptables(name: FlavourName) -> BackendBuilder:
             sidecars=IptablesSidecarDataplane(flavour, runner),
             node=NodeModeDataplane(flavour, runner, host_netns),
             # iptables-nft is nftables underneath: the kernel announces its changes too.
-            changes=NftablesChanges() if name == "nft" else None,
+            changes=NftablesChanges(own=OwnWriter(options.proc)) if name == "nft" else None,
         )
 
     return build
@@ -102,7 +102,7 @@ def _nftables(options: BackendOptions) -> Dataplane:
         sidecars=NftablesSidecarDataplane(workers, options.runner),
         # Istio never had node mode in native nftables: its rules go through iptables-nft.
         node=NodeModeDataplane(Flavour("nft"), options.runner, options.host_netns),
-        changes=NftablesChanges(),
+        changes=NftablesChanges(own=OwnWriter(options.proc)),
     )
 
 

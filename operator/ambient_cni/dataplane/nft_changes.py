@@ -10,10 +10,10 @@ epoll: nothing runs while nothing changes.
 
 A transaction committed by the agent itself (its own threads through
 libnftables, or an iptables-restore it started) is not news: its NEWGEN names
-one of the agent's threads or a child of the agent. When that cannot be told
-(the child is gone already, or the agent is in a PID namespace of its own,
-where the kernel's PIDs are not ours) the change is reported and costs one
-re-check that finds nothing to do. Lost messages (a full socket buffer) are
+one of the agent's threads or a child of the agent, by host PID, which the agent
+reads through the host's /proc. When that cannot be told (a child gone and
+reaped already, in a PID namespace of its own) the change is reported and costs
+one re-check that finds nothing to do. Lost messages (a full socket buffer) are
 reported as a change.
 
 The pod's policy routing (its `ip rule` and routes in table 100) is the rest
@@ -164,12 +164,19 @@ def routing_changed(data: bytes, table: int = ROUTE_TABLE) -> bool:
 
 class OwnWriter:
     """Whether a PID the kernel names is this process's: one of its threads, or a child the
-    runner started (e.g. iptables-restore; its record, or /proc while it is not reaped)."""
+    runner started (e.g. iptables-restore; its record, or /proc while it is not reaped).
+
+    The kernel names committers by their PID in the host's PID namespace. `proc` is the
+    host's /proc (the agent's `--proc`, /host/proc in the chart): through it the agent
+    finds its own PID as the host numbers it, from a container with a PID namespace of its
+    own, without sharing the host's."""
 
     def __init__(self, proc: Path = Path("/proc"), children: Container[int] = CHILDREN):
         self.proc = proc
-        self.children = children
-        self.pid = os.getpid()
+        self.pid = host_pid(proc)
+        # The runner records its children by the PIDs this process sees: the same numbers
+        # only when this process sees the host's (else a foreign PID could match by chance).
+        self.children: Container[int] = children if self.pid == os.getpid() else ()
 
     def __call__(self, pid: int) -> bool:
         if pid == self.pid or pid in self.children:
@@ -182,6 +189,14 @@ class OwnWriter:
             return False
         fields = stat.rsplit(")", 1)[-1].split()
         return len(fields) > 1 and fields[1] == str(self.pid)
+
+
+def host_pid(proc: Path) -> int:
+    """This process's PID in the PID namespace `proc` was mounted for (its `self` link)."""
+    try:
+        return int((proc / "self").readlink().name)
+    except (OSError, ValueError):
+        return os.getpid()
 
 
 def _subscribed(protocol: int, groups: tuple[int, ...]) -> socket.socket:
