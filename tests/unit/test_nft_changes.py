@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ambient_cni.dataplane import factory
+from ambient_cni.dataplane import factory, nft_changes
 from ambient_cni.dataplane.nft_changes import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
@@ -177,3 +177,17 @@ def test_an_attribute_cut_short_reads_as_unknown_not_an_error() -> None:
     # nfgenmsg, then an attribute header claiming a 4-byte value the datagram lacks.
     header_only = b"\x00\x00\x00\x00" + struct.pack("=HH", 8, NFTA_GEN_PROC_PID)
     assert committer(header_only) is None
+
+
+def test_a_kernel_that_cannot_name_namespaces_is_said_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    nft_changes._without_generations.cache_clear()
+    monkeypatch.setattr(nft_changes, "SO_NETNS_COOKIE", 0x7FFF)  # as on Linux before 5.14
+    with caplog.at_level("WARNING", logger="ambient_cni.dataplane.nft_changes"):
+        assert nft_changes.generation() is None
+        assert nft_changes.generation() is None
+    said = [r.getMessage() for r in caplog.records if "generations" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "each re-check of a pod reads its rules" in said[0]
+    nft_changes._without_generations.cache_clear()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import select
@@ -133,9 +134,19 @@ def generation() -> tuple[int, int] | None:
                 if reply == NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_NEWGEN:
                     genid = _gen_attr(payload, NFTA_GEN_ID)
                     return None if genid is None else (cookie, genid)
-    except OSError:
+    except OSError as exc:
+        _without_generations(exc.strerror or str(exc))
         return None
     return None
+
+
+@functools.cache
+def _without_generations(why: str) -> None:
+    """Said once per reason: a kernel older than 5.14 has no SO_NETNS_COOKIE, and then each
+    re-check of a pod reads its rules whatever happened (correct, at a cost)."""
+    log.warning(
+        "cannot read nftables generations (%s): each re-check of a pod reads its rules", why
+    )
 
 
 def foreign_commit(data: bytes, ours: Callable[[int], bool]) -> bool:
