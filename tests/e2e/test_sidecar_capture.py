@@ -194,8 +194,9 @@ def test_capture_flushed_behind_the_agents_back_is_repaired_with_a_reason(
     # The call after the repair went through the proxy: it is the last the proxy logged.
     wait_for(
         "the proxy's record of the call after the repair",
-        lambda: [c["dst"] for c in relayed(sandbox, web, "outbound")][-1:]
-        == [f"{pod_ip(client)}:8080"],
+        lambda: (
+            [c["dst"] for c in relayed(sandbox, web, "outbound")][-1:] == [f"{pod_ip(client)}:8080"]
+        ),
     )
 
 
