@@ -31,9 +31,6 @@ NODE_CONDITIONS: tuple[ConditionType, ...] = (
     "CniPluginInstalled",
 )
 
-# Repair notes for one pod from one status change at most (see _repairs_since).
-MAX_REPAIR_NOTES = 5
-
 
 @dataclass(frozen=True)
 class EventNote:
@@ -42,6 +39,7 @@ class EventNote:
     type: EventType
     reason: str
     message: str
+    count: int = 1  # occurrences it stands for (the recorder counts them on one Event)
 
 
 def notes(previous: AmbientNodeConfigStatus, current: AmbientNodeConfigStatus) -> list[EventNote]:
@@ -101,22 +99,21 @@ def _workloads(
         repair = now.last_repair
         if repair is not None:
             said = f"{pod}: redirection repaired"
-            note = EventNote(
-                "Warning", repair.reason, f"{said}: {repair.message}" if repair.message else said
-            )
-            for _ in range(_repairs_since(was.last_repair if was else None, repair)):
-                yield note
+            repairs = _repairs_since(was.last_repair if was else None, repair)
+            if repairs:
+                message = f"{said}: {repair.message}" if repair.message else said
+                yield EventNote("Warning", repair.reason, message, count=repairs)
 
 
 def _repairs_since(before: Repair | None, now: Repair) -> int:
-    """Repairs to tell: each one the count moved by (the recorder counts them on one Event),
-    at most MAX_REPAIR_NOTES for one status change so a storm costs a bounded number of
-    API calls; the status keeps the exact count."""
-    if before is None or now.count < before.count:  # new to us, or counted anew (re-enrolled)
+    """Repairs between two statuses: as many as the count moved by; when it went back (the
+    pod was enrolled anew, or the agent restarted and counts from 1 again), this one
+    repair is all that can be told for sure."""
+    if before is None or now.times < before.times:
         return 1
-    if now.count == before.count:
+    if now.times == before.times:
         return 1 if now != before else 0
-    return min(now.count - before.count, MAX_REPAIR_NOTES)
+    return now.times - before.times
 
 
 def _condition(status: AmbientNodeConfigStatus, kind: ConditionType) -> Condition | None:

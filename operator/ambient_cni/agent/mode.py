@@ -66,7 +66,7 @@ class PodState:
 
     def with_repair(self, reason: str, message: str) -> PodState:
         before = self.outcome.last_repair
-        count = 1 if before is None else before.count + 1
+        count = 1 if before is None else before.times + 1
         repair = Repair(time=now(), reason=reason, message=message[:4096], count=count)
         return dataclasses.replace(
             self, outcome=self.outcome.model_copy(update={"last_repair": repair})

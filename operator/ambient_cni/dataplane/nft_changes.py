@@ -135,7 +135,10 @@ def generation() -> tuple[int, int] | None:
                     genid = _gen_attr(payload, NFTA_GEN_ID)
                     return None if genid is None else (cookie, genid)
     except OSError as exc:
-        _without_generations(exc.strerror or str(exc))
+        if exc.errno == errno.ENOPROTOOPT:  # no SO_NETNS_COOKIE: not before Linux 5.14
+            _without_generations(exc.strerror or str(exc))
+        else:  # passing (a timeout, a full buffer): this re-check reads the rules
+            log.debug("reading the nftables generation: %s", exc)
         return None
     return None
 

@@ -180,7 +180,11 @@ def why_text(report: WhyReport, now: datetime.datetime, style: Style) -> str:
                 (
                     "Last repair",
                     f"{age(repair.time, now)} ago, {repair.reason}: {_one_line(repair.message)}"
-                    + (f" ({repair.count} repairs since it enrolled)" if repair.count > 1 else ""),
+                    + (
+                        f" ({repair.times} repairs since the agent last enrolled it)"
+                        if repair.times > 1
+                        else ""
+                    ),
                 )
             )
     elif report.node_facts is not None:
