@@ -27,7 +27,7 @@ unit: setup
 e2e: setup
 	$(BIN)/pytest -q tests/e2e
 
-# All benchmarks at full size (about 10 minutes); rewrites the tables of BENCHMARKS.md.
+# All benchmarks at full size (about 20 minutes); rewrites the tables of BENCHMARKS.md.
 bench: setup
 	$(BIN)/python -m benchmarks --write BENCHMARKS.md
 

@@ -17,7 +17,7 @@ from typing import Any
 from ambient_cni_sandbox import lifecycle
 from ambient_cni_sandbox.cluster import SandboxCluster
 
-from . import cni_add, controller_scale, enroll, event_to_kernel, report
+from . import cni_add, controller_scale, enroll, event_to_kernel, idle, report
 from .measure import machine
 
 SANDBOX = "bench"
@@ -67,7 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         help="controller scale: save the API server's CPU profile of each burst and restart here",
     )
     parser.add_argument(
-        "--only", choices=["enroll", "event", "scale", "cni"], action="append", help="repeatable"
+        "--idle-window",
+        type=float,
+        help="agent at rest: seconds measured per size (default: the resync interval, 90)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["enroll", "event", "scale", "cni", "idle"],
+        action="append",
+        help="repeatable",
     )
     parser.add_argument("--write", type=Path, help="rewrite the tables of this BENCHMARKS.md")
     parser.add_argument(
@@ -85,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks need root (network namespaces, a sandbox)", file=sys.stderr)
         return 2
-    chosen = args.only or ["enroll", "event", "scale", "cni"]
+    chosen = args.only or ["enroll", "event", "scale", "cni", "idle"]
     on_sandbox = functools.partial(_on_sandbox, name=args.sandbox)
     results: dict[str, dict[str, Any]] = {}
     if "enroll" in chosen:
@@ -97,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             results["event"]["backends"][backend] = on_sandbox(2, measure)
     if "cni" in chosen:
         results["cni"] = on_sandbox(1, lambda c: cni_add.run(c, args.cni_pods))
+    if "idle" in chosen:
+        results["idle"] = on_sandbox(1, lambda c: idle.run(c, window=args.idle_window))
     if "scale" in chosen:
         per_node = max(args.scale_pods // max(args.nodes, 1), 1)
         sizes = args.scale_sizes or [args.nodes]
@@ -126,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "event": report.event_table,
             "scale": report.scale_table,
             "cni": report.cni_table,
+            "idle": report.idle_table,
         }
         for name, result in results.items():
             document = report.replace_section(document, name, tables[name](result))

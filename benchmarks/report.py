@@ -21,6 +21,8 @@ TARGET_LARGE_CONVERGE_S = 20.0
 TARGET_LARGE_RSS_MIB = 1536.0
 TARGET_LARGE_RESTART_S = 15.0
 TARGET_LARGE_CPU_RATIO = 2.5
+TARGET_IDLE_CPU_SHARE = 0.02  # of one core, with 250 enrolled pods
+TARGET_REPAIR_S = 2.0
 
 
 def _met(ok: bool) -> str:
@@ -217,6 +219,41 @@ def cni_table(r: dict[str, Any]) -> str:
             f"{r['plugin_binary_bytes'] / 2**20:.1f} MiB (static, stripped).",
         ]
     )
+
+
+def idle_table(r: dict[str, Any]) -> str:
+    """The agent at rest: CPU and the processes it starts, per backend and number of pods."""
+    lines = [
+        f"Each window {r['window_s']:g} s (one full re-check: `--resync-interval="
+        f"{r['resync_interval_s']:g}`, `--drift-interval={r['drift_interval_s']:g}`), "
+        "nothing changing; processes and threads counted from the kernel's fork events.",
+        "",
+        "| backend | pods | agent CPU (share of one core) | processes started / s "
+        "| threads started / s | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend, run in r["backends"].items():
+        for row in run["rows"]:
+            target = ""
+            if row["pods"] == max(r["sizes"]):
+                ok = row["cpu_share"] <= TARGET_IDLE_CPU_SHARE
+                target = f"at most {TARGET_IDLE_CPU_SHARE:.0%} {_met(ok)}"
+            threads = row.get("threads_per_s")
+            lines.append(
+                f"| {backend} | {row['pods']} | {row['cpu_share']:.2%} "
+                f"| {row['processes_per_s']:.2f} "
+                f"| {'n/a' if threads is None else f'{threads:.2f}'} | {target} |"
+            )
+    lines.append("")
+    for backend, run in r["backends"].items():
+        repaired = run.get("flushed_rule_repaired_s")
+        if repaired is not None:
+            ok = repaired <= TARGET_REPAIR_S
+            lines.append(
+                f"- {backend}: a pod's outbound chain flushed behind the agent's back is back "
+                f"after {_s(repaired)} (at most {TARGET_REPAIR_S:g} s {_met(ok)})."
+            )
+    return "\n".join(lines)
 
 
 def scale_table(result: dict[str, Any]) -> str:

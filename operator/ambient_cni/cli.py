@@ -106,7 +106,20 @@ def _agent_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     agent.add_argument(
         "--netns-prefix", default="", help="only consider named namespaces starting with this"
     )
-    agent.add_argument("--drift-interval", type=float, default=10.0, help="seconds")
+    agent.add_argument(
+        "--drift-interval",
+        type=float,
+        default=10.0,
+        help="seconds between re-checks of every pod where the kernel announces no rule "
+        "changes (iptables-legacy, or a namespace that cannot be watched); default 10",
+    )
+    agent.add_argument(
+        "--resync-interval",
+        type=float,
+        default=90.0,
+        help="seconds between re-checks of every pod where the kernel announces rule changes "
+        "(nftables, iptables-nft: each namespace is re-checked as it changes); default 90",
+    )
     agent.add_argument(
         "--redirect-modes",
         type=_redirect_modes,
@@ -250,6 +263,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         daemonset=args.daemonset,
         backend=args.backend,
         drift_interval=args.drift_interval,
+        resync_interval=args.resync_interval,
         redirect_modes=args.redirect_modes,
         workers=args.workers,
         kubelet_uid=args.kubelet_uid,

@@ -215,10 +215,12 @@ class EventRecorder:
 
     # -- the caller's side ------------------------------------------------------------------
 
-    def record(self, ref: ObjectRef, event_type: EventType, reason: str, message: str) -> None:
-        """Note one occurrence; posted soon after, unless the object's bucket is empty. Only a
-        new Event spends a token: a repeat is a count on one already made (or waiting), so a
-        flapping pod never crowds out what else happens to the object."""
+    def record(
+        self, ref: ObjectRef, event_type: EventType, reason: str, message: str, count: int = 1
+    ) -> None:
+        """Note `count` occurrences; posted soon after, unless the object's bucket is empty.
+        Only a new Event spends a token: a repeat is a count on one already made (or
+        waiting), so a flapping pod never crowds out what else happens to the object."""
         key = _Key(ref, event_type, reason, message)
         now = self.wall()
         with self._lock:
@@ -229,7 +231,7 @@ class EventRecorder:
             if not repeat and not self._take(ref):
                 return
             waiting = self._pending.get(key)
-            occurrence = _Pending(1, now, now)
+            occurrence = _Pending(max(count, 1), now, now)
             self._pending[key] = occurrence if waiting is None else waiting + occurrence
         self.queue.add(key)
 

@@ -153,7 +153,9 @@ class NetnsWorkers:
     in (/proc/thread-self/ns/net: the thread's own, not the process's) and
     returns to it after every call. A worker that cannot return retires, so no
     thread ever runs a second call in a namespace it did not ask for; the pool
-    starts another in its place. Only these threads ever call setns.
+    starts another in its place. Only these threads ever call setns. A call made from one
+    of the pool's own threads (a nested one) gets a thread of its own, so the pool never
+    waits on itself.
     """
 
     def __init__(self, size: int = 4, name: str = "netns-worker"):
@@ -164,9 +166,12 @@ class NetnsWorkers:
         self._workers = 0
         self._serial = 0
         self._closed = False
+        self._threads: set[int] = set()  # the workers' thread idents
 
     def run(self, target: str | Path, fn: Callable[[], T]) -> T:
         """Call `fn` inside `target` on one of the pool's threads; re-raises what it raises."""
+        if threading.get_ident() in self._threads:
+            return run_in_netns(target, fn)
         call: _Call[T] = _Call(netns_path(target), fn)
         self._ensure_workers()
         self._calls.put(call)
@@ -211,6 +216,8 @@ class NetnsWorkers:
 
     def _work(self) -> None:
         home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        with self._lock:
+            self._threads.add(threading.get_ident())
         try:
             while (call := self._calls.get()) is not None:
                 if not self._serve(call, home):
@@ -219,6 +226,7 @@ class NetnsWorkers:
             os.close(home)
             with self._lock:
                 self._workers -= 1
+                self._threads.discard(threading.get_ident())
 
     @staticmethod
     def _serve(call: _Call[Any], home: int) -> bool:

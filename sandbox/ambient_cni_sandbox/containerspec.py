@@ -193,6 +193,8 @@ def plan(
     ]
     if not pod.get("spec", {}).get("hostNetwork"):
         args.append(f"--hostname={meta.get('name', '')}")
+    if pod.get("spec", {}).get("hostPID"):
+        args.append("--pid=host")
     args += _security(pod, container, image_user)
     # The API server's whereabouts first, as a kubelet puts service variables first.
     env = [*service_env, *resolve_env(pod, container, pod_ips, host_ips)]

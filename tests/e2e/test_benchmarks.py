@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.network import sandbox_netns
-from benchmarks import cni_add, controller_scale, enroll, event_to_kernel, report
+from benchmarks import cni_add, controller_scale, enroll, event_to_kernel, idle, report
 
 BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "BENCHMARKS.md"
 
@@ -58,7 +58,7 @@ def test_controller_scale_benchmark_counts_writes_and_isolates_the_agent(
 
 def test_every_section_of_benchmarks_md_has_its_markers() -> None:
     document = BENCHMARKS_MD.read_text()
-    for name in ("machine", "enroll", "event", "scale", "watch"):
+    for name in ("machine", "enroll", "event", "scale", "watch", "cni", "idle"):
         document = report.replace_section(document, name, f"TABLE-{name}")  # raises if absent
         assert f"<!-- bench:{name} -->\nTABLE-{name}\n<!-- /bench:{name} -->" in document
 
@@ -74,3 +74,17 @@ def test_cni_add_benchmark_times_every_case_and_leaves_nothing(sandbox: SandboxC
     assert sandbox.namespace(cni_add.INSIDE) is None
     assert "pod in the mesh (enrolled first)" in report.cni_table(result)
     assert "pod with a sidecar (captured first)" in report.cni_table(result)
+
+
+def test_agent_at_rest_benchmark_measures_each_size_and_a_repair(sandbox: SandboxCluster) -> None:
+    # Short clocks: each 3 s window holds a full re-check, so its cost is in the figures.
+    result = idle.run(sandbox, sizes=(0, 3), drift_interval=1, resync_interval=3, window=3)
+    for run in result["backends"].values():
+        assert [row["pods"] for row in run["rows"]] == [0, 3]
+        assert all(0 <= row["cpu_share"] < 1 for row in run["rows"])  # 10 ms ticks: may be 0
+        assert run["announced"] == 1
+        assert 0 < run["flushed_rule_repaired_s"] <= report.TARGET_REPAIR_S
+    # In-process: no process at rest, not even for the full re-check.
+    assert result["backends"]["nftables"]["rows"][-1]["processes"] == 0
+    assert "| nftables | 3 |" in report.idle_table(result)
+    assert not sandbox_netns("acni-test-bench-idle-")  # nothing left behind

@@ -25,9 +25,10 @@ def pod(name: str, state: str, reason: str | None = None, **more: Any) -> dict[s
     }
 
 
-def repair(message: str, minute: int = 0) -> dict[str, Any]:
+def repair(message: str, minute: int = 0, count: int | None = None) -> dict[str, Any]:
     when = datetime.datetime(2026, 1, 1, 0, minute, tzinfo=datetime.UTC)
-    return {"time": when.isoformat(), "reason": "DriftRepaired", "message": message}
+    said = {"time": when.isoformat(), "reason": "DriftRepaired", "message": message}
+    return said if count is None else {**said, "count": count}
 
 
 def cond(kind: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
@@ -56,8 +57,8 @@ def status(
     )
 
 
-def warning(reason: str, message: str) -> EventNote:
-    return EventNote("Warning", reason, message)
+def warning(reason: str, message: str, count: int = 1) -> EventNote:
+    return EventNote("Warning", reason, message, count)
 
 
 def normal(reason: str, message: str) -> EventNote:
@@ -255,6 +256,30 @@ CASES: list[tuple[str, AmbientNodeConfigStatus, AmbientNodeConfigStatus, list[Ev
         status(workloads=[{**ENROLLED, "lastRepair": repair("IPv4 nat: 9 rules missing")}]),
         status(workloads=[{**ENROLLED, "lastRepair": repair("IPv4 nat: 9 rules missing", 5)}]),
         [warning("DriftRepaired", "pod shop/web: redirection repaired: IPv4 nat: 9 rules missing")],
+    ),
+    (
+        "repaired again within the same second: the count tells it",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=1)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=2)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x")],
+    ),
+    (
+        "three repairs between two status writes are one note counting three",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=2)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", 1, count=5)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x", 3)],
+    ),
+    (
+        "a status from before counts (no count) is one repair",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x")}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", 1, count=2)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: x")],
+    ),
+    (
+        "counted anew after re-enrolment",
+        status(workloads=[{**ENROLLED, "lastRepair": repair("x", count=4)}]),
+        status(workloads=[{**ENROLLED, "lastRepair": repair("y", 1, count=1)}]),
+        [warning("DriftRepaired", "pod shop/web: redirection repaired: y")],
     ),
     (
         "the same repair is not told twice",

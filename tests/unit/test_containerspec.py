@@ -192,3 +192,8 @@ def test_until_its_startup_probe_succeeds_a_container_gets_no_liveness_verdict()
 def test_the_plan_carries_the_startup_probe() -> None:
     container = {**AGENT, "startupProbe": {"httpGet": {"path": "/healthz", "port": "health"}}}
     assert plan_of(container).startup == Probe(kind="http", port=8000, path="/healthz")
+
+
+def test_a_host_pid_pod_runs_in_the_machines_pid_namespace() -> None:
+    assert "--pid=host" in run_args(AGENT, hostPID=True, hostNetwork=True)
+    assert "--pid=host" not in run_args(AGENT, hostNetwork=True)

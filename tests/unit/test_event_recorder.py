@@ -130,6 +130,16 @@ def test_an_event_names_its_object_and_who_reports_it(recording: Recording) -> N
     assert next(iter(recording.api.events))[0] == "istio-system"
 
 
+def test_occurrences_noted_at_once_are_counted_on_one_event(recording: Recording) -> None:
+    recording.recorder.record(NODE, "Warning", "DriftRepaired", "pod shop/web: repaired", count=3)
+    [event] = recording.posted()
+    assert event["count"] == 3
+    recording.recorder.record(NODE, "Warning", "DriftRepaired", "pod shop/web: repaired", count=2)
+    [event] = recording.posted()
+    assert event["count"] == 5
+    assert recording.api.calls == ["create", "patch"]
+
+
 def test_an_identical_event_counts_on_the_first_within_the_window(recording: Recording) -> None:
     recording.record()
     recording.posted()

@@ -251,3 +251,46 @@ def test_host_ruleset_is_what_the_host_learns() -> None:
     iptables = FakeIptables()
     learnt = IptablesChains(NFT, iptables).learn(4, host_ruleset(4))
     assert learnt["nat"][0] == ":ISTIO_POSTRT"
+
+
+def test_iptables_nft_reads_a_namespace_again_only_when_its_nftables_generation_moved(
+    iptables: FakeIptables, pod: Path
+) -> None:
+    generation = [(7, 1)]  # (the namespace's cookie, its nftables generation)
+    pods = IptablesPodDataplane(
+        NFT, iptables, FakeRouting(), lambda: NO_CHANGES, generation=lambda: generation[0]
+    )
+    assert pods.ensure(pod, [PodRedirect()])  # applied
+    generation[0] = (7, 2)  # by that commit of ours
+    iptables.calls.clear()
+    assert not pods.ensure(pod, [PodRedirect()])
+    assert iptables.calls_in(pod) == ["save"]  # read, found right: remembered at generation 2
+    iptables.calls.clear()
+    assert not pods.ensure(pod, [PodRedirect()])
+    assert iptables.calls_in(pod) == []  # nothing committed since: no process at all
+    assert pods.ensure(pod, [PodRedirect(dns_capture=False)])  # another ruleset: read, replaced
+    assert iptables.calls_in(pod) == ["save", "restore", "save"]
+    table = iptables.state[(str(pod), 4)]["nat"]
+    table.rules = [r for r in table.rules if not r.startswith("-A ISTIO_OUTPUT")]  # flushed
+    generation[0] = (7, 4)  # by our replacement, then someone's flush
+    iptables.calls.clear()
+    assert pods.ensure(pod, [PodRedirect(dns_capture=False)])  # read and repaired
+    generation[0] = (7, 5)  # by the repair
+    iptables.calls.clear()
+    assert not pods.ensure(pod, [PodRedirect(dns_capture=False)])
+    assert iptables.calls_in(pod) == ["save"]  # after a repair, one more read to be sure
+    iptables.calls.clear()
+    assert not pods.ensure(pod, [PodRedirect(dns_capture=False)])
+    assert iptables.calls_in(pod) == []
+    generation[0] = (8, 5)  # another namespace (a new sandbox), however alike its generation
+    assert not pods.ensure(pod, [PodRedirect(dns_capture=False)])
+    assert iptables.calls_in(pod) == ["save"]
+
+
+def test_without_a_generation_every_check_reads(iptables: FakeIptables, pod: Path) -> None:
+    pods = IptablesPodDataplane(NFT, iptables, FakeRouting(), lambda: NO_CHANGES, generation=None)
+    pods.ensure(pod, [PodRedirect()])
+    for _ in range(2):
+        iptables.calls.clear()
+        assert not pods.ensure(pod, [PodRedirect()])
+        assert iptables.calls_in(pod) == ["save"]

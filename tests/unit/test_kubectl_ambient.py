@@ -112,6 +112,7 @@ NODE_1 = anc(
                 "time": ago(30),
                 "reason": "RulesDrifted",
                 "message": "put back: 3 of our rules missing in mangle",
+                "count": 3,
             },
         ),
         entry(

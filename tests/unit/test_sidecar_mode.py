@@ -91,6 +91,12 @@ def test_capture_applied_then_enrolled_and_drift_repaired_with_a_reason() -> Non
     assert pod.outcome.last_repair is not None
     assert pod.outcome.last_repair.reason == "DriftRepaired"
     assert pod.outcome.last_repair.message == "IPv4 nat: 3 of our rules missing"
+    assert pod.outcome.last_repair.count == 1
+
+    dataplane.answers.append(Changes((Change("rules", "IPv4 nat: 1 of our rules missing"),)))
+    pod = enrolled(sidecar, pod)
+    assert pod.outcome.last_repair is not None
+    assert pod.outcome.last_repair.count == 2, "a second repair is counted, even in the same second"
 
 
 def test_a_refused_ruleset_fails_the_pod_with_the_kernels_words() -> None:

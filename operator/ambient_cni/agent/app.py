@@ -12,6 +12,7 @@ import functools
 import http.server
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -67,6 +68,15 @@ def _health_server(
 def _count_received(objects: int, size: int) -> None:
     metrics.WATCH_OBJECTS.inc(objects)
     metrics.WATCH_BYTES.inc(size)
+
+
+def _raise_open_files_limit() -> None:
+    """Up to the hard limit, as Go programs do at start: the agent holds three fds per enrolled
+    pod (its namespace, and two sockets hearing its rule changes), and a soft limit of 1024
+    would bind at a few hundred pods."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _backend_options(options: AgentOptions) -> factory.BackendOptions:
@@ -133,6 +143,7 @@ def run(
     log_level: str = "info",
 ) -> int:
     configure_json_logging(logging.getLevelName(log_level.upper()))
+    _raise_open_files_limit()
     api = new_api_client(kubeconfig)
     dataplane = factory.build(options.backend, _backend_options(options))
     zds = ZdsServer(options.zds_socket)
@@ -168,6 +179,7 @@ def run(
         dataplane.backend,
         sidecar=sidecar,
         events=KubeNodeEvents(recorder, options.node),
+        changes=dataplane.changes,
     )
     zds.on_change = agent.ztunnel_changed
     custom = CustomObjectsApi(api)

@@ -16,6 +16,7 @@ from ambient_cni.api.models import (
     AmbientNodeConfigStatus,
     Condition,
     ConditionType,
+    Repair,
     ZtunnelStatus,
 )
 
@@ -38,6 +39,7 @@ class EventNote:
     type: EventType
     reason: str
     message: str
+    count: int = 1  # occurrences it stands for (the recorder counts them on one Event)
 
 
 def notes(previous: AmbientNodeConfigStatus, current: AmbientNodeConfigStatus) -> list[EventNote]:
@@ -95,11 +97,23 @@ def _workloads(
             message = f"{pod}: {now.message}" if now.message else f"{pod} failed"
             yield EventNote("Warning", now.reason or "Failed", message)
         repair = now.last_repair
-        if repair is not None and (was is None or was.last_repair != repair):
+        if repair is not None:
             said = f"{pod}: redirection repaired"
-            yield EventNote(
-                "Warning", repair.reason, f"{said}: {repair.message}" if repair.message else said
-            )
+            repairs = _repairs_since(was.last_repair if was else None, repair)
+            if repairs:
+                message = f"{said}: {repair.message}" if repair.message else said
+                yield EventNote("Warning", repair.reason, message, count=repairs)
+
+
+def _repairs_since(before: Repair | None, now: Repair) -> int:
+    """Repairs between two statuses: as many as the count moved by; when it went back (the
+    pod was enrolled anew, or the agent restarted and counts from 1 again), this one
+    repair is all that can be told for sure."""
+    if before is None or now.times < before.times:
+        return 1
+    if now.times == before.times:
+        return 1 if now != before else 0
+    return now.times - before.times
 
 
 def _condition(status: AmbientNodeConfigStatus, kind: ConditionType) -> Condition | None:

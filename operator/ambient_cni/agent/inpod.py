@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from collections.abc import Mapping, Set
 from pathlib import Path
 
@@ -17,7 +18,13 @@ from ambient_cni.api import names
 from ambient_cni.api.models import Backend, RedirectMode, Workload
 from ambient_cni.dataplane.address_sets import canonical_ip, prune
 from ambient_cni.dataplane.errors import DataplaneError
-from ambient_cni.dataplane.interfaces import HostDataplane, PodDataplane
+from ambient_cni.dataplane.interfaces import (
+    NO_CHANGES,
+    Change,
+    Changes,
+    HostDataplane,
+    PodDataplane,
+)
 from ambient_cni.dataplane.redirection import family_of, pod_redirects
 from ambient_cni.zds import WorkloadInfo
 
@@ -55,6 +62,11 @@ class InpodMode:
         self.ztunnel = ztunnel
         self.pod_api = pod_api
         self._host_ok = False
+        # The pods whose addresses this mode put in the probe sets (step 3), so a host pass
+        # puts back one taken out behind its back (the sets announce nothing). The lock
+        # orders that against a pod's own add and delete.
+        self._probes: dict[str, tuple[str, ...]] = {}
+        self._probes_lock = threading.Lock()
 
     @property
     def name(self) -> RedirectMode:
@@ -110,7 +122,11 @@ class InpodMode:
                 return Step(self._annotate(pending, names.REDIRECTION_PENDING), RETRY_PENDING)
         # (3) the host probe sets, (4) the annotation
         try:
-            self.host.addresses.add(list(workload.ips), workload.uid)
+            with self._probes_lock:
+                # Once in, an entry is kept by the host pass (which puts back one taken out).
+                if self._probes.get(workload.uid) != tuple(workload.ips):
+                    self.host.addresses.add(list(workload.ips), workload.uid)
+                    self._probes[workload.uid] = tuple(workload.ips)
         except Exception as exc:
             return failed(pod, "IpsetFailed", str(exc))
         pod = self._annotate(pod, names.REDIRECTION_ENABLED)
@@ -126,9 +142,11 @@ class InpodMode:
         if pod.kernel_done != "out":
             return self._unredirect(pod.with_outcome("Removing", "Removing", None))
         workload = pod.workload
-        self.host.addresses.delete(
-            [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
-        )
+        with self._probes_lock:
+            self._probes.pop(workload.uid, None)
+            self.host.addresses.delete(
+                [ip for ip in workload.ips if canonical_ip(ip) not in ips_held_by_others]
+            )
         self.ztunnel.delete(workload.uid)
         if not keep_annotation:
             self._annotate(pod, None)
@@ -170,6 +188,8 @@ class InpodMode:
             changes = self.host.ensure()
             if prune_to is not None:
                 prune(self.host.addresses, prune_to)
+            else:
+                changes += self._put_back_probes()
         except DataplaneError as exc:
             self._host_ok = False
             return HostReport(ok=False, message=f"{exc.reason}: {exc.message}")
@@ -183,6 +203,25 @@ class InpodMode:
             log.info("host probe rules and ipsets applied: %s", changes.describe())
         self._host_ok = True
         return HostReport(ok=True, changed=bool(changes), repaired=repaired)
+
+    def _put_back_probes(self) -> Changes:
+        """The probe set entries of pods this mode announced that are gone from the sets
+        (one listing of the sets; nothing is written when none is missing)."""
+        with self._probes_lock:
+            if not self._probes:
+                return NO_CHANGES
+            have = self.host.addresses.entries()
+            missing = {
+                uid: [ip for ip in ips if canonical_ip(ip) not in have]
+                for uid, ips in self._probes.items()
+            }
+            missing = {uid: ips for uid, ips in missing.items() if ips}
+            for uid, ips in missing.items():
+                self.host.addresses.add(ips, uid)
+        if not missing:
+            return NO_CHANGES
+        put_back = ", ".join(sorted(ip for ips in missing.values() for ip in ips))
+        return Changes((Change("host-rules", f"probe set entries put back: {put_back}"),))
 
     def uninstall_host(self) -> bool:
         return self.host.uninstall()

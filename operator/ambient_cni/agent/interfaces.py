@@ -1,4 +1,5 @@
-"""The agent's seams to the world outside the kernel: ztunnel, the API server, pod netns lookup.
+"""The agent's seams to the world outside the kernel: ztunnel, the API server, pod netns lookup;
+and the kernel's word that rules changed (KernelChanges).
 
 Each is a small Protocol with one real implementation (ZdsServer, KubePodApi,
 KubeStatusWriter, KubeNodeEvents, PodNetnsResolver, HeldNetns); tests pass fakes.
@@ -6,7 +7,7 @@ KubeStatusWriter, KubeNodeEvents, PodNetnsResolver, HeldNetns); tests pass fakes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -125,3 +126,54 @@ class NetnsReports(Protocol):
     def report(self, uid: str, netns: Path) -> None: ...
 
     def forget(self, uid: str) -> None: ...
+
+
+# Told the key of a watched namespace whose rules changed (from a thread of the source's).
+OnChange = Callable[[str], None]
+
+
+class KernelChanges(Protocol):
+    """Where the kernel announces changes to a backend's rules, namespace by namespace.
+
+    nftables (and iptables-nft, nftables underneath) announce every committed change in the
+    namespace where it happens; legacy iptables announces nothing (`announces` False: the
+    agent keeps polling). A watched namespace is known by the caller's key (a pod UID, or
+    "host"); `on_change` is told the key of one whose rules changed, from the source's own
+    thread, and never for a change the agent itself made when that can be told apart (else
+    once more: a re-check that finds nothing wrong costs a read).
+    """
+
+    @property
+    def announces(self) -> bool: ...
+
+    def start(self, on_change: OnChange) -> None: ...
+
+    def watch(self, key: str, netns: Path | None) -> bool:
+        """Tell of changes in `netns` (None: the agent's own) as `key`, instead of any
+        namespace watched as `key` before; False when it cannot be watched (poll it)."""
+        ...
+
+    def unwatch(self, key: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NoAnnouncements:
+    """KernelChanges of a backend the kernel says nothing about (legacy iptables): every
+    namespace is polled."""
+
+    @property
+    def announces(self) -> bool:
+        return False
+
+    def start(self, on_change: OnChange) -> None:
+        pass
+
+    def watch(self, key: str, netns: Path | None) -> bool:  # noqa: ARG002 - the seam's
+        return False
+
+    def unwatch(self, key: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -168,4 +168,4 @@ class KubeNodeEvents:
     def record(self, uid: str, notes: Sequence[EventNote]) -> None:
         ref = ObjectRef(names.API_VERSION, names.KIND, self.node, uid)
         for note in notes:
-            self.recorder.record(ref, note.type, note.reason, note.message)
+            self.recorder.record(ref, note.type, note.reason, note.message, count=note.count)

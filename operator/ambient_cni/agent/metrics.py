@@ -30,6 +30,20 @@ REPAIRS = Counter(
     "Redirection found changed behind the agent's back and put right, by what was changed",
     ["kind"],  # rules | routing | host-rules
 )
+KERNEL_CHANGES = Counter(
+    "ambient_cni_agent_kernel_changes_total",
+    "Changes the kernel announced in a watched namespace (not the agent's own), each re-checked",
+    ["where"],  # pod | host
+)
+DRIFT_ANNOUNCED = Gauge(
+    "ambient_cni_agent_drift_announced",
+    "1: the backend's kernel announces rule changes (re-checked as they come, every pod "
+    "every --resync-interval); 0: every pod polled every --drift-interval",
+)
+WATCHED_NAMESPACES = Gauge(
+    "ambient_cni_agent_watched_namespaces",
+    "Namespaces whose rule changes the kernel announces to the agent (pods and the node)",
+)
 OBJECT_MISSING = Gauge(
     "ambient_cni_agent_object_missing",
     "1 while this node's AmbientNodeConfig does not exist (every pod is held as it is)",

@@ -65,7 +65,9 @@ class PodState:
         return dataclasses.replace(self, outcome=changed)
 
     def with_repair(self, reason: str, message: str) -> PodState:
-        repair = Repair(time=now(), reason=reason, message=message[:4096])
+        before = self.outcome.last_repair
+        count = 1 if before is None else before.times + 1
+        repair = Repair(time=now(), reason=reason, message=message[:4096], count=count)
         return dataclasses.replace(
             self, outcome=self.outcome.model_copy(update={"last_repair": repair})
         )

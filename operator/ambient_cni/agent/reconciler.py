@@ -38,7 +38,15 @@ from ambient_cni.selection import SelectionConfig
 from ambient_cni.workqueue import WorkQueue
 
 from . import events, metrics
-from .interfaces import NodeEvents, StatusWriteError, StatusWriter, Ztunnel
+from .drift import HOST, DriftSchedule, Watches
+from .interfaces import (
+    KernelChanges,
+    NoAnnouncements,
+    NodeEvents,
+    StatusWriteError,
+    StatusWriter,
+    Ztunnel,
+)
 from .mode import (
     NodeDefaults,
     PodHandler,
@@ -62,6 +70,8 @@ HOST_RETRY = 5.0
 # least this long, and until a spec newer than the one at its ADD leaves it out (it left
 # the mesh meanwhile): a controller that is slow or away un-enrols nobody.
 CNI_GRACE = 30.0
+# Seconds a change the kernel announced on the node waits for its pass, gathering others.
+HOST_CHANGE_DELAY = 1.0
 STATUS_RETRY = 2.0
 # Events tell changes from the status the server held at start; what happens while the
 # agent comes up (pods re-applied, ztunnel reconnecting) is told only as it stands once
@@ -82,7 +92,10 @@ class AgentOptions:
     netns_prefix: str = ""
     daemonset: str | None = None  # NAMESPACE/NAME; its deletion at stop means uninstall
     backend: str = "auto"  # auto, or one of dataplane.factory.BACKENDS
+    # Seconds between passes over every pod: where the backend's kernel announces nothing
+    # (polling); and where it does (the safety net beside its announcements). See drift.py.
     drift_interval: float = 10.0
+    resync_interval: float = 90.0
     redirect_modes: tuple[str, ...] = ("inpod", "node")  # the modes this agent applies
     workers: int = 4
     kubelet_uid: int | None = None  # for the nftables probe rule; found in `proc` if None
@@ -123,7 +136,10 @@ class NodeAgent:
         *,
         sidecar: PodHandler | None = None,
         events: NodeEvents | None = None,
+        changes: KernelChanges | None = None,
     ):
+        """`changes`: where the kernel announces changes to the backend's rules (None: it
+        announces none; every pod is polled every drift interval)."""
         self.options = options
         self.modes = dict(modes)
         self.sidecar = sidecar
@@ -139,6 +155,7 @@ class NodeAgent:
         self._records: dict[str, PodState] = {}
         # uid -> (the workload its CNI ADD asked for, held at least until, spec generation then)
         self._cni_added: dict[str, tuple[Workload, float, int]] = {}
+        self._host_change_pending = False  # a pass for a change the kernel told is queued
         # For callers waiting on a pass: each pass is numbered when it starts; per pod, the
         # number of the pass that last stored it, and of the last that did its kernel step.
         self._pass_count = 0
@@ -166,6 +183,14 @@ class NodeAgent:
         self._stopped = False
         self._stop = threading.Event()
         self._drift: threading.Thread | None = None
+        self.changes: KernelChanges = changes or NoAnnouncements()
+        self._watches = Watches(self.changes)
+        self._schedule = DriftSchedule(
+            poll=options.drift_interval,
+            resync=options.resync_interval,
+            announces=self.changes.announces,
+            now=time.monotonic(),
+        )
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -344,6 +369,16 @@ class NodeAgent:
         )
         self.host.start(self._reconcile_host, name="agent-host", retry_after=HOST_RETRY)
         self.status.start(self._write_status, name="agent-status", retry_after=STATUS_RETRY)
+        self._schedule = DriftSchedule(
+            poll=self.options.drift_interval,
+            resync=self.options.resync_interval,
+            announces=self.changes.announces,
+            now=time.monotonic(),
+        )
+        metrics.DRIFT_ANNOUNCED.set(1 if self.changes.announces else 0)
+        log.info("drift: %s", self._schedule.describe(self.backend))
+        self.changes.start(self._kernel_changed)
+        self._watch(HOST, self.options.host_netns)
         self._drift = threading.Thread(target=self._drift_loop, name="agent-drift", daemon=True)
         self._drift.start()
 
@@ -368,6 +403,7 @@ class NodeAgent:
             queue.join()
         if self._drift is not None:
             self._drift.join(timeout=10)
+        self.changes.close()
         with self._lock:
             self._stopped = True
         try:
@@ -376,18 +412,50 @@ class NodeAgent:
             log.warning("could not say in status that the agent stopped: %s", exc)
 
     def _drift_loop(self) -> None:
-        while not self._stop.wait(self.options.drift_interval):
+        """Re-check what the kernel does not announce, on each tick; everything, on a full
+        pass (drift.py says when)."""
+        while not self._stop.wait(self._schedule.tick):
             with self._lock:
                 keys = {w.uid for w in self._desired_workloads()}
-            for key in keys:
+            due = self._schedule.due(time.monotonic(), keys, self._watches.watching())
+            for key in due.pods:
                 self.pods.add(key)
-            self.host.add("host")
-            self._status_soon()  # and status against the server's, in case it was edited
+            if due.host:
+                self.host.add("host")
+            if due.full:
+                self._status_soon()  # and status against the server's, in case it was edited
+
+    def _kernel_changed(self, key: str) -> None:
+        """The kernel announced a change (not ours) in a watched namespace: re-check it, and
+        only it."""
+        if key == HOST:
+            metrics.KERNEL_CHANGES.labels("host").inc()
+            # The node's tables change often for others' reasons (kube-proxy, the CNI):
+            # one pass per HOST_CHANGE_DELAY at most, however many commits come.
+            with self._lock:
+                pending, self._host_change_pending = self._host_change_pending, True
+            if not pending:
+                self.host.add_after("host", HOST_CHANGE_DELAY)
+            return
+        with self._lock:
+            known = key in self._records
+        if known:
+            metrics.KERNEL_CHANGES.labels("pod").inc()
+            self.pods.add(key)
+
+    def _watch(self, key: str, netns: Path | None) -> None:
+        self._watches.watch(key, netns)
+        metrics.WATCHED_NAMESPACES.set(len(self._watches.watching()))
+
+    def _unwatch(self, key: str) -> None:
+        self._watches.drop(key)
+        metrics.WATCHED_NAMESPACES.set(len(self._watches.watching()))
 
     # -- the node ---------------------------------------------------------------------------------
 
     def _reconcile_host(self, _key: str) -> None:
         with self._lock:
+            self._host_change_pending = False  # what comes from here on is heard anew
             mode = self._mode()
             first = not self._host.pruned
             wanted = {
@@ -464,7 +532,13 @@ class NodeAgent:
             generation = self._desired.generation
             defaults = self._defaults()
             from_before = record is None and uid in (self._from_before or set())
-            held = _ips_held(self._records, but=uid) if record else set()
+            # Addresses other pods hold: only a pod on its way out needs them (O(pods)).
+            leaving = record is not None and (
+                desired is None
+                or record.leaving is not None
+                or _kind(desired) != _kind(record.workload)
+            )
+            held = _ips_held(self._records, but=uid) if leaving else set()
         workload = desired or (record.workload if record else None)
         if workload is None or (mode is None and workload.sidecar is None):
             return  # no such pod; or no spec yet, or a mode this agent lacks: kept as it is
@@ -499,7 +573,12 @@ class NodeAgent:
         else:
             return
         metrics.POD_RECONCILE_SECONDS.observe(time.monotonic() - started)
-        self._status_soon()
+        with self._lock:
+            after = self._records.get(uid)
+        if _reported(after) != _reported(record):
+            # Status only when what it says of the pod changed: a pass that found the pod
+            # right (most of a resync) renders nothing.
+            self._status_soon()
 
     def _enrol(
         self,
@@ -618,6 +697,12 @@ class NodeAgent:
                 if state.kernel_done == "in" or step.applied:
                     self._kernel_passes[uid] = number
             self._stored.notify_all()
+        # Its namespace is watched while its state says where it is (node mode's pods have
+        # nothing of ours inside: they are polled).
+        if state is not None and state.netns is not None:
+            self._watch(uid, state.netns)
+        else:
+            self._unwatch(uid)
         if state is not None and step.more:
             # The pod's next step, after the pods already queued: in a burst every pod's
             # rules reach the kernel before any pod's API writes hold them up.
@@ -787,6 +872,13 @@ def _held_by(record: PodState, handler: str | None) -> bool:
         and record.kernel_done != "in"
         and record.outcome.state == "Enrolled"
     )
+
+
+def _reported(record: PodState | None) -> tuple[Any, ...] | None:
+    """What status says of a pod (its outcome, and whether it is in sync)."""
+    if record is None:
+        return None
+    return (record.outcome, record.generation, record.leaving, record.handler)
 
 
 def _kind(workload: Workload) -> str:

@@ -233,6 +233,15 @@ class Repair(Wire):
     time: Time
     reason: Name
     message: str = Field(default="", max_length=4096)
+    # Repairs of this workload since the agent last enrolled it: two within one second of
+    # `time` are still two, for the Events and for a person reading status. No default in
+    # the schema (the API server would add it to what an agent from before counts wrote,
+    # which would then never find its status the server's): absent means one.
+    count: int | None = Field(default=None, ge=1)
+
+    @property
+    def times(self) -> int:
+        return self.count or 1
 
 
 class WorkloadStatus(Wire):

@@ -24,6 +24,7 @@ from .iptables_pod import IptablesPodDataplane
 from .iptables_sidecar import IptablesSidecarDataplane
 from .kubelet_uid import kubelet_uid
 from .libnftables import Nft
+from .nft_changes import NftablesChanges, OwnWriter, generation
 from .nft_host import NftablesHostDataplane, NftAddressSets
 from .nft_pod import NftablesPodDataplane
 from .nft_sidecar import NftablesSidecarDataplane
@@ -42,6 +43,9 @@ class Dataplane:
     host: HostDataplane
     sidecars: SidecarDataplane  # Istio's iptables or native nftables form, as the pods'
     node: NodeModeDataplane  # the legacy node mode: iptables, as Istio 1.20 had it
+    # Where the kernel announces changes to the backend's rules (None: legacy iptables
+    # announces nothing).
+    changes: NftablesChanges | None
 
 
 @dataclass
@@ -61,12 +65,16 @@ def _iptables(name: FlavourName) -> BackendBuilder:
         flavour, runner, host_netns = Flavour(name), options.runner, options.host_netns
         return Dataplane(
             backend=flavour.backend,
-            pods=IptablesPodDataplane(flavour, runner, PolicyRouting()),
+            pods=IptablesPodDataplane(
+                flavour, runner, PolicyRouting(), generation=generation if name == "nft" else None
+            ),
             host=IptablesHostDataplane(
                 flavour, runner, IpsetAddressSets(PROBE_IPSET, host_netns), host_netns
             ),
             sidecars=IptablesSidecarDataplane(flavour, runner),
             node=NodeModeDataplane(flavour, runner, host_netns),
+            # iptables-nft is nftables underneath: the kernel announces its changes too.
+            changes=NftablesChanges(own=OwnWriter(options.proc)) if name == "nft" else None,
         )
 
     return build
@@ -94,6 +102,7 @@ def _nftables(options: BackendOptions) -> Dataplane:
         sidecars=NftablesSidecarDataplane(workers, options.runner),
         # Istio never had node mode in native nftables: its rules go through iptables-nft.
         node=NodeModeDataplane(Flavour("nft"), options.runner, options.host_netns),
+        changes=NftablesChanges(own=OwnWriter(options.proc)),
     )
 
 

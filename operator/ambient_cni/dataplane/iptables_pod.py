@@ -1,7 +1,12 @@
 """In-pod redirection with iptables: the ruleset per family, then policy routing.
 
 Each operation on a pod enters its namespace once: the iptables commands and
-the netlink calls for its routing run on that one thread."""
+the netlink calls for its routing run on that one thread.
+
+With iptables-nft (nftables underneath) a namespace whose nftables generation
+has not moved since its rules were last read and found right is not read
+again: the read would find the same (`generation`, one netlink request
+in-process, instead of an iptables-save process per family)."""
 
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ from .iptables_flavour import Flavour
 from .iptables_rules import pod_ruleset
 from .nft_pod import remove_nft_tables_here
 from .redirection import PodRedirect
+
+# This thread's namespace and its nftables generation (nft_changes.generation), or None.
+Generation = Callable[[], tuple[int, int] | None]
 
 # Namespaces remembered as already applied to; past this, forget them all (the cost of
 # forgetting is one fast-path attempt that fails, per pod, the next time it is ensured).
@@ -40,9 +48,11 @@ class IptablesPodDataplane:
         runner: Runner,
         routing: Routing,
         other_backends_leftovers: Callable[[], Changes] = remove_nft_tables_here,
+        generation: Generation | None = None,
     ):
         """`other_backends_leftovers` runs inside a namespace the first time it is ensured, to
-        take out what another backend left there."""
+        take out what another backend left there. `generation` (iptables-nft only): a read
+        is skipped where nothing changed since the last one found the rules right."""
         self.flavour = flavour
         self.leftovers = other_backends_leftovers
         self.runner = runner
@@ -50,6 +60,11 @@ class IptablesPodDataplane:
         self.routing = routing
         # (netns inode, family) this process has applied to: not worth a fast-path try again.
         self._touched: set[tuple[int, Family]] = set()
+        self.generation = generation
+        # namespace cookie -> (its nftables generation, a digest of the rulesets) when last
+        # found right: a digest, not the rulesets, since cookies are never reused and
+        # entries stay until the limit clears them
+        self._right: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -66,10 +81,25 @@ class IptablesPodDataplane:
         with self._lock:
             fresh = {family for family, _ in rulesets if (inode, family) not in self._touched}
 
+        wanted = tuple(ruleset for _, ruleset in rulesets)
+
         def apply(run: Exec) -> Changes:
+            # Read before the rules are: a change after it moves the generation on, and the
+            # next check reads again.
+            seen = self.generation() if self.generation is not None else None
+            with self._lock:
+                known = seen is not None and self._right.get(seen[0]) == (seen[1], hash(wanted))
             changes = NO_CHANGES
-            for family, ruleset in rulesets:
-                changes += self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
+            if not known or fresh:
+                for family, ruleset in rulesets:
+                    changes += self.chains.ensure(run, family, ruleset, try_fresh=family in fresh)
+            if seen is not None:
+                with self._lock:
+                    if len(self._right) >= TOUCHED_LIMIT:
+                        self._right.clear()
+                    # Right as of `seen`; a replacement just made moved the generation on
+                    # (so the next check reads once more, to be sure).
+                    self._right[seen[0]] = (seen[1], hash(wanted))
             changes += self.routing.ensure(None, [f for f, _ in rulesets])
             if fresh:  # first time here: what the nftables backend left (a node switched)
                 changes += self.leftovers()

@@ -15,11 +15,12 @@ import os
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from ambient_cni.netns import NetnsError, new_netns_fd, run_in_netns
+from ambient_cni.netns import NetnsError, NetnsWorkers, new_netns_fd
 
 from .errors import DataplaneError
 from .interfaces import Completed, Exec
@@ -30,14 +31,54 @@ HOST_LOCK = "/run/ambient-cni-host.xtables.lock"
 SCRATCH_LOCK = str(Path(tempfile.gettempdir()) / "ambient-cni-scratch.xtables.lock")
 
 
+# Threads that enter namespaces for the dataplane's commands and netlink calls: reused, not
+# one started per call (a pod's drift check used to start one, and a process, per pass).
+_WORKERS = NetnsWorkers(4, name="netns")
+
+
 def in_netns(netns: Path | None, fn: Callable[[], T]) -> T:
     """Call `fn` inside `netns` (None: right here); a namespace that is gone is NetnsNotFound."""
     if netns is None:
         return fn()
     try:
-        return run_in_netns(netns, fn)
+        return _WORKERS.run(netns, fn)
     except NetnsError as exc:
         raise DataplaneError("NetnsNotFound", f"network namespace {netns}: {exc.strerror}") from exc
+
+
+class Children:
+    """The PIDs of the processes the runner started, kept a while after they exit: the
+    kernel announces what one changed (nft_changes.py) maybe after it is gone and reaped,
+    and the agent's own changes are no news to it."""
+
+    KEEP = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[int] = set()
+        self._exited: dict[int, float] = {}  # pid -> when it was reaped
+
+    def started(self, pid: int) -> None:
+        with self._lock:
+            self._running.add(pid)
+
+    def exited(self, pid: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._running.discard(pid)
+            self._exited[pid] = now
+            if len(self._exited) > 1024:  # forget those past KEEP (a PID may be reused)
+                self._exited = {p: t for p, t in self._exited.items() if now - t < self.KEEP}
+
+    def __contains__(self, pid: object) -> bool:
+        with self._lock:
+            if pid in self._running:
+                return True
+            reaped = self._exited.get(pid)  # type: ignore[call-overload]
+        return reaped is not None and time.monotonic() - reaped < self.KEEP
+
+
+CHILDREN = Children()
 
 
 class SubprocessRunner:
@@ -57,22 +98,28 @@ class SubprocessRunner:
 
         def run(argv: Sequence[str], stdin: str | None) -> Completed:
             try:
-                done = subprocess.run(
+                process = subprocess.Popen(
                     list(argv),
-                    input=stdin,
-                    capture_output=True,
+                    stdin=None if stdin is None else subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
                     text=True,
-                    timeout=self.timeout,
                     env=env,
-                    check=False,
                 )
             except FileNotFoundError as exc:
                 raise DataplaneError("CommandNotFound", f"{argv[0]} is not installed") from exc
+            CHILDREN.started(process.pid)
+            try:
+                stdout, stderr = process.communicate(stdin, timeout=self.timeout)
             except subprocess.TimeoutExpired as exc:
+                process.kill()
+                process.communicate()
                 raise DataplaneError(
                     "CommandTimeout", f"{argv[0]} took over {self.timeout:.0f}s", retryable=True
                 ) from exc
-            return Completed(done.returncode, done.stdout, done.stderr)
+            finally:
+                CHILDREN.exited(process.pid)
+            return Completed(process.returncode, stdout, stderr)
 
         return in_netns(netns, lambda: work(run))
 

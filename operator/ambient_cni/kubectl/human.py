@@ -179,7 +179,12 @@ def why_text(report: WhyReport, now: datetime.datetime, style: Style) -> str:
             lines.append(
                 (
                     "Last repair",
-                    f"{age(repair.time, now)} ago, {repair.reason}: {_one_line(repair.message)}",
+                    f"{age(repair.time, now)} ago, {repair.reason}: {_one_line(repair.message)}"
+                    + (
+                        f" ({repair.times} repairs since the agent last enrolled it)"
+                        if repair.times > 1
+                        else ""
+                    ),
                 )
             )
     elif report.node_facts is not None:
