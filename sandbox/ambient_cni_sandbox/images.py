@@ -278,6 +278,7 @@ def build(
     are cached in the store, so an unchanged tree rebuilds in seconds."""
     ensure_base(log)
     go_image = ensure_go_image(log)
+    replaced = _image_id(tag)
     log(f"building {tag} from {context / 'Dockerfile'} with buildah")
     with tempfile.TemporaryDirectory(prefix="ambient-cni-build-") as scratch:
         mounts = host_package_config(Path(scratch))
@@ -300,7 +301,25 @@ def build(
             tag,
             str(context),
         )
-    return run_tool("podman", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    built = run_tool("podman", "image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+    if replaced is not None and replaced != built:
+        _forget(replaced)
+    return built
+
+
+def _image_id(tag: str) -> str | None:
+    found = run_tool("podman", "image", "inspect", "--format", "{{.Id}}", tag, check=False)
+    if found.returncode != 0:
+        return None
+    return found.stdout.strip() or None
+
+
+def _forget(image: str) -> None:
+    """The image a rebuilt tag no longer names, with the build layers only it used (rmi
+    takes untagged parents along): every build of a changed tree would otherwise leave
+    ~300 MB in the store for good. Kept while a container (a sandbox's chart pod) still
+    runs it, or another tag names it: then rmi refuses, and that is fine."""
+    run_tool("podman", "rmi", image, check=False)
 
 
 def repo_root() -> Path:
