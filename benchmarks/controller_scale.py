@@ -221,6 +221,8 @@ def run(
         ctl.stop()
         plane_before = {name: u.cpu_seconds() for name, u in plane.items()}
         if profile_dir is not None:
+            for thread in profiles:  # one CPU profile at a time, the server says
+                thread.join(timeout=PROFILE_SECONDS + 60)
             profile = profile_dir / f"apiserver-restart-{nodes}.pprof"
             profiles.append(apiserver_profile(cluster, PROFILE_SECONDS, profile))
         restart_at = time.monotonic()
