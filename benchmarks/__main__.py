@@ -62,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cni-pods", type=int, default=50, help="CNI ADD: pods per case")
     parser.add_argument(
-        "--apiserver-profiles",
+        "--scale-profiles",
         type=Path,
-        help="controller scale: save the API server's CPU profile of each burst and restart here",
+        help="controller scale: the API server's CPU profile (pprof) of each burst and restart, "
+        "and a py-spy profile of the controller's restart, into DIR (the restart runs slower)",
+        metavar="DIR",
     )
     parser.add_argument(
         "--idle-window",
@@ -118,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 nodes=nodes,
                 pods=pods,
                 relabel=args.relabel,
-                profile_dir=args.apiserver_profiles,
+                profile_dir=args.scale_profiles,
             )
-            runs.append(on_sandbox(1, measure, profiling=args.apiserver_profiles is not None))
+            runs.append(on_sandbox(1, measure, profiling=args.scale_profiles is not None))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)  # a long run's progress
         results["scale"] = {"sizes": runs}
     print(json.dumps(results, indent=2))

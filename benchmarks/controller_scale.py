@@ -25,7 +25,7 @@ from ambient_cni_sandbox.components import AGENT_USER, Component, controller
 from ambient_cni_sandbox.network import create_netns, delete_netns
 from ambient_cni_sandbox.processes import tagged_pids
 
-from .measure import ProcessUsage, wait_until
+from .measure import ProcessUsage, Profile, wait_until
 from .objects import (
     BENCH_LABEL,
     NETNS_PREFIX,
@@ -104,6 +104,35 @@ def apiserver_profile(cluster: SandboxCluster, seconds: int, path: Path) -> thre
     thread = threading.Thread(target=fetch, name="apiserver-profile", daemon=True)
     thread.start()
     return thread
+
+
+class _Sampler:
+    """py-spy on the controller's restart, attached as soon as its process exists (the
+    first ~0.2 s, imports, are not sampled). Samples slow it: a profiled restart's time is
+    not the benchmark's figure."""
+
+    def __init__(self, ctl: Component, output: Path):
+        self.profile: Profile | None = None
+        self._done = threading.Event()
+
+        def attach() -> None:
+            while not self._done.is_set() and ctl.pid is None:
+                time.sleep(0.01)
+            if ctl.pid is not None and not self._done.is_set():
+                self.profile = Profile(ctl.pid, output, rate=100)
+
+        self._thread = threading.Thread(target=attach, name="restart-sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+        if self.profile is not None:
+            self.profile.stop()
+
+
+def _sample_once_started(ctl: Component, profile_dir: Path, nodes: int) -> _Sampler:
+    return _Sampler(ctl, profile_dir / f"controller-restart-{nodes}.folded")
 
 
 def run(
@@ -226,6 +255,7 @@ def run(
             profile = profile_dir / f"apiserver-restart-{nodes}.pprof"
             profiles.append(apiserver_profile(cluster, PROFILE_SECONDS, profile))
         restart_at = time.monotonic()
+        sampler = None if profile_dir is None else _sample_once_started(ctl, profile_dir, nodes)
         ctl.start(timeout=300)
         wait_until(
             "every node's spec confirmed after the restart",
@@ -237,6 +267,8 @@ def run(
             interval=0.05,
         )
         restart_s = time.monotonic() - restart_at
+        if sampler is not None:
+            sampler.stop()
         restart_writes = _spec_writes(ctl)
         restart_rss = ProcessUsage(ctl.pid or 0).peak_rss_mib()
         restart_cpu = ProcessUsage(ctl.pid or 0).cpu_seconds()
