@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 from kubernetes import config as kube_config
 from kubernetes.client import ApiClient, Configuration
 
@@ -59,9 +60,20 @@ def in_cluster_server(env: Mapping[str, str]) -> str | None:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
+def decode(data: bytes | str) -> Any:
+    """JSON from the API server: orjson, which decodes a page of pods faster than the
+    standard library (a large list is most of a restart); the standard library for what
+    orjson is stricter about than Python (NaN, a lone surrogate), which the API server does
+    not send. Integers are exact to 64 bits, all the API server holds."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def raw(response: Any) -> Obj:
     """Decode a `_preload_content=False` response."""
-    data: Obj = json.loads(response.data)
+    data: Obj = decode(response.data)
     return data
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from kubernetes.watch.watch import iter_resp_lines
 
+from .kube import decode
+
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class Reflector(_Relisting):
 
     def _relist(self) -> str:
         body = self._list_fn(_preload_content=False, **self._kwargs).data
-        listing = json.loads(body)
+        listing = decode(body)
         self._on_received(len(listing.get("items") or []), len(body))
         fresh = {self._key(obj): obj for obj in listing.get("items") or []}
         with self._lock:
@@ -152,7 +154,7 @@ def watch_from(
             for line in iter_resp_lines(response):  # type: ignore[no-untyped-call]
                 if not line:
                     continue
-                event = json.loads(line)
+                event = decode(line)
                 on_received(1, len(line))
                 kind, obj = event["type"], event["object"]
                 if kind == "ERROR":
@@ -239,7 +241,7 @@ class ListWatch(_Relisting):
         pages = _Pages(self._page)
         try:
             for body in pages:
-                page = json.loads(body)
+                page = decode(body)
                 items = page.get("items") or []
                 self._received(len(items), len(body))
                 for obj in items:
@@ -285,7 +287,7 @@ class _Pages:
             token = continue_token(body)
             if token is None:
                 yield body  # the last page (or one whose token is past the prefix)
-                token = _continue_of(json.loads(body))
+                token = _continue_of(decode(body))
                 if token is None:
                     return
                 body = self._fetch(token)
