@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kubernetes.client import CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
 from ambient_cni.api import names
@@ -88,6 +89,45 @@ def per_rule_commands(ruleset: str, tool: str) -> list[list[str]]:
 ZTUNNEL_IP, ZTUNNEL_PEER = "10.249.255.2", "10.249.255.1"
 
 
+def one_node_of_pods(cluster: SandboxCluster, bulk: BulkClient, pods: list[str]) -> list[Workload]:
+    """The benchmark's node and namespace, with `pods` Running on it (pod i at pod_ip(i)), as
+    the workloads a spec lists."""
+    ensure_crd(cluster)
+    cluster.create_namespace(NAMESPACE, labels={BENCH_LABEL: "true"})
+    create_nodes(bulk, [NODE])
+    wait_default_service_accounts(bulk, [NAMESPACE])
+    made = create_running_pods(
+        bulk, lambda _: NAMESPACE, [(name, NODE, pod_ip(i)) for i, name in enumerate(pods)]
+    )
+    return [
+        Workload(
+            uid=p["metadata"]["uid"],
+            name=p["metadata"]["name"],
+            namespace=NAMESPACE,
+            ips=[p["status"]["podIP"]],
+        )
+        for p in made
+    ]
+
+
+def create_empty_config(custom: CustomObjectsApi) -> None:
+    """The node's AmbientNodeConfig, listing no pod yet."""
+    custom.create_cluster_custom_object(
+        names.GROUP,
+        names.VERSION,
+        names.PLURAL,
+        as_body(
+            {
+                "apiVersion": f"{names.GROUP}/{names.VERSION}",
+                "kind": names.KIND,
+                "metadata": {"name": NODE, "labels": {BENCH_LABEL: "true"}},
+                "spec": _spec([]),
+            }
+        ),
+        _preload_content=False,
+    )
+
+
 def _spec(workloads: list[Workload], mode: RedirectMode = "inpod") -> dict[str, Any]:
     spec = AmbientNodeConfigSpec(
         node_name=NODE,
@@ -141,40 +181,10 @@ def run(
     socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel.sock"
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ensure_crd(cluster)
-        cluster.create_namespace(NAMESPACE, labels={BENCH_LABEL: "true"})
-        create_nodes(bulk, [NODE])
-        wait_default_service_accounts(bulk, [NAMESPACE])
-        made = create_running_pods(
-            bulk,
-            lambda _: NAMESPACE,
-            [(f"pod-{i:04d}", NODE, pod_ip(i)) for i in range(pods)],
-        )
-        workloads = [
-            Workload(
-                uid=p["metadata"]["uid"],
-                name=p["metadata"]["name"],
-                namespace=NAMESPACE,
-                ips=[p["status"]["podIP"]],
-            )
-            for p in made
-        ]
+        workloads = one_node_of_pods(cluster, bulk, [f"pod-{i:04d}" for i in range(pods)])
         create_netns(host_netns)
         paths = make_pod_netns([(pod_netns[i], pod_ip(i)) for i in range(pods)])
-        custom.create_cluster_custom_object(
-            names.GROUP,
-            names.VERSION,
-            names.PLURAL,
-            as_body(
-                {
-                    "apiVersion": f"{names.GROUP}/{names.VERSION}",
-                    "kind": names.KIND,
-                    "metadata": {"name": NODE, "labels": {BENCH_LABEL: "true"}},
-                    "spec": _spec([]),
-                }
-            ),
-            _preload_content=False,
-        )
+        create_empty_config(bulk.custom())
         measured = {
             backend: _agent_run(
                 cluster,

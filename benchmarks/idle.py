@@ -25,24 +25,19 @@ from kubernetes.client.exceptions import ApiException
 from ambient_cni.api import names
 from ambient_cni.api.models import Workload
 from ambient_cni.dataplane import factory
-from ambient_cni.kube import as_body, raw
+from ambient_cni.kube import raw
 from ambient_cni_sandbox.cluster import SandboxCluster
 from ambient_cni_sandbox.components import AGENT_USER, Component
 from ambient_cni_sandbox.network import create_netns
 
-from .enroll import NODE, _patch_spec, _spec, pod_ip
+from .enroll import NODE, _patch_spec, create_empty_config, one_node_of_pods, pod_ip
 from .measure import AckingZtunnel, ProcessUsage, Profile, wait_until
 from .objects import (
-    BENCH_LABEL,
     NETNS_PREFIX,
     BulkClient,
-    create_nodes,
-    create_running_pods,
     delete_bench_objects,
     delete_netns_all,
-    ensure_crd,
     make_pod_netns,
-    wait_default_service_accounts,
 )
 
 NAMESPACE = "bench-idle"
@@ -150,38 +145,10 @@ def run(
     socket_path = Path(cluster.state.state_dir) / "bench" / "ztunnel-idle.sock"
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        ensure_crd(cluster)
-        cluster.create_namespace(NAMESPACE, labels={BENCH_LABEL: "true"})
-        create_nodes(bulk, [NODE])
-        wait_default_service_accounts(bulk, [NAMESPACE])
-        made = create_running_pods(
-            bulk, lambda _: NAMESPACE, [(f"idle-{i:04d}", NODE, pod_ip(i)) for i in range(pods)]
-        )
-        workloads = [
-            Workload(
-                uid=p["metadata"]["uid"],
-                name=p["metadata"]["name"],
-                namespace=NAMESPACE,
-                ips=[p["status"]["podIP"]],
-            )
-            for p in made
-        ]
+        workloads = one_node_of_pods(cluster, bulk, [f"idle-{i:04d}" for i in range(pods)])
         create_netns(host_netns)
         make_pod_netns([(pod_netns[i], pod_ip(i)) for i in range(pods)])
-        custom.create_cluster_custom_object(
-            names.GROUP,
-            names.VERSION,
-            names.PLURAL,
-            as_body(
-                {
-                    "apiVersion": f"{names.GROUP}/{names.VERSION}",
-                    "kind": names.KIND,
-                    "metadata": {"name": NODE, "labels": {BENCH_LABEL: "true"}},
-                    "spec": _spec([]),
-                }
-            ),
-            _preload_content=False,
-        )
+        create_empty_config(custom)
         measured = {}
         for backend in backends:
             measured[backend] = _agent_at_rest(
