@@ -8,6 +8,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from ambient_cni.reflector import ListWatch, continue_token, name_of
 
 
@@ -181,7 +183,9 @@ def test_the_next_page_is_asked_for_while_this_one_is_handed_over() -> None:
     assert [c.get("_continue") for c in fake.calls if not c.get("watch")] == [None, "1"]
 
 
-def test_a_page_that_fails_ahead_fails_the_list_in_order() -> None:
+def test_a_page_that_fails_ahead_fails_the_list_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     fake = FakeList(pages=[[obj("a")], [obj("b")]], watches=[])
     answer = fake.__call__
     failed = {"once": False}
@@ -206,6 +210,8 @@ def test_a_page_that_fails_ahead_fails_the_list_in_order() -> None:
     # delivered both pages and was.
     assert events == ["a", "a", "b"]
     assert listed == [{"a", "b"}]
+    # The relist says why: the fetch's own error, raised where the page was due.
+    assert any("connection reset" in r.getMessage() for r in caplog.records)
 
 
 def test_a_continue_token_is_read_from_the_pages_first_bytes() -> None:
